@@ -1,0 +1,72 @@
+"""Typed batches padded to the batch's longest sequence, and a resumable data order."""
+from __future__ import annotations
+
+from typing import Iterator, NamedTuple
+
+import torch
+
+IGNORE = -100
+
+
+class LMBatch(NamedTuple):
+    input_ids: torch.Tensor       # (B, T) right-padded
+    attention_mask: torch.Tensor  # (B, T)
+    labels: torch.Tensor          # (B, T), -100 where not trained
+
+
+class PairBatch(NamedTuple):
+    """Chosen rows first, then rejected rows, so one forward scores both."""
+    input_ids: torch.Tensor       # (2B, T) right-padded
+    attention_mask: torch.Tensor  # (2B, T)
+    labels: torch.Tensor          # (2B, T), -100 on prompt and padding
+    weights: torch.Tensor         # (B,) pair weight (1 / pairs of its ranking)
+
+
+class PromptBatch(NamedTuple):
+    input_ids: torch.Tensor       # (B, P) left-padded, ready for generate
+    attention_mask: torch.Tensor  # (B, P)
+
+
+def _pad(seqs: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    rows = [([value] * (width - len(s)) + s) if left else (s + [value] * (width - len(s))) for s in seqs]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def collate_lm(rows: dict, pad_id: int) -> LMBatch:
+    """`rows` is a column dict (as `Dataset[indices]` returns) with input_ids and maybe labels."""
+    ids = rows["input_ids"]
+    labels = rows.get("labels") or ids
+    mask = _pad([[1] * len(s) for s in ids], 0)
+    return LMBatch(_pad(ids, pad_id), mask, _pad(labels, IGNORE))
+
+
+def collate_pairs(rows: dict, pad_id: int) -> PairBatch:
+    seqs, labels = [], []
+    for key in ("chosen_ids", "rejected_ids"):
+        for p, r in zip(rows["prompt_ids"], rows[key]):
+            seqs.append(p + r)
+            labels.append([IGNORE] * len(p) + r)
+    mask = _pad([[1] * len(s) for s in seqs], 0)
+    return PairBatch(_pad(seqs, pad_id), mask, _pad(labels, IGNORE),
+                     torch.tensor(rows.get("weight") or [1.0] * len(rows["prompt_ids"])))
+
+
+def collate_prompts(rows: dict, pad_id: int) -> PromptBatch:
+    ids = rows["prompt_ids"]
+    return PromptBatch(_pad(ids, pad_id, left=True), _pad([[1] * len(s) for s in ids], 0, left=True))
+
+
+def index_batches(n: int, batch_size: int, seed: int, start: int = 0) -> Iterator[list[int]]:
+    """Endless micro-batches of indices: a seeded permutation per epoch, the tail dropped when
+    n >= batch_size. Starting at micro-batch `start` replays exactly the order a run would have
+    reached, so a resumed run sees the same data as an uninterrupted one."""
+    if n == 0:
+        raise ValueError("empty dataset")
+    per_epoch = max(1, n // batch_size)
+    epoch, k = divmod(start, per_epoch)
+    while True:
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+        for j in range(k, per_epoch):
+            yield perm[j * batch_size:(j + 1) * batch_size]
+        epoch, k = epoch + 1, 0

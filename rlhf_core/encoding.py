@@ -1,0 +1,189 @@
+"""Turn records into token ids: PT blocks, masked SFT chats, preference triples and prompts.
+
+Rules (all counted in the manifest):
+- PT: documents are joined with EOS and cut into `block_size` blocks; labels == input_ids. The
+  final partial block is dropped (as HF's run_clm does), so every block is full length.
+- SFT: the chat template is rendered; every non-assistant token is -100 in `labels`; every
+  assistant turn and the EOS that closes it are trained, even when pad == eos. A chat longer than
+  `max_length` keeps its first `max_length` tokens (counted as truncated); a chat left with no
+  trainable token is dropped (counted as dropped).
+- Preferences: responses are cut to `max_response_length` tokens, then the prompt keeps its last
+  tokens so that prompt + longer response fits `max_length`. A response is never cut to nothing.
+- Prompts: rendered with the generation prompt; longer than `max_prompt_length` keeps the end.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rlhf_core.atomic import atomic_dir, atomic_write_text
+from rlhf_core.config import TokenizeConfig
+from rlhf_core.formats import Conversation, PreferencePair, Prompt, Turn
+
+IGNORE = -100
+
+
+def _messages(turns) -> list[dict]:
+    return [{"role": t.role, "content": t.content} for t in turns]
+
+
+def render_ids(tokenizer, turns, add_generation_prompt: bool = False) -> list[int]:
+    text = tokenizer.apply_chat_template(_messages(turns), tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def response_ids(tokenizer, prompt: tuple[Turn, ...], response: str, prompt_ids: list[int] | None = None) -> list[int]:
+    """Token ids the template adds for one assistant reply after `prompt`, ending with EOS."""
+    prompt_ids = render_ids(tokenizer, prompt, True) if prompt_ids is None else prompt_ids
+    full = render_ids(tokenizer, (*prompt, Turn("assistant", response)))
+    ids = full[len(prompt_ids):]
+    if not ids or ids[-1] != tokenizer.eos_token_id:
+        ids = ids + [tokenizer.eos_token_id]
+    return ids
+
+
+def encode_sft(tokenizer, conv: Conversation, max_length: int) -> tuple[list[int], list[int], bool]:
+    """(input_ids, labels, truncated) for one chat; labels are -100 outside assistant turns."""
+    input_ids: list[int] = []
+    labels: list[int] = []
+    pos = 0  # template tokens consumed so far (an appended EOS is not a template token)
+    for i, turn in enumerate(conv.turns):
+        if turn.role != "assistant":
+            continue
+        prefix = render_ids(tokenizer, conv.turns[:i], add_generation_prompt=True)
+        full = render_ids(tokenizer, conv.turns[: i + 1])
+        reply = full[len(prefix):]
+        if not reply or reply[-1] != tokenizer.eos_token_id:
+            reply = reply + [tokenizer.eos_token_id]
+        context = prefix[pos:]  # system/user tokens since the previous reply
+        input_ids += context + reply
+        labels += [IGNORE] * len(context) + reply
+        pos = len(full)
+    truncated = len(input_ids) > max_length
+    return input_ids[:max_length], labels[:max_length], truncated
+
+
+def pack_blocks(tokenizer, docs: list[str], block_size: int) -> tuple[list[list[int]], int]:
+    """Join documents with EOS and cut into full blocks; returns (blocks, dropped tail tokens)."""
+    stream: list[int] = []
+    for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]:
+        stream += ids + [tokenizer.eos_token_id]
+    n = len(stream) // block_size
+    return [stream[i * block_size:(i + 1) * block_size] for i in range(n)], len(stream) - n * block_size
+
+
+def encode_preference(tokenizer, pair: PreferencePair, cfg: TokenizeConfig) -> tuple[dict, bool]:
+    prompt = render_ids(tokenizer, pair.prompt, add_generation_prompt=True)
+    chosen = response_ids(tokenizer, pair.prompt, pair.chosen, prompt)
+    rejected = response_ids(tokenizer, pair.prompt, pair.rejected, prompt)
+    truncated = False
+    cap = min(cfg.max_response_length, cfg.max_length - 1)
+    if max(len(chosen), len(rejected)) > cap:
+        chosen, rejected, truncated = chosen[:cap], rejected[:cap], True
+    room = cfg.max_length - max(len(chosen), len(rejected))
+    if len(prompt) > room:
+        prompt, truncated = prompt[-room:], True
+    record = {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected,
+              "weight": 1.0 / pair.group_size}
+    return record, truncated
+
+
+def encode_prompt(tokenizer, prompt: Prompt, max_prompt_length: int) -> tuple[list[int], bool]:
+    ids = render_ids(tokenizer, prompt.messages, add_generation_prompt=True)
+    return ids[-max_prompt_length:], len(ids) > max_prompt_length
+
+
+@dataclass
+class SplitCounts:
+    records_in: int = 0
+    records_out: int = 0
+    tokens: int = 0
+    truncated: int = 0
+    dropped: int = 0
+
+
+@dataclass
+class Manifest:
+    """Counts per dataset and split, written beside the Arrow folders."""
+    datasets: dict[str, dict[str, SplitCounts]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {k: {s: asdict(c) for s, c in v.items()} for k, v in self.datasets.items()}
+
+
+def split_indices(n: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded train/eval split of n items; eval gets round(n * fraction), at least 1 if fraction > 0."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(n * eval_fraction)) if eval_fraction > 0 and n > 1 else 0
+    return sorted(order[n_eval:]), sorted(order[:n_eval])
+
+
+def _group_split(groups: list[int], cfg: TokenizeConfig) -> tuple[list[int], list[int]]:
+    """Split by source record, so pairs expanded from one ranking stay on one side."""
+    uniq = sorted(set(groups))
+    tr, ev = split_indices(len(uniq), cfg.eval_fraction, cfg.seed)
+    ev_groups = {uniq[i] for i in ev}
+    idx = range(len(groups))
+    return [i for i in idx if groups[i] not in ev_groups], [i for i in idx if groups[i] in ev_groups]
+
+
+def _save(rows: list[dict], path: Path) -> None:
+    from datasets import Dataset
+
+    keys = rows[0].keys() if rows else []
+    with atomic_dir(path) as tmp:
+        Dataset.from_dict({k: [r[k] for r in rows] for k in keys}).save_to_disk(str(tmp))
+
+
+def write_split(name: str, items: list, encode, split: tuple[list[int], list[int]], out_dir: Path, manifest: Manifest) -> None:
+    """Encode items per split with `encode(item) -> (row | None, truncated)`; save Arrow folders."""
+    manifest.datasets[name] = {}
+    for split_name, idx in zip(("train", "eval"), split):
+        counts, rows = SplitCounts(records_in=len(idx)), []
+        for i in idx:
+            row, truncated = encode(items[i])
+            if row is None:
+                counts.dropped += 1
+                continue
+            counts.truncated += int(truncated)
+            counts.tokens += sum(len(v) for k, v in row.items() if k.endswith("ids"))
+            rows.append(row)
+        counts.records_out = len(rows)
+        manifest.datasets[name][split_name] = counts
+        _save(rows, out_dir / name / split_name)
+
+
+def tokenize_datasets(tokenizer, cfg: TokenizeConfig, out_dir: Path, *, pt_docs: list[str] | None = None,
+                      conversations: list[Conversation] | None = None,
+                      preferences: list[PreferencePair] | None = None,
+                      prompts: list[Prompt] | None = None) -> Manifest:
+    """Tokenise whichever inputs are given into `out_dir/<kind>/<split>` plus `manifest.json`."""
+    out_dir = Path(out_dir)
+    manifest = Manifest()
+    if pt_docs is not None:
+        split = split_indices(len(pt_docs), cfg.eval_fraction, cfg.seed)
+        manifest.datasets["pt"] = {}
+        for split_name, idx in zip(("train", "eval"), split):
+            blocks, tail = pack_blocks(tokenizer, [pt_docs[i] for i in idx], cfg.block_size)
+            manifest.datasets["pt"][split_name] = SplitCounts(len(idx), len(blocks), len(blocks) * cfg.block_size, 0, tail)
+            _save([{"input_ids": b} for b in blocks], out_dir / "pt" / split_name)
+    if conversations is not None:
+        def enc_sft(conv):
+            ids, labels, truncated = encode_sft(tokenizer, conv, cfg.max_length)
+            if all(l == IGNORE for l in labels):
+                return None, truncated
+            return {"input_ids": ids, "labels": labels}, truncated
+        write_split("sft", conversations, enc_sft, split_indices(len(conversations), cfg.eval_fraction, cfg.seed), out_dir, manifest)
+    if preferences is not None:
+        write_split("preference", preferences, lambda p: encode_preference(tokenizer, p, cfg),
+                    _group_split([p.group for p in preferences], cfg), out_dir, manifest)
+    if prompts is not None:
+        def enc_prompt(p):
+            ids, truncated = encode_prompt(tokenizer, p, cfg.max_prompt_length)
+            return {"prompt_ids": ids}, truncated
+        write_split("prompts", prompts, enc_prompt, split_indices(len(prompts), cfg.eval_fraction, cfg.seed), out_dir, manifest)
+    atomic_write_text(out_dir / "manifest.json", json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n")
+    return manifest

@@ -1,0 +1,79 @@
+"""Per-token and per-sequence log-probabilities from causal-LM logits.
+
+Convention: logits[:, t] is the model's prediction for token t + 1, so a sequence of T tokens
+yields T - 1 scored positions.
+"""
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits, -1) gathered at `index`, without building the full (B, T, V) result.
+
+    logits: (..., V); index: (...) long. Returns (...) in the dtype of `logits`.
+    float32/float64: log p = logit[index] - logsumexp(logits), exact and memory-light.
+    bf16/fp16: logsumexp in low precision loses accuracy, so rows are processed one at a time
+    through log_softmax (which upcasts internally) to bound peak memory.
+    """
+    if logits.dtype in (torch.float32, torch.float64):
+        picked = torch.gather(logits, -1, index.unsqueeze(-1)).squeeze(-1)
+        return picked - torch.logsumexp(logits, dim=-1)
+    rows = []
+    for row_logits, row_index in zip(logits, index):  # loop over the leading (batch) dim
+        row_logp = torch.log_softmax(row_logits, dim=-1)
+        rows.append(row_logp.gather(-1, row_index.unsqueeze(-1)).squeeze(-1))
+    return torch.stack(rows)
+
+
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """log p(input_ids[:, t + 1] | input_ids[:, :t + 1]).
+
+    logits: (B, T, V); input_ids: (B, T). Returns (B, T - 1).
+    """
+    return selective_log_softmax(logits[:, :-1], input_ids[:, 1:])
+
+
+def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed log-probability of the trainable tokens of each sequence.
+
+    logits: (B, T, V); labels: (B, T) with -100 marking tokens that are not scored (prompt,
+    padding). Returns (B,) = sum_t [labels[:, t+1] != -100] * log p(labels[:, t+1] | prefix).
+    A sum, not a mean: the DPO convention (TRL) for sequence log-likelihoods.
+    """
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    safe_targets = torch.where(keep, targets, torch.zeros_like(targets))  # never gather at -100
+    per_token = selective_log_softmax(logits[:, :-1], safe_targets)
+    return (per_token * keep.to(per_token.dtype)).sum(dim=-1)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last position whose mask is 1, for right or left padding.
+
+    attention_mask: (B, T) of 0/1 or bool. Returns (B,) long. A row with no 1 gives T - 1.
+    """
+    m = attention_mask.to(torch.long)
+    t = m.shape[-1]
+    # argmax returns the first maximum, so on the reversed mask it finds the last 1
+    return (t - 1 - torch.argmax(m.flip(-1), dim=-1)).to(torch.long)
+
+
+def gather_last(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """values[b, last_token_index(attention_mask)[b]].
+
+    values: (B, T); attention_mask: (B, T). Returns (B,).
+    """
+    idx = last_token_index(attention_mask).to(values.device)
+    return values.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the categorical distribution softmax(logits) at each position.
+
+    logits: (B, T, V). Returns (B, T): H = logsumexp(z) - sum_v softmax(z)_v * z_v.
+    """
+    probs = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)

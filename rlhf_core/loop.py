@@ -1,0 +1,87 @@
+"""Pieces every training loop shares: the result record, the optimizer step, progress and
+fingerprints. The loops themselves live in their stage modules, one explicit loop each."""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from rlhf_core.optim import check_finite
+
+LogFn = Callable[[dict, int], None]
+"""Tracking callback: `log(metrics, step)`. The library never imports a tracker itself."""
+
+
+def no_log(metrics: dict, step: int) -> None:
+    pass
+
+
+@dataclass
+class StageResult:
+    stage: str
+    steps: int
+    metrics: dict = field(default_factory=dict)
+    """Final train metrics and held-out eval metrics (`eval/...`)."""
+    wall_seconds: float = 0.0
+    tokens_per_second: float = 0.0
+    resumed_from_step: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def fingerprint(config: dict, *inputs: str | Path) -> str:
+    """Hash of a stage's config and its input files (name, size and first MiB of each)."""
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for root in inputs:
+        root = Path(root)
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        for f in files:
+            h.update(f"{f.relative_to(root.parent)}:{f.stat().st_size}".encode())
+            with open(f, "rb") as fh:
+                h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def optimizer_step(accelerator, params, optimizer, scheduler, max_grad_norm: float, stage: str,
+                   step: int, loss: torch.Tensor) -> float:
+    """Clip, check for non-finite values, step and zero the gradients; returns the grad norm."""
+    if max_grad_norm > 0:
+        norm = accelerator.clip_grad_norm_(params, max_grad_norm)
+    else:
+        norm = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+    check_finite(stage, step, loss=loss, grad_norm=norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+class Throughput:
+    """Counts tokens since start for tokens/s."""
+
+    def __init__(self):
+        self.t0, self.tokens = time.perf_counter(), 0
+
+    def add(self, n: int) -> float:
+        self.tokens += int(n)
+        return self.tokens / max(1e-9, time.perf_counter() - self.t0)
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+def progress(stage: str, total: int, start: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc=stage, mininterval=2.0, dynamic_ncols=True)
+
+
+def scalars(metrics: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()}

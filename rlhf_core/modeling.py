@@ -1,0 +1,135 @@
+"""Build, load and save models: the tiny default Llama, real HF checkpoints, LoRA, value heads.
+
+Loading is safe by default: only safetensors weights load unless `allow_pickle` is set, and
+`trust_remote_code` stays off unless set.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from rlhf_core.atomic import atomic_dir
+from rlhf_core.config import LoraConfig, ModelConfig
+from rlhf_core.errors import ModelLoadError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def build_tiny_causal_lm(cfg: ModelConfig, tokenizer, seed: int = 0):
+    """A small Llama from `cfg`, seeded so the same config always gives the same weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads, max_position_embeddings=cfg.max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None, tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def _is_local(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or Path(path).exists()
+
+
+def check_weights(path: str | Path, allow_pickle: bool) -> None:
+    """Refuse a local model directory that is missing or holds only pickle weights."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise ModelLoadError(f"{path}: model directory does not exist")
+    has_safe = any(p.glob("*.safetensors")) or (p / "adapter_model.safetensors").exists()
+    pickles = sorted(f.name for f in p.iterdir() if f.suffix in PICKLE_SUFFIXES and "training" not in f.name)
+    if not has_safe and pickles and not allow_pickle:
+        raise ModelLoadError(
+            f"{path}: holds only pickle weights ({', '.join(pickles)}), which can run arbitrary code "
+            "when loaded; convert them to safetensors or set model.allow_pickle: true if you trust them")
+    if not has_safe and not pickles:
+        raise ModelLoadError(f"{path}: no model weights found (expected *.safetensors)")
+
+
+def _from_pretrained(auto_cls, path: str | Path, cfg: ModelConfig, **kwargs):
+    path = str(path)
+    if _is_local(path):
+        check_weights(path, cfg.allow_pickle)
+    try:
+        return auto_cls.from_pretrained(path, trust_remote_code=cfg.trust_remote_code,
+                                        use_safetensors=None if cfg.allow_pickle else True, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{path}: cannot load model ({str(e).splitlines()[0]})") from None
+
+
+def load_causal_lm(path: str | Path, cfg: ModelConfig):
+    from transformers import AutoModelForCausalLM
+
+    return _from_pretrained(AutoModelForCausalLM, path, cfg)
+
+
+def load_scalar_model(path: str | Path, cfg: ModelConfig, pad_token_id: int):
+    """A sequence classifier with one output: the reward model, or the critic's value head.
+
+    From a causal-LM checkpoint the score head is new; from a reward model it is kept."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = _from_pretrained(AutoModelForSequenceClassification, path, cfg, num_labels=1)
+    model.config.pad_token_id = pad_token_id
+    return model
+
+
+def apply_lora(model, lora: LoraConfig, task_type: str = "CAUSAL_LM"):
+    if not lora.enabled:
+        return model
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                              target_modules=list(lora.target_modules), task_type=task_type)
+    return get_peft_model(model, peft_cfg)
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, matching what `generate` uses: (B, T)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Causal-LM logits (B, T, V) with padding-aware positions."""
+    return model(input_ids=input_ids, attention_mask=attention_mask,
+                 position_ids=position_ids(attention_mask), use_cache=False).logits
+
+
+def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-token outputs (B, T) of a one-label sequence classifier: values for the critic; the
+    reward is the output at the last non-pad token."""
+    base = model.get_base_model() if is_peft(model) else model
+    backbone = getattr(base, base.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
+    return base.score(hidden).squeeze(-1).float()
+
+
+def save_model(model, tokenizer, out_dir: str | Path, merge_lora: bool = False) -> None:
+    """Save in HF format (safetensors) atomically; LoRA adapters are saved, or merged if asked."""
+    if is_peft(model) and merge_lora:
+        model = model.merge_and_unload()
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+
+def load_policy(path: str | Path, cfg: ModelConfig):
+    """A causal LM from a directory that holds either full weights or LoRA adapters."""
+    path = Path(path)
+    if (path / "adapter_config.json").exists():
+        from peft import AutoPeftModelForCausalLM
+
+        try:
+            return AutoPeftModelForCausalLM.from_pretrained(str(path), is_trainable=False)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"{path}: cannot load adapters ({str(e).splitlines()[0]})") from None
+    return load_causal_lm(path, cfg)

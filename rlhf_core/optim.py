@@ -1,0 +1,50 @@
+"""AdamW with warmup and a decay schedule, seeding, and the accelerate set-up every stage shares."""
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+
+from rlhf_core.config import TrainConfig
+from rlhf_core.errors import TrainingError
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+
+
+def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
+    """Multiplier of the peak LR at optimizer step `step` (0-based)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int | None = None):
+    total = total_steps or cfg.max_steps
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, cfg.warmup_steps, total, cfg.lr_scheduler))
+
+
+def make_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+
+    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+
+
+def check_finite(stage: str, step: int, **values: torch.Tensor) -> None:
+    """Stop on a NaN/inf loss or gradient norm, naming the stage, step and quantity."""
+    for name, v in values.items():
+        if v is not None and not torch.isfinite(torch.as_tensor(v)).all():
+            raise TrainingError(f"{stage}: non-finite {name} at step {step}; the last good checkpoint "
+                                "is kept and nothing is registered (lower the learning rate?)")

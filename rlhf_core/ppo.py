@@ -1,0 +1,208 @@
+"""PPO for language models (Ziegler et al. 2019; InstructGPT, Ouyang et al. 2022).
+
+Four models: the actor (from SFT, LoRA optional), the critic (from the reward model, its score
+head read at every token as a value), a frozen reward model and a frozen reference (the actor
+with adapters disabled under LoRA, else a frozen copy of SFT). Each iteration samples a rollout
+batch, scores it, turns score and per-token KL into token rewards, computes GAE advantages, then
+runs `ppo_epochs` passes of clipped policy and value updates over minibatches.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from rlhf_core.batching import collate_lm, collate_prompts, index_batches
+from rlhf_core.checkpoint import load_checkpoint, save_checkpoint
+from rlhf_core.config import ModelConfig, PPOConfig, to_dict
+from rlhf_core.data_io import load_split
+from rlhf_core.gae import compute_token_rewards, gae_advantages
+from rlhf_core.generation import Rollout, decode_responses, sample
+from rlhf_core.kl import kl_penalty, make_kl_controller
+from rlhf_core.logprobs import entropy_from_logits, gather_last, selective_log_softmax
+from rlhf_core.loop import LogFn, StageResult, Throughput, fingerprint, no_log, progress, scalars
+from rlhf_core.losses import lm_loss, ppo_policy_loss, ppo_value_loss
+from rlhf_core.masked import masked_mean, masked_whiten
+from rlhf_core.modeling import apply_lora, forward_logits, is_peft, load_causal_lm, load_scalar_model, save_model, token_scores
+from rlhf_core.optim import check_finite, make_accelerator, make_optimizer, make_scheduler, seed_everything
+from rlhf_core.tokenizer import load_tokenizer
+
+RewardFn = Callable[[list[str], list[str]], list[float]]
+"""Optional rule-based reward: (prompts, responses) -> scores, used instead of the reward model."""
+
+
+@dataclass
+class Experience:
+    """One scored rollout batch, everything detached. Token tensors are (B, R)."""
+    rollout: Rollout
+    old_logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    old_values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    scores: torch.Tensor  # (B,)
+    kl: torch.Tensor
+
+
+def response_logprobs(model, rollout: Rollout, temperature: float, rows=slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs and entropies (B, R) of the response tokens under `model` at `temperature`."""
+    seq, attn, P = rollout.sequences[rows], rollout.attention_mask[rows], rollout.prompt_length
+    R = seq.shape[1] - P
+    logits = forward_logits(model, seq, attn)[:, P - 1:P - 1 + R] / temperature  # position t predicts t+1
+    return selective_log_softmax(logits.float(), seq[:, P:]), entropy_from_logits(logits.float())
+
+
+def response_values(critic, rollout: Rollout, rows=slice(None)) -> torch.Tensor:
+    """V(state before response token j), read at the token that precedes it: (B, R)."""
+    P = rollout.prompt_length
+    R = rollout.sequences.shape[1] - P
+    return token_scores(critic, rollout.sequences[rows], rollout.attention_mask[rows])[:, P - 1:P - 1 + R]
+
+
+class Frozen:
+    """The reference policy: adapters disabled on the actor (LoRA) or a frozen SFT copy."""
+
+    def __init__(self, actor, init_dir: Path, model_cfg: ModelConfig, device):
+        self.actor = actor
+        self.copy = None if is_peft(actor) else load_causal_lm(init_dir, model_cfg).to(device).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def logprobs(self, rollout: Rollout, temperature: float) -> torch.Tensor:
+        ctx = nullcontext() if self.copy is not None else self.actor.disable_adapter()
+        with ctx:
+            return response_logprobs(self.copy if self.copy is not None else self.actor, rollout, temperature)[0]
+
+
+@torch.no_grad()
+def score_rollout(rollout: Rollout, cfg: PPOConfig, reward_model, reward_fn: RewardFn | None, tokenizer) -> torch.Tensor:
+    """Scalar score per sequence: reward model (or rule), clipped, minus the missing-EOS penalty."""
+    if reward_fn is not None:
+        P = rollout.prompt_length
+        prompts = tokenizer.batch_decode(rollout.sequences[:, :P], skip_special_tokens=True)
+        scores = torch.tensor(reward_fn(prompts, decode_responses(tokenizer, rollout)), dtype=torch.float)
+    else:
+        scores = gather_last(token_scores(reward_model, rollout.sequences, rollout.attention_mask), rollout.attention_mask).cpu()
+    if cfg.score_clip > 0:
+        scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
+    return scores - cfg.missing_eos_penalty * (~rollout.has_eos).float().cpu()
+
+
+@torch.no_grad()
+def make_experience(rollout: Rollout, actor, critic, ref: Frozen, scores: torch.Tensor, kl_coef: float,
+                    cfg: PPOConfig) -> Experience:
+    mask = rollout.response_mask
+    old_logprobs, _ = response_logprobs(actor, rollout, cfg.temperature)
+    ref_logprobs = ref.logprobs(rollout, cfg.temperature)
+    values = response_values(critic, rollout) * mask
+    kl = kl_penalty(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask
+    rewards = compute_token_rewards(scores.to(kl.device), kl, mask, kl_coef)
+    advantages, returns = gae_advantages(values, rewards, mask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+        advantages = masked_whiten(advantages, mask)
+    return Experience(rollout, old_logprobs, ref_logprobs, values, advantages, returns, scores, kl)
+
+
+def ppo_update(exp: Experience, rows: torch.Tensor, actor, critic, cfg: PPOConfig, ptx_batch=None, pad_id=0):
+    """Losses of one micro-batch of rollout rows; returns (actor_loss, critic_loss, metrics)."""
+    r = exp.rollout
+    mask = r.response_mask[rows]
+    logprobs, entropy = response_logprobs(actor, r, cfg.temperature, rows)
+    pg_loss, m = ppo_policy_loss(logprobs, exp.old_logprobs[rows], exp.advantages[rows], mask, cfg.clip_eps)
+    values = response_values(critic, r, rows)
+    vf_loss, vm = ppo_value_loss(values, exp.old_values[rows], exp.returns[rows], mask, cfg.value_clip_eps)
+    m.update(vm)
+    m["objective/entropy"] = masked_mean(entropy, mask).detach()
+    actor_loss = pg_loss
+    if ptx_batch is not None:  # InstructGPT PPO-ptx: keep the SFT likelihood up
+        device = logprobs.device
+        logits = forward_logits(actor, ptx_batch.input_ids.to(device), ptx_batch.attention_mask.to(device))
+        ptx, _ = lm_loss(logits, ptx_batch.labels.to(device))
+        actor_loss = actor_loss + cfg.ptx_coef * ptx
+        m["loss/ptx"] = ptx.detach()
+    return actor_loss, cfg.vf_coef * vf_loss, m
+
+
+def run_ppo(cfg: PPOConfig, model_cfg: ModelConfig, data_dir: Path, init_dir: Path, reward_dir: Path | None,
+            out_dir: Path, ckpt_dir: Path, log: LogFn = no_log, reward_fn: RewardFn | None = None) -> StageResult:
+    seed_everything(cfg.seed)
+    tokenizer = load_tokenizer(init_dir, model_cfg.trust_remote_code)
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    acc = make_accelerator(cfg)
+    actor = apply_lora(load_causal_lm(init_dir, model_cfg), cfg.lora)
+    critic_src = reward_dir if reward_dir is not None else init_dir
+    critic = load_scalar_model(critic_src, model_cfg, pad)
+    reward_model = None if reward_fn is not None else load_scalar_model(reward_dir, model_cfg, pad).to(acc.device).eval().requires_grad_(False)
+    prompts = load_split(data_dir, "prompts", "train")
+    sft = load_split(data_dir, "sft", "train") if cfg.ptx_coef > 0 else None
+    minibatch = cfg.batch_size * cfg.grad_accum
+    updates_per_iter = cfg.ppo_epochs * max(1, cfg.rollout_batch_size // minibatch)
+    opt_a = make_optimizer(actor.parameters(), cfg.learning_rate, cfg.weight_decay)
+    opt_c = make_optimizer(critic.parameters(), cfg.critic_learning_rate, cfg.weight_decay)
+    sched_a = make_scheduler(opt_a, cfg, cfg.max_steps * updates_per_iter)
+    sched_c = make_scheduler(opt_c, cfg, cfg.max_steps * updates_per_iter)
+    actor, critic, opt_a, opt_c = acc.prepare(actor, critic, opt_a, opt_c)
+    ref = Frozen(acc.unwrap_model(actor), init_dir, model_cfg, acc.device)
+    kl_ctl = make_kl_controller(cfg.kl_controller, cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    fp = fingerprint({"stage": "ppo", **to_dict(cfg), "rule_reward": reward_fn is not None},
+                     data_dir / "prompts", init_dir, *([reward_dir] if reward_dir else []))
+    state = {"models": {"actor": acc.unwrap_model(actor), "critic": acc.unwrap_model(critic)},
+             "optimizers": {"actor": opt_a, "critic": opt_c}, "schedulers": {"actor": sched_a, "critic": sched_c}}
+    resumed = load_checkpoint(ckpt_dir, fp, **state)
+    start = 0
+    if resumed:
+        start = resumed[0]
+        kl_ctl.load_state_dict(resumed[1]["kl_controller"])
+    prompt_batches = index_batches(len(prompts), cfg.rollout_batch_size, cfg.seed, start)
+    ptx_batches = index_batches(len(sft), cfg.batch_size, cfg.seed + 1, start * updates_per_iter * cfg.grad_accum) if sft else None
+    a_params = [p for p in actor.parameters() if p.requires_grad]
+    c_params = list(critic.parameters())
+    speed, bar, metrics = Throughput(), progress("ppo", cfg.max_steps, start), {}
+    for it in range(start, cfg.max_steps):
+        batch = collate_prompts(prompts[next(prompt_batches)], pad)
+        rollout = sample(acc.unwrap_model(actor), batch, eos, pad, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+        scores = score_rollout(rollout, cfg, reward_model, reward_fn, tokenizer)
+        exp = make_experience(rollout, actor, critic, ref, scores, kl_ctl.value, cfg)
+        B = rollout.sequences.shape[0]
+        sums: dict[str, float] = {}
+        n_updates = 0
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(B)
+            for s in range(0, B - minibatch + 1, minibatch):
+                for mb in order[s:s + minibatch].split(cfg.batch_size):
+                    ptx = collate_lm(sft[next(ptx_batches)], pad) if ptx_batches else None
+                    with acc.autocast():
+                        a_loss, c_loss, m = ppo_update(exp, mb.to(acc.device), actor, critic, cfg, ptx, pad)
+                    acc.backward((a_loss + c_loss) / cfg.grad_accum)
+                    for k, v in m.items():
+                        sums[k] = sums.get(k, 0.0) + float(v)
+                    n_updates += 1
+                norm_a = acc.clip_grad_norm_(a_params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else torch.zeros(())
+                norm_c = acc.clip_grad_norm_(c_params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else torch.zeros(())
+                check_finite("ppo", it + 1, actor_loss=a_loss.detach(), critic_loss=c_loss.detach(), actor_grad_norm=norm_a)
+                for opt, sched in ((opt_a, sched_a), (opt_c, sched_c)):
+                    opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
+        mask = rollout.response_mask.float()
+        kl_seq = exp.kl.sum(-1).mean().item()  # per-sequence KL summed over response tokens
+        kl_ctl.update(kl_seq, B)
+        tps = speed.add(int(rollout.attention_mask.sum()))
+        metrics = {f"{k}_avg" if k.startswith(("policy/", "loss/")) else k: v / max(1, n_updates) for k, v in sums.items()}
+        metrics.update({
+            "objective/kl": kl_seq, "objective/scores": exp.scores.mean().item(),
+            "objective/rlhf_reward": (exp.scores.to(exp.kl.device) - kl_ctl.value * exp.kl.sum(-1)).mean().item(),
+            "objective/kl_coef": kl_ctl.value, "val/num_eos_tokens": int(rollout.has_eos.sum()),
+            "val/response_length": mask.sum(-1).mean().item(), "train/lr": sched_a.get_last_lr()[0],
+            "train/tokens_per_second": tps,
+        })
+        bar.update(1)
+        bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{kl_seq:.3f}")
+        done = it + 1
+        if done % max(1, cfg.log_every) == 0 or done == cfg.max_steps:
+            log(metrics, done)
+        if cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps:
+            save_checkpoint(ckpt_dir, fp, done, **state, extra={"kl_controller": kl_ctl.state_dict()})
+    bar.close()
+    save_model(acc.unwrap_model(actor), tokenizer, out_dir, merge_lora=cfg.lora.merge)
+    return StageResult("ppo", cfg.max_steps, scalars(metrics), speed.seconds, metrics.get("train/tokens_per_second", 0.0), start)

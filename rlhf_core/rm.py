@@ -1,0 +1,92 @@
+"""Reward model: a one-output sequence classifier initialised from SFT, trained on pairs with
+loss -logsigmoid(r_chosen - r_rejected - margin) (+ optional centering). The score is read at
+the last non-pad token, found from the attention mask, so left and right padding both work."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from rlhf_core.batching import PairBatch, collate_pairs, index_batches
+from rlhf_core.checkpoint import load_checkpoint, save_checkpoint
+from rlhf_core.config import ModelConfig, RMConfig, to_dict
+from rlhf_core.data_io import load_split
+from rlhf_core.logprobs import gather_last
+from rlhf_core.loop import LogFn, StageResult, Throughput, fingerprint, no_log, optimizer_step, progress, scalars
+from rlhf_core.losses import reward_pair_loss
+from rlhf_core.modeling import apply_lora, load_scalar_model, save_model, token_scores
+from rlhf_core.optim import make_accelerator, make_optimizer, make_scheduler, seed_everything
+from rlhf_core.tokenizer import load_tokenizer
+
+
+def pair_rewards(model, batch: PairBatch, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards of the chosen and rejected rows, each (B,), from one forward over 2B rows."""
+    mask = batch.attention_mask.to(device)
+    rewards = gather_last(token_scores(model, batch.input_ids.to(device), mask), mask)
+    return rewards.chunk(2)
+
+
+@torch.no_grad()
+def evaluate_rm(model, dataset, pad_id: int, cfg: RMConfig, device) -> dict[str, float]:
+    if dataset is None or len(dataset) == 0:
+        return {}
+    model.eval()
+    rc, rr = [], []
+    for i in range(0, len(dataset), cfg.batch_size):
+        c, r = pair_rewards(model, collate_pairs(dataset[i:i + cfg.batch_size], pad_id), device)
+        rc.append(c), rr.append(r)
+    model.train()
+    rc, rr = torch.cat(rc), torch.cat(rr)
+    _, m = reward_pair_loss(rc, rr, torch.full_like(rc, cfg.margin), cfg.center_coef)
+    return {f"eval/{k}": float(v) for k, v in m.items()}
+
+
+def run_rm(cfg: RMConfig, model_cfg: ModelConfig, data_dir: Path, init_dir: Path, out_dir: Path,
+           ckpt_dir: Path, log: LogFn = no_log) -> StageResult:
+    seed_everything(cfg.seed)
+    tokenizer = load_tokenizer(init_dir, model_cfg.trust_remote_code)
+    pad = tokenizer.pad_token_id
+    model = apply_lora(load_scalar_model(init_dir, model_cfg, pad), cfg.lora, "SEQ_CLS")
+    train_ds, eval_ds = load_split(data_dir, "preference", "train"), load_split(data_dir, "preference", "eval")
+    fp = fingerprint({"stage": "rm", **to_dict(cfg)}, data_dir / "preference", init_dir)
+    acc = make_accelerator(cfg)
+    opt = make_optimizer(model.parameters(), cfg.learning_rate, cfg.weight_decay)
+    sched = make_scheduler(opt, cfg)
+    model, opt = acc.prepare(model, opt)
+    params = [p for p in model.parameters() if p.requires_grad]
+    state = {"models": {"model": acc.unwrap_model(model)}, "optimizers": {"opt": opt}, "schedulers": {"sched": sched}}
+    resumed = load_checkpoint(ckpt_dir, fp, **state)
+    start = resumed[0] if resumed else 0
+    batches = index_batches(len(train_ds), cfg.batch_size, cfg.seed, start * cfg.grad_accum)
+    speed, bar, metrics = Throughput(), progress("rm", cfg.max_steps, start), {}
+    model.train()
+    for step in range(start, cfg.max_steps):
+        micro = [collate_pairs(train_ds[next(batches)], pad) for _ in range(cfg.grad_accum)]
+        step_loss, parts = torch.zeros(()), []
+        for b in micro:
+            with acc.autocast():
+                rc, rr = pair_rewards(model, b, acc.device)
+                margin = torch.full_like(rc, cfg.margin)
+                loss, m = reward_pair_loss(rc, rr, margin, cfg.center_coef, b.weights.to(acc.device))
+            acc.backward(loss / cfg.grad_accum)
+            step_loss += loss.detach().float().cpu() / cfg.grad_accum
+            parts.append(m)
+        grad_norm = optimizer_step(acc, params, opt, sched, cfg.max_grad_norm, "rm", step + 1, step_loss)
+        tps = speed.add(sum(int(b.attention_mask.sum()) for b in micro))
+        metrics = {f"train/{k}": sum(float(p[k]) for p in parts) / len(parts) for k in parts[0]}
+        metrics.update({"train/loss": float(step_loss), "train/grad_norm": grad_norm,
+                        "train/lr": sched.get_last_lr()[0], "train/tokens_per_second": tps})
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(step_loss):.3f}", acc=f"{metrics['train/accuracy']:.2f}")
+        done = step + 1
+        if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_steps:
+            metrics.update(evaluate_rm(model, eval_ds, pad, cfg, acc.device))
+        if done % max(1, cfg.log_every) == 0 or done == cfg.max_steps or "eval/accuracy" in metrics:
+            log(metrics, done)
+        if cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps:
+            save_checkpoint(ckpt_dir, fp, done, **state)
+    bar.close()
+    metrics.update(evaluate_rm(model, eval_ds, pad, cfg, acc.device))
+    log(metrics, cfg.max_steps)
+    save_model(acc.unwrap_model(model), tokenizer, out_dir, merge_lora=cfg.lora.merge)
+    return StageResult("rm", cfg.max_steps, scalars(metrics), speed.seconds, metrics.get("train/tokens_per_second", 0.0), start)

@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlhf_core.logprobs import (
+    entropy_from_logits,
+    gather_last,
+    last_token_index,
+    selective_log_softmax,
+    sequence_logprobs,
+    token_logprobs,
+)
+
+
+def _rand(shape, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * 3).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_selective_log_softmax_parity(dtype):
+    logits = _rand((3, 5, 17), 0, dtype)
+    index = torch.randint(0, 17, (3, 5), generator=torch.Generator().manual_seed(1))
+    got = selective_log_softmax(logits, index)
+    want = torch.log_softmax(logits, dim=-1).gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    assert got.shape == (3, 5) and got.dtype == dtype
+    torch.testing.assert_close(got, want)
+    # and close to the float32 answer (the low-precision path must not use a bf16 logsumexp)
+    ref32 = torch.log_softmax(logits.float(), dim=-1).gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(got.float(), ref32, atol=0.1, rtol=0.02)
+
+
+def test_selective_log_softmax_hand_value():
+    # uniform over 4 classes -> log(1/4) everywhere
+    logits = torch.zeros(1, 2, 4)
+    out = selective_log_softmax(logits, torch.tensor([[0, 3]]))
+    torch.testing.assert_close(out, torch.full((1, 2), -math.log(4.0)))
+
+
+def test_token_logprobs_shift():
+    logits = _rand((2, 4, 7), 2)
+    ids = torch.tensor([[1, 2, 3, 4], [6, 5, 0, 1]])
+    out = token_logprobs(logits, ids)
+    assert out.shape == (2, 3)
+    lsm = torch.log_softmax(logits, dim=-1)
+    assert out[1, 0].item() == pytest.approx(lsm[1, 0, 5].item(), abs=1e-6)
+    assert out[0, 2].item() == pytest.approx(lsm[0, 2, 4].item(), abs=1e-6)
+
+
+def test_sequence_logprobs_vs_naive_loop():
+    b, t, v = 3, 6, 9
+    logits = _rand((b, t, v), 3)
+    labels = torch.randint(0, v, (b, t), generator=torch.Generator().manual_seed(4))
+    labels[0, :3] = -100  # prompt
+    labels[1, 4:] = -100  # padding
+    labels[2, :] = -100  # nothing trainable
+    labels[2, 5] = 2
+    out = sequence_logprobs(logits, labels)
+
+    lsm = torch.log_softmax(logits, dim=-1)
+    for i in range(b):
+        total = 0.0
+        for s in range(t - 1):
+            tgt = int(labels[i, s + 1])
+            if tgt != -100:
+                total += lsm[i, s, tgt].item()
+        assert out[i].item() == pytest.approx(total, abs=1e-5)
+    # a row whose only label is at position 0 contributes nothing (position 0 is never predicted)
+    labels2 = torch.full((1, t), -100)
+    labels2[0, 0] = 3
+    assert sequence_logprobs(logits[:1], labels2).item() == 0.0
+
+
+def test_last_token_index_right_and_left_padding():
+    right = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    left = torch.tensor([[0, 0, 1, 1, 1], [0, 0, 0, 0, 1], [0, 1, 1, 1, 0]])
+    r = last_token_index(right)
+    assert r.dtype == torch.long and r.tolist() == [2, 4, 0]
+    assert last_token_index(left).tolist() == [4, 4, 3]
+    assert last_token_index(right.bool()).tolist() == [2, 4, 0]
+
+    values = torch.arange(15, dtype=torch.float32).reshape(3, 5)
+    torch.testing.assert_close(gather_last(values, right), torch.tensor([2.0, 9.0, 10.0]))
+    torch.testing.assert_close(gather_last(values, left), torch.tensor([4.0, 9.0, 13.0]))
+
+
+def test_entropy_from_logits():
+    uniform = torch.zeros(1, 1, 8)
+    assert entropy_from_logits(uniform).item() == pytest.approx(math.log(8), abs=1e-6)
+    # two classes with p = (0.25, 0.75): H = -(0.25 ln 0.25 + 0.75 ln 0.75) = 0.562335...
+    two = torch.log(torch.tensor([[[0.25, 0.75]]]))
+    assert entropy_from_logits(two).item() == pytest.approx(0.5623351446, abs=1e-6)
+    logits = _rand((2, 3, 11), 5)
+    p = torch.softmax(logits, -1)
+    torch.testing.assert_close(entropy_from_logits(logits), -(p * torch.log(p)).sum(-1))

@@ -1,0 +1,334 @@
+from __future__ import annotations
+
+import math
+import types
+from collections import defaultdict
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rlhf_core.logprobs import selective_log_softmax
+from rlhf_core.losses import (
+    dpo_loss,
+    dpo_sigmoid_loss,
+    ipo_loss,
+    lm_loss,
+    ppo_policy_loss,
+    ppo_value_loss,
+    reward_pair_loss,
+)
+
+LN2 = math.log(2.0)
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------- lm_loss
+
+
+def _lm_batch():
+    g = _gen(0)
+    b, t, v = 8, 6, 13
+    logits = torch.randn(b, t, v, generator=g)
+    labels = torch.randint(0, v, (b, t), generator=g)
+    # very uneven trainable-token counts per row, so a mean of per-row means would differ
+    for i in range(b):
+        labels[i, : 1 + (i % 5)] = -100
+    return logits, labels
+
+
+def test_lm_loss_matches_cross_entropy_mean():
+    logits, labels = _lm_batch()
+    loss, metrics = lm_loss(logits, labels)
+    want = F.cross_entropy(logits[:, :-1].reshape(-1, 13), labels[:, 1:].reshape(-1))
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+    assert metrics["loss"].item() == pytest.approx(want.item(), rel=1e-6)
+    assert int(metrics["tokens"]) == int((labels[:, 1:] != -100).sum())
+
+
+def test_lm_loss_uniform_logits_is_log_vocab():
+    labels = torch.tensor([[-100, 1, 2, -100]])
+    loss, metrics = lm_loss(torch.zeros(1, 4, 5), labels)
+    assert loss.item() == pytest.approx(math.log(5), abs=1e-6)
+    assert int(metrics["tokens"]) == 2
+
+
+def test_lm_loss_accumulation_invariance():
+    logits, labels = _lm_batch()
+    full, _ = lm_loss(logits, labels)
+    total = int((labels[:, 1:] != -100).sum())
+    accumulated = sum(lm_loss(logits[i : i + 1], labels[i : i + 1], num_items=total)[0] for i in range(8))
+    assert accumulated.item() == pytest.approx(full.item(), rel=1e-6)
+    as_tensor = sum(
+        lm_loss(logits[i : i + 1], labels[i : i + 1], num_items=torch.tensor(total))[0] for i in range(8)
+    )
+    assert as_tensor.item() == pytest.approx(full.item(), rel=1e-6)
+    # the naive average of per-micro-batch means is different here, so the test can fail
+    naive = sum(lm_loss(logits[i : i + 1], labels[i : i + 1])[0] for i in range(8)) / 8
+    assert abs(naive.item() - full.item()) > 1e-3
+
+
+# ----------------------------------------------------------------------------------- reward model
+
+
+def test_reward_pair_loss_by_hand():
+    r_c = torch.tensor([2.0, 0.0])
+    r_r = torch.tensor([1.0, 1.0])
+    margin = torch.tensor([1.0, 0.0])
+    loss, m = reward_pair_loss(r_c, r_r, margin=margin, center_coef=0.01)
+    # pair 1: -log sigmoid(2 - 1 - 1) = ln 2; pair 2: -log sigmoid(-1) = ln(1 + e)
+    # centering: 0.01 * mean(3^2, 1^2) = 0.05
+    want = (LN2 + math.log(1 + math.e)) / 2 + 0.05
+    assert loss.item() == pytest.approx(want, abs=1e-6)
+    assert m["accuracy"].item() == 0.5
+    assert m["margin"].item() == 0.0
+    assert m["reward_chosen"].item() == 1.0 and m["reward_rejected"].item() == 1.0
+    assert m["loss"].item() == pytest.approx(want, abs=1e-6)
+
+
+def test_reward_pair_loss_weights_make_ranking_one_unit():
+    # prompt A ranks 3 responses -> 3 pairs of weight 1/3; prompt B has one pair of weight 1
+    r_c = torch.tensor([1.0, 2.0, 0.5, -1.0])
+    r_r = torch.tensor([0.0, 0.0, 0.5, 1.0])
+    w = torch.tensor([1 / 3, 1 / 3, 1 / 3, 1.0])
+    loss, _ = reward_pair_loss(r_c, r_r, weights=w)
+    per = [-math.log(1 / (1 + math.exp(-d))) for d in (1.0, 2.0, 0.0, -2.0)]
+    want = (sum(per[:3]) / 3 + per[3]) / 2
+    assert loss.item() == pytest.approx(want, abs=1e-6)
+    unweighted, _ = reward_pair_loss(r_c, r_r)
+    assert unweighted.item() == pytest.approx(sum(per) / 4, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------- DPO / IPO
+
+
+def _logps(seed, b=4):
+    g = _gen(seed)
+    return [torch.randn(b, generator=g) * 5 - 20 for _ in range(4)]
+
+
+def test_dpo_is_ln2_when_policy_equals_reference():
+    pc, pr, _, _ = _logps(1)
+    loss, m = dpo_sigmoid_loss(pc, pr, pc.clone(), pr.clone(), beta=0.1)
+    assert loss.item() == pytest.approx(LN2, abs=1e-6)
+    assert m["rewards/accuracies"].item() == 0.0
+    assert m["rewards/margins"].item() == 0.0
+    # label smoothing does not change the value at h = 0
+    smoothed, _ = dpo_sigmoid_loss(pc, pr, pc.clone(), pr.clone(), beta=0.1, label_smoothing=0.2)
+    assert smoothed.item() == pytest.approx(LN2, abs=1e-6)
+
+
+def test_dpo_hand_case():
+    # h = (pi_c - ref_c) - (pi_r - ref_r) = (-3 + 5) - (-4 + 5) = 1; beta = 0.5
+    pc, pr, rc, rr = (torch.tensor([v]) for v in (-3.0, -4.0, -5.0, -5.0))
+    loss, m = dpo_sigmoid_loss(pc, pr, rc, rr, beta=0.5)
+    assert loss.item() == pytest.approx(0.4740769841801067, abs=1e-6)  # -log sigmoid(0.5)
+    assert m["rewards/chosen"].item() == pytest.approx(1.0)
+    assert m["rewards/rejected"].item() == pytest.approx(0.5)
+    assert m["rewards/margins"].item() == pytest.approx(0.5)
+    assert m["rewards/accuracies"].item() == 1.0
+    assert m["logps/chosen"].item() == -3.0 and m["logps/rejected"].item() == -4.0
+    # cDPO: -log sigmoid(-x) = -log sigmoid(x) + x, so eps = 0.1 adds 0.1 * 0.5
+    smoothed, _ = dpo_sigmoid_loss(pc, pr, rc, rr, beta=0.5, label_smoothing=0.1)
+    assert smoothed.item() == pytest.approx(0.4740769841801067 + 0.05, abs=1e-6)
+
+
+def test_ipo_hand_case():
+    pc, pr, rc, rr = (torch.tensor([v]) for v in (-3.0, -4.0, -5.0, -5.0))  # h = 1
+    assert ipo_loss(pc, pr, rc, rr, beta=0.5)[0].item() == pytest.approx(0.0, abs=1e-7)
+    assert ipo_loss(pc, pr, rc, rr, beta=0.25)[0].item() == pytest.approx(1.0, abs=1e-6)
+    assert ipo_loss(pc, pr, rc, rr, beta=1.0)[0].item() == pytest.approx(0.25, abs=1e-6)
+
+
+def test_dpo_dispatch():
+    args = _logps(2)
+    torch.testing.assert_close(dpo_loss(*args, beta=0.1)[0], dpo_sigmoid_loss(*args, beta=0.1)[0])
+    torch.testing.assert_close(
+        dpo_loss(*args, beta=0.1, loss_type="sigmoid", label_smoothing=0.3)[0],
+        dpo_sigmoid_loss(*args, beta=0.1, label_smoothing=0.3)[0],
+    )
+    torch.testing.assert_close(dpo_loss(*args, beta=0.1, loss_type="ipo")[0], ipo_loss(*args, beta=0.1)[0])
+    with pytest.raises(ValueError):
+        dpo_loss(*args, beta=0.1, loss_type="hinge")
+
+
+def test_dpo_metric_names():
+    _, m = dpo_loss(*_logps(3), beta=0.1)
+    assert set(m) == {
+        "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+        "logps/chosen", "logps/rejected", "loss",
+    }
+    assert all(not v.requires_grad and v.dim() == 0 for v in m.values())
+
+
+# ----------------------------------------------------------------------------------- PPO
+
+
+def test_ppo_policy_loss_clipping_by_hand():
+    eps = 0.2
+    ratio = torch.tensor([[1.5, 0.5, 0.5, 1.5, 1.1, 3.0]])
+    adv = torch.tensor([[1.0, -1.0, 2.0, -1.0, 1.0, 100.0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0]])
+    old = torch.full((1, 6), -2.0)
+    logprobs = (old + torch.log(ratio)).requires_grad_(True)
+    loss, m = ppo_policy_loss(logprobs, old, adv, mask, clip_eps=eps)
+    # per token max(-A r, -A clip(r)):
+    #  A=+1, r=1.5: max(-1.5, -1.2) = -1.2  (clipped, positive advantage)
+    #  A=-1, r=0.5: max( 0.5,  0.8) =  0.8  (clipped, negative advantage)
+    #  A=+2, r=0.5: max(-1.0, -1.6) = -1.0  (unclipped: pessimistic side)
+    #  A=-1, r=1.5: max( 1.5,  1.2) =  1.5  (unclipped)
+    #  A=+1, r=1.1: -1.1 (inside the trust region); last token masked out
+    assert loss.item() == pytest.approx((-1.2 + 0.8 - 1.0 + 1.5 - 1.1) / 5, abs=1e-6)
+    assert m["policy/clipfrac"].item() == pytest.approx(0.8)
+    assert m["val/ratio"].item() == pytest.approx((1.5 + 0.5 + 0.5 + 1.5 + 1.1) / 5, abs=1e-6)
+    logs = [math.log(r) for r in (1.5, 0.5, 0.5, 1.5, 1.1)]
+    assert m["policy/approxkl"].item() == pytest.approx(0.5 * sum(x * x for x in logs) / 5, abs=1e-6)
+    assert m["loss/policy"].item() == pytest.approx(loss.item())
+    loss.backward()
+    grad = logprobs.grad[0]
+    # clipped tokens get no gradient; unclipped ones get -A * r / n
+    assert grad[0].item() == 0.0 and grad[1].item() == 0.0 and grad[5].item() == 0.0
+    assert grad[2].item() == pytest.approx(-2.0 * 0.5 / 5, abs=1e-6)
+    assert grad[3].item() == pytest.approx(1.0 * 1.5 / 5, abs=1e-6)
+
+
+def test_ppo_value_loss_by_hand():
+    values = torch.tensor([[1.0, 1.0, 0.0, 42.0]])
+    old = torch.tensor([[0.5, 0.9, 1.0, 0.0]])
+    returns = torch.tensor([[2.0, 0.0, 0.5, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    loss, m = ppo_value_loss(values, old, returns, mask, clip_eps=0.2)
+    # token 1: clip(1.0) -> 0.7: max((1-2)^2, (0.7-2)^2) = 1.69
+    # token 2: inside the range: (1-0)^2 = 1
+    # token 3: clip(0.0) -> 0.8: max((0-0.5)^2, (0.8-0.5)^2) = 0.25
+    assert loss.item() == pytest.approx(0.5 * (1.69 + 1.0 + 0.25) / 3, abs=1e-6)
+    assert m["value/clipfrac"].item() == pytest.approx(1 / 3)
+    assert m["loss/value"].item() == pytest.approx(loss.item())
+
+
+# ----------------------------------------------------------------------------------- TRL cross-checks
+
+
+def _fake_trainer_self(**attrs):
+    """A stand-in `self` with just what TRL's loss methods read (single process, train mode)."""
+    accelerator = types.SimpleNamespace(
+        device=torch.device("cpu"), gather=lambda x: x, gather_for_metrics=lambda x: x
+    )
+    base = dict(
+        model=types.SimpleNamespace(training=True),
+        accelerator=accelerator,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        _total_train_tokens=0,
+        _tp_size=1,
+    )
+    base.update(attrs)
+    return types.SimpleNamespace(**base)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_selective_log_softmax_vs_trl(dtype):
+    trl_utils = pytest.importorskip("trl.trainer.utils")
+    logits = (torch.randn(3, 5, 19, generator=_gen(7)) * 4).to(dtype)
+    index = torch.randint(0, 19, (3, 5), generator=_gen(8))
+    torch.testing.assert_close(selective_log_softmax(logits, index), trl_utils.selective_log_softmax(logits, index))
+
+
+def _trl_dpo(loss_type, beta, label_smoothing, pc, pr, rc, rr, completion_lengths=None):
+    """Run trl 1.16 `DPOTrainer._compute_loss` on given sequence log-probs, via a fake model.
+
+    The fake model returns per-token log-probs whose completion tokens sum to the given sequence
+    log-probs. Returns (loss, TRL's recorded metrics).
+    """
+    dpo_mod = pytest.importorskip("trl.trainer.dpo_trainer")
+    b = pc.shape[0]
+    lengths = completion_lengths if completion_lengths is not None else [1] * (2 * b)
+    t = 1 + max(lengths)  # one prompt token, then the completion (right padded)
+    completion_mask = torch.zeros(2 * b, t, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        completion_mask[i, 1 : 1 + n] = 1
+    shift = completion_mask[:, 1:].float()
+    seq = torch.cat([pc, pr])
+    per_token = shift * (seq / shift.sum(1)).unsqueeze(1)  # spread each sum over its tokens
+
+    def fake_model(**kwargs):
+        z = torch.zeros(2 * b, t - 1)
+        return types.SimpleNamespace(log_probs=per_token, entropy=z, mean_logits=z, is_top1=z.bool())
+
+    fake_self = _fake_trainer_self(
+        aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True,
+        f_divergence_type="reverse_kl", loss_types=[loss_type], loss_weights=[1.0],
+        beta=beta, label_smoothing=label_smoothing, use_weighting=False,
+    )
+    inputs = {
+        "input_ids": torch.ones(2 * b, t, dtype=torch.long),
+        "attention_mask": torch.ones(2 * b, t, dtype=torch.long),
+        "completion_mask": completion_mask,
+        "ref_chosen_logps": rc,
+        "ref_rejected_logps": rr,
+    }
+    loss = dpo_mod.DPOTrainer._compute_loss(fake_self, fake_model, inputs, False)
+    return loss, {k: v[-1] for k, v in fake_self._metrics["train"].items()}
+
+
+def test_dpo_sigmoid_vs_trl():
+    pc, pr, rc, rr = _logps(11, b=6)
+    trl_loss, trl_m = _trl_dpo("sigmoid", 0.1, 0.0, pc, pr, rc, rr)
+    loss, m = dpo_sigmoid_loss(pc, pr, rc, rr, beta=0.1)
+    assert loss.item() == pytest.approx(trl_loss.item(), rel=1e-6)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected"):
+        assert m[key].item() == pytest.approx(trl_m[key], rel=1e-5, abs=1e-6), key
+
+
+def test_ipo_vs_trl_length_normalised():
+    pc, pr, rc, rr = _logps(12, b=3)
+    lengths = [1, 3, 2, 4, 1, 2]  # chosen 0..2, then rejected 0..2
+    trl_loss, _ = _trl_dpo("ipo", 0.5, 0.0, pc, pr, rc, rr, completion_lengths=lengths)
+    # TRL divides sequence log-probs by the completion length before IPO; do the same here
+    n = torch.tensor(lengths, dtype=torch.float32)
+    ours, _ = ipo_loss(pc / n[:3], pr / n[3:], rc / n[:3], rr / n[3:], beta=0.5)
+    assert ours.item() == pytest.approx(trl_loss.item(), rel=1e-5)
+    # with single-token completions the normalisation is the identity
+    trl_unit, _ = _trl_dpo("ipo", 0.5, 0.0, pc, pr, rc, rr)
+    assert ipo_loss(pc, pr, rc, rr, beta=0.5)[0].item() == pytest.approx(trl_unit.item(), rel=1e-5)
+
+
+def test_label_smoothed_dpo_vs_trl_aot():
+    # trl 1.16's "sigmoid" ignores label_smoothing; its "aot" loss applies the cDPO formula to
+    # sorted log-ratio gaps. When the pairs are already in sorted order, aot == cDPO exactly.
+    g = _gen(13)
+    b = 5
+    pr, rr = torch.randn(b, generator=g) - 10, torch.randn(b, generator=g) - 10
+    pc = pr + torch.sort(torch.randn(b, generator=g) * 3).values
+    rc = rr + torch.sort(torch.randn(b, generator=g) * 3).values
+    trl_loss, _ = _trl_dpo("aot", 0.3, 0.15, pc, pr, rc, rr)
+    ours, _ = dpo_sigmoid_loss(pc, pr, rc, rr, beta=0.3, label_smoothing=0.15)
+    assert ours.item() == pytest.approx(trl_loss.item(), rel=1e-6)
+    plain, _ = dpo_sigmoid_loss(pc, pr, rc, rr, beta=0.3)
+    assert abs(plain.item() - trl_loss.item()) > 1e-4  # smoothing really matters here
+
+
+@pytest.mark.parametrize("with_margin,center", [(False, None), (True, 0.01)])
+def test_reward_loss_vs_trl(with_margin, center):
+    rm_mod = pytest.importorskip("trl.trainer.reward_trainer")
+    g = _gen(14)
+    b = 6
+    r_c, r_r = torch.randn(b, generator=g) * 2, torch.randn(b, generator=g) * 2
+    margin = torch.rand(b, generator=g) if with_margin else None
+
+    def fake_model(**kwargs):
+        return types.SimpleNamespace(logits=torch.cat([r_c, r_r]).unsqueeze(-1))
+
+    fake_self = _fake_trainer_self(args=types.SimpleNamespace(center_rewards_coefficient=center))
+    inputs = {"input_ids": torch.ones(2 * b, 3, dtype=torch.long), "attention_mask": torch.ones(2 * b, 3)}
+    if with_margin:
+        inputs["margin"] = margin
+    trl_loss = rm_mod.RewardTrainer.compute_loss(fake_self, fake_model, inputs)
+    loss, m = reward_pair_loss(r_c, r_r, margin=margin, center_coef=center or 0.0)
+    assert loss.item() == pytest.approx(trl_loss.item(), rel=1e-6)
+    trl_m = fake_self._metrics["train"]
+    assert m["accuracy"].item() == pytest.approx(trl_m["accuracy"][-1])
+    assert m["margin"].item() == pytest.approx(trl_m["margin"][-1], rel=1e-6)
