@@ -18,7 +18,7 @@ def compute_token_rewards(
     m = mask.to(kl.dtype)
     rewards = -kl_coef * kl * m
     last = last_token_index(mask).to(rewards.device)
-    rewards = rewards.scatter_add(-1, last.unsqueeze(-1), 0 * scores.to(rewards.dtype).unsqueeze(-1))
+    rewards = rewards.scatter_add(-1, last.unsqueeze(-1), scores.to(rewards.dtype).unsqueeze(-1))
     return rewards
 
 
@@ -49,5 +49,5 @@ def gae_advantages(
         advantages[:, t] = adv_t
         next_value = v[:, t]
         next_adv = adv_t
-    returns = (advantages + v) * m
+    returns = advantages + v  # both are already 0 outside the mask
     return advantages, returns

@@ -224,7 +224,7 @@ def _ends_with_assistant(column: str = "last_role"):
 def _roles_alternate(column: str = "roles"):
     import great_expectations.expectations as gxe
     return gxe.ExpectColumnValuesToMatchRegex(
-        column=column, regex=r"^(system,)?user,assistant(,user,assistant)*$",
+        column=column, regex=r"^(?:system,)?user,assistant(?:,user,assistant)*$",
         meta={"rule": "roles must be an optional system turn, then user and assistant alternating; "
                       "got {value}"})
 
@@ -376,9 +376,11 @@ def check_frame(kind: str, frame: pd.DataFrame, limits: ValidationLimits = Valid
         if "unexpected_index_list" not in res:  # table-level expectation
             failures.append(Failure(0, None, config.type, _rule(template, res.get("observed_value"), limits)))
             continue
-        values = res.get("unexpected_list") or [None] * len(res["unexpected_index_list"])
-        for index, value in zip(res["unexpected_index_list"], values):
+        # Read the offending value from the frame: GX caps `unexpected_list` at 200 entries,
+        # while `unexpected_index_list` is complete under the COMPLETE result format.
+        for index in res["unexpected_index_list"]:
             line = int(index)
+            value = frame.at[line, column] if isinstance(column, str) else None
             where = field_name
             if meta.get("field_from") in frame.columns:
                 where = str(frame.at[line, meta["field_from"]])

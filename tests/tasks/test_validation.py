@@ -50,7 +50,7 @@ MESSAGES = _msgs(("user", "Hi"), ("assistant", "Hello!"), ("user", "Name a colou
 QUESTION = {"system": "Be kind.", "history": [["Hi", "Hello!"]], "question": "How are you?",
             "response_chosen": "Fine, thanks.", "response_rejected": "Go away."}
 TRL = {"prompt": "Say hi.", "chosen": "Hi!", "rejected": "No."}
-TRL_CHAT = {"prompt": [{"role": "user", "content": "Say hi."}],
+TRL_CHAT = {"prompt": [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "Say hi."}],
             "chosen": [{"role": "assistant", "content": "Hi!"}],
             "rejected": [{"role": "assistant", "content": "No."}]}
 RANKING = {"prompt": "Rank me.", "responses": ["best", "middle", "worst"]}
@@ -105,8 +105,8 @@ BAD = [
      (2, "rejected", "record_format", "required field is missing")),
     ("number_not_text", "pt", "a.jsonl", [{"text": "fine"}, {"text": 5}], None,
      (2, "text", "record_format", "must be a string, got int")),
-    ("list_not_dict", "sft", "a.jsonl", [{"messages": [["user", "hi"], ["assistant", "yo"]]}], None,
-     (1, "messages[0]", "record_format", "must be an object, got list")),
+    ("list_not_dict", "sft", "a.jsonl", [MESSAGES, {"messages": [["user", "hi"], ["assistant", "yo"]]}], None,
+     (2, "messages[0]", "record_format", "must be an object, got list")),
     ("record_is_list", "prompts", "a.jsonl", [{"prompt": "p"}, ["p"]], None,
      (2, "<record>", "record_format", "must be a JSON object, got list")),
     ("whitespace_response", "preference", "a.jsonl", [QUESTION, dict(QUESTION, response_rejected=" \t ")], None,
@@ -114,8 +114,8 @@ BAD = [
     ("chosen_equals_rejected", "preference", "a.jsonl", [TRL, dict(TRL, rejected="Hi!")], None,
      (2, "rejected", "record_format", "must differ from chosen")),
     ("unknown_role", "sft", "a.jsonl",
-     [{"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "yo"}]}], None,
-     (1, "conversations[1].from", "record_format", "unknown role 'bot'")),
+     [SHAREGPT, {"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "yo"}]}], None,
+     (2, "conversations[1].from", "record_format", "unknown role 'bot'")),
     ("ends_with_user", "sft", "a.jsonl", [MESSAGES, _msgs(("user", "hi"), ("assistant", "yo"), ("user", "and?"))],
      None, (2, "messages", "record_format", "must end with the assistant turn")),
     ("non_utf8_line", "prompts", "a.jsonl", [{"prompt": "p"}, b'{"prompt": "caf\xe9"}'], None,
@@ -314,3 +314,19 @@ def test_limits_out_of_range_raise_config_error(kwargs, key):
 def test_columns_cover_every_kind():
     from rlhf_core.formats import KINDS
     assert set(COLUMNS) == set(KINDS)
+
+
+def test_ranking_is_flattened_best_versus_worst():
+    from tasks.validation import _flatten_preference
+    row, key = _flatten_preference(dict(RANKING, responses=["best", "a much longer middle one", "worst"]), 7)
+    assert (row["prompt"], row["chosen"], row["rejected"]) == ("Rank me.", "best", "worst")
+    assert (row["n_turns"], row["max_chars"], row["longest_field"]) == (2, 24, "responses[1]")
+    assert len(key) == 3  # all three pairs are part of the content compared for duplicates
+
+
+def test_more_than_200_failing_rows_are_all_reported(tmp_path):
+    # GX caps its `unexpected_list` at 200 values; every failing line must still be reported.
+    lines = [{"text": f"doc {i} " + "x" * (20 if i % 2 else 0)} for i in range(600)]
+    report = validate_file(_write(tmp_path, "many.jsonl", lines), "pt", ValidationLimits(max_chars=15))
+    assert [f.line for f in report.failures] == list(range(2, 601, 2))
+    assert report.failures[-1].rule.startswith("has 28 characters")

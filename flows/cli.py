@@ -1,0 +1,154 @@
+"""`rlhf`: run the pipeline, one stage, a validation, a deployment or a prediction."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def cmd_run(a) -> int:
+    from flows.pipeline import pipeline
+
+    from flows.pipeline import StageFailed
+
+    try:
+        records = pipeline(project_dir=a.project_dir, stages=a.stages or None, force=a.force)
+    except StageFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for r in records:
+        print(f"{r['stage']:>9}  {r['status']:<7}  {r['seconds']:7.1f}s  version {r['version']}")
+    return 0
+
+
+def cmd_stage(a) -> int:
+    from tasks.stages import run_stage
+
+    run_stage(a.name, Path(a.project_dir), a.params)
+    return 0
+
+
+def cmd_validate(a) -> int:
+    from tasks.validation import validate_file
+
+    report = validate_file(a.path, a.kind)
+    print(report.format())
+    return 0 if report.success else 1
+
+
+def cmd_deploy(a) -> int:
+    from flows.pipeline import pipeline
+
+    root = Path(a.project_dir).resolve()
+    deployment_id = pipeline.from_source(source=str(root), entrypoint="flows/pipeline.py:pipeline").deploy(
+        name=a.name, work_pool_name=a.pool, cron=a.cron, parameters={"project_dir": str(root)}, print_next_steps=False)
+    print(f"deployment {a.name} ({deployment_id}) on pool '{a.pool}'" + (f", schedule '{a.cron}'" if a.cron else ""))
+    print(f"start a worker on the GPU host: prefect worker start --pool {a.pool}")
+    return 0
+
+
+def resolve_model(ref: str) -> Path:
+    """A local directory, or an MLflow `models:/name@alias` / `models:/name/version` URI."""
+    if ref.startswith(("models:/", "runs:/")):
+        import mlflow
+
+        from tasks import tracking
+
+        mlflow.set_tracking_uri(tracking.tracking_uri(Path(".")))
+        return Path(mlflow.artifacts.download_artifacts(ref))
+    return Path(ref)
+
+
+def cmd_predict(a) -> int:
+    import torch
+
+    from rlhf_core.batching import collate_prompts
+    from rlhf_core.config import ModelConfig
+    from rlhf_core.encoding import encode_prompt
+    from rlhf_core.formats import Prompt, Turn
+    from rlhf_core.generation import decode_responses, sample
+    from rlhf_core.modeling import load_policy
+    from rlhf_core.tokenizer import load_tokenizer
+
+    path = resolve_model(a.model)
+    cfg = ModelConfig(trust_remote_code=a.trust_remote_code)
+    tok, model = load_tokenizer(path, cfg.trust_remote_code), load_policy(path, cfg)
+    ids, _ = encode_prompt(tok, Prompt((Turn("user", a.prompt),)), 4096)
+    torch.manual_seed(a.seed)
+    batch = collate_prompts({"prompt_ids": [ids]}, tok.pad_token_id)
+    rollout = sample(model, batch, tok.eos_token_id, tok.pad_token_id, a.max_new_tokens, a.temperature,
+                     greedy=a.temperature == 0)
+    print(decode_responses(tok, rollout)[0])
+    return 0
+
+
+def cmd_dvc_yaml(a) -> int:
+    from tasks.layout import write_dvc_yaml
+
+    print(f"wrote {write_dvc_yaml(a.project_dir)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tasks.layout import STAGE_NAMES
+
+    ap = argparse.ArgumentParser(prog="rlhf", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run the end-to-end Prefect flow on params.yaml (DVC skips unchanged stages)")
+    r.add_argument("--stages", nargs="*", choices=STAGE_NAMES, help="only these stages (default: all)")
+    r.add_argument("--force", action="store_true", help="rerun stages even if DVC finds them up to date")
+    r.add_argument("--project-dir", default=".")
+    r.set_defaults(fn=cmd_run)
+    s = sub.add_parser("stage", help="run one stage in this process (what dvc.yaml calls)")
+    s.add_argument("name", choices=STAGE_NAMES)
+    s.add_argument("--params", default="params.yaml")
+    s.add_argument("--project-dir", default=".")
+    s.set_defaults(fn=cmd_stage)
+    v = sub.add_parser("validate", help="validate one data file with Great Expectations, run nothing else")
+    v.add_argument("path")
+    v.add_argument("--kind", required=True, choices=["pt", "sft", "preference", "prompts"])
+    v.set_defaults(fn=cmd_validate)
+    d = sub.add_parser("deploy", help="register the flow as a deployment on a Prefect work pool")
+    d.add_argument("--pool", required=True, help="work pool name (e.g. a process pool on GPU hosts)")
+    d.add_argument("--cron", default=None, help="cron schedule, e.g. '0 2 * * *'")
+    d.add_argument("--name", default="rlhf-nightly")
+    d.add_argument("--project-dir", default=".")
+    d.set_defaults(fn=cmd_deploy)
+    pr = sub.add_parser("predict", help="answer one prompt with a model directory or models:/ URI")
+    pr.add_argument("--model", required=True, help="directory, or models:/rlhf-dpo@champion")
+    pr.add_argument("--prompt", required=True)
+    pr.add_argument("--max-new-tokens", type=int, default=32)
+    pr.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--trust-remote-code", action="store_true")
+    pr.set_defaults(fn=cmd_predict)
+    y = sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage list in tasks/layout.py")
+    y.add_argument("--project-dir", default=".")
+    y.set_defaults(fn=cmd_dvc_yaml)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rlhf_core.errors import RLHFError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except RLHFError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""The end-to-end Prefect flow. Each stage is a Prefect task that runs `dvc repro` on that stage,
+so DVC alone decides what is stale, `dvc.lock` is current after every flow run, and unchanged
+stages are skipped. The stages come from tasks/layout.py, the same list `dvc.yaml` is made from."""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+import yaml  # noqa: E402
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
+from prefect.runtime import flow_run  # noqa: E402
+
+from tasks import layout, tracking  # noqa: E402
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+def lock_entry(root: Path, stage: str) -> dict:
+    lock = root / "dvc.lock"
+    if not lock.exists():
+        return {}
+    return ((yaml.safe_load(lock.read_text()) or {}).get("stages") or {}).get(stage, {})
+
+
+def stage_version(entry: dict) -> str:
+    """Short hash of what DVC recorded for the stage: its deps, params and outs."""
+    return hashlib.sha256(yaml.safe_dump(entry, sort_keys=True).encode()).hexdigest()[:12] if entry else "-"
+
+
+def dvc_env(parent_run_id: str | None) -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `rlhf` of this venv
+    if parent_run_id:
+        env[tracking.PARENT_ENV] = parent_run_id
+    return env
+
+
+@task(task_run_name="{stage}", retries=0)
+def run_stage(stage: str, project_dir: str, parent_run_id: str | None, force: bool = False) -> dict:
+    """`dvc repro --single-item STAGE`; never retried (training is not I/O)."""
+    logger = get_run_logger()
+    root = Path(project_dir)
+    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=root, env=dvc_env(parent_run_id), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line.rstrip("\n"))
+        if not line.lstrip().startswith(("pt:", "sft:", "rm:", "dpo:", "ppo:")) or "100%" in line:
+            print(line, end="", flush=True)  # training progress bars are printed at their end only
+    proc.wait()
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = "\n".join(lines[-30:])
+        raise StageFailed(f"stage '{stage}' failed (exit {proc.returncode}):\n{tail}")
+    ran = any(f"Running stage '{stage}'" in ln for ln in lines)
+    metrics_path = root / (layout.EVAL_METRICS if stage == "evaluate" else layout.metrics_file(stage))
+    metrics = yaml.safe_load(metrics_path.read_text()) if metrics_path.exists() else {}
+    record = {"stage": stage, "status": "ran" if ran else "skipped",
+              "version": stage_version(lock_entry(root, stage)), "seconds": round(seconds, 2),
+              "train_seconds": round(metrics.get("wall_seconds", 0.0), 2), "mlflow_run": metrics.get("mlflow_run_id", "")}
+    logger.info("stage %s %s in %.1fs (version %s)", stage, record["status"], seconds, record["version"])
+    return record
+
+
+def _key_metric(root: Path, stage: str) -> str:
+    import json
+
+    f = root / (layout.EVAL_METRICS if stage == "evaluate" else layout.metrics_file(stage))
+    if not f.exists():
+        return ""
+    m = json.loads(f.read_text())
+    if stage == "evaluate":
+        return " ".join(f"{k}={m[k]['oracle_score']:.3f}" for k in ("sft", "dpo", "ppo") if k in m)
+    picks = ("eval/loss", "eval/accuracy", "eval/rewards/accuracies", "objective/scores")
+    return " ".join(f"{k}={m['metrics'][k]:.3f}" for k in picks if k in m.get("metrics", {}))
+
+
+@flow(name="rlhf-pipeline", log_prints=True)
+def pipeline(project_dir: str = ".", stages: list[str] | None = None, force: bool = False) -> list[dict]:
+    """Run the stages in DAG order (all by default) through DVC, under one MLflow parent run."""
+    import mlflow
+
+    from tasks.params import load_params
+
+    root = Path(project_dir).resolve()
+    p = load_params(root / "params.yaml")  # a bad params.yaml fails here, before any stage
+    names = [s for s in layout.STAGE_NAMES if stages is None or s in stages]
+    exp_id = tracking.setup(root, p.tracking.experiment)
+    parent = tracking.retry(mlflow.MlflowClient().create_run, exp_id, run_name=f"pipeline-{flow_run.get_name() or 'local'}",
+                            tags={"rlhf.kind": "pipeline", "rlhf.launcher": "prefect", "git_commit": tracking.git_commit(root),
+                                  "prefect.flow_run_id": str(flow_run.get_id() or "")})
+    parent_id = parent.info.run_id
+    records, status = [], "FAILED"
+    try:
+        for name in names:
+            records.append(run_stage(name, str(root), parent_id, force))
+        status = "FINISHED"
+    finally:
+        mlflow.MlflowClient().set_terminated(parent_id, status=status)
+        table = [{**r, "key_metrics": _key_metric(root, r["stage"])} for r in records]
+        create_table_artifact(table=table, key="rlhf-stages", description="Stage versions, status and key metrics")
+        report = root / "plots" / "eval" / "report.md"
+        if report.exists() and any(r["stage"] == "evaluate" for r in records):
+            create_markdown_artifact(markdown=report.read_text(), key="rlhf-evaluation",
+                                     description="Held-out evaluation of SFT, DPO and PPO")
+    return records

@@ -1,0 +1,118 @@
+"""The pipeline's DAG and file layout, in one place.
+
+`dvc.yaml` is rendered from `STAGES` (`rlhf dvc-yaml`), the Prefect flow walks the same list, and
+a test checks that the committed `dvc.yaml` is what `STAGES` renders. So the two cannot drift.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+TOKENIZED = "data/tokenized"
+TOKENIZER = "models/tokenizer"
+DEMO_DIR = "data/demo"
+VALIDATION_REPORT = "reports/validation.json"
+EVAL_METRICS = "metrics/eval.json"
+
+
+def model_dir(stage: str) -> str:
+    return f"models/{stage}"
+
+
+def metrics_file(stage: str) -> str:
+    return f"metrics/{stage}.json"
+
+
+def history_file(stage: str) -> str:
+    return f"plots/{stage}.csv"
+
+
+def checkpoint_dir(stage: str) -> str:
+    return f"checkpoints/{stage}"
+
+
+DATA_FILES = ("${data.pt}", "${data.sft}", "${data.preference}", "${data.prompts}")
+CORE = "rlhf_core"
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    deps: tuple[str, ...]
+    """Data and models the stage reads."""
+    code: tuple[str, ...]
+    """Code the stage runs (besides the shared task code)."""
+    params: tuple[str, ...]
+    """params.yaml groups the stage reads."""
+    outs: tuple[str, ...]
+    """Outputs cached by DVC."""
+    plot_y: tuple[str, ...] = ()
+    """Columns of the per-step history drawn by `dvc plots show`."""
+
+    @property
+    def trains(self) -> bool:
+        return self.outs == (model_dir(self.name),)
+
+
+def _core(*modules: str) -> tuple[str, ...]:
+    return tuple(f"{CORE}/{m}.py" for m in modules)
+
+
+TRAIN_CODE = _core("config", "loop", "optim", "checkpoint", "batching", "modeling", "losses", "logprobs", "data_io")
+
+STAGES: tuple[StageSpec, ...] = (
+    StageSpec("generate", (), _core("demo_data", "oracle"), ("demo",), (DEMO_DIR,)),
+    StageSpec("validate", DATA_FILES + ("${data.eval_prompts}",), ("tasks/validation.py", f"{CORE}/formats.py"),
+              ("data", "validate"), (VALIDATION_REPORT,)),
+    StageSpec("tokenize", DATA_FILES + (VALIDATION_REPORT,), _core("formats", "encoding", "tokenizer"),
+              ("data", "model", "tokenize"), (TOKENIZED, TOKENIZER)),
+    StageSpec("pt", (TOKENIZED, TOKENIZER), TRAIN_CODE + _core("lm"), ("model", "pt"), (model_dir("pt"),),
+              ("train/loss", "eval/loss")),
+    StageSpec("sft", (TOKENIZED, model_dir("pt")), TRAIN_CODE + _core("lm"), ("model", "sft"), (model_dir("sft"),),
+              ("train/loss", "eval/loss")),
+    StageSpec("rm", (TOKENIZED, model_dir("sft")), TRAIN_CODE + _core("rm"), ("model", "rm"), (model_dir("rm"),),
+              ("train/loss", "train/accuracy", "eval/accuracy")),
+    StageSpec("dpo", (TOKENIZED, model_dir("sft")), TRAIN_CODE + _core("dpo"), ("model", "dpo"), (model_dir("dpo"),),
+              ("train/loss", "train/rewards/margins", "train/rewards/accuracies")),
+    StageSpec("ppo", (TOKENIZED, model_dir("sft"), model_dir("rm")), TRAIN_CODE + _core("ppo", "gae", "kl", "generation"),
+              ("model", "ppo"), (model_dir("ppo"),), ("objective/scores", "objective/kl", "objective/rlhf_reward")),
+    StageSpec("evaluate", (TOKENIZED, "${data.eval_prompts}", model_dir("sft"), model_dir("rm"), model_dir("dpo"),
+                           model_dir("ppo")), _core("evaluation", "oracle", "generation"),
+              ("model", "tokenize", "evaluate", "tracking"), ("plots/eval",)),
+)
+STAGE_NAMES = tuple(s.name for s in STAGES)
+SPECS = {s.name: s for s in STAGES}
+TRAINED = tuple(s.name for s in STAGES if s.trains)
+
+
+def upstream(stage: str) -> list[str]:
+    """Stages whose outputs `stage` reads directly."""
+    produced = {o: s.name for s in STAGES for o in s.outs}
+    return [produced[d] for d in SPECS[stage].deps if d in produced]
+
+
+def render_dvc_yaml() -> str:
+    stages = {}
+    for s in STAGES:
+        entry = {
+            "cmd": f"rlhf stage {s.name}",
+            "deps": [*s.deps, *s.code, "tasks/stages.py"],
+            "params": list(s.params),
+            "outs": [{o: {"persist": True}} for o in s.outs],
+            "metrics": [{metrics_file(s.name) if s.name != "evaluate" else EVAL_METRICS: {"cache": False}}],
+        }
+        if s.plot_y:
+            entry["plots"] = [{history_file(s.name): {"cache": False}}]
+        stages[s.name] = entry
+    plots = [{history_file(s.name): {"x": "step", "y": list(s.plot_y)}} for s in STAGES if s.plot_y]
+    plots.append({"plots/eval/comparison.png": None})
+    header = "# Generated from tasks/layout.py by `rlhf dvc-yaml`; edit STAGES there, not here.\n"
+    return header + yaml.safe_dump({"stages": stages, "plots": plots}, sort_keys=False, width=120)
+
+
+def write_dvc_yaml(root: str | Path = ".") -> Path:
+    path = Path(root) / "dvc.yaml"
+    path.write_text(render_dvc_yaml())
+    return path

@@ -1,0 +1,102 @@
+"""Read and check `params.yaml`: every group maps 1:1 onto a config dataclass, unknown groups or
+keys and out-of-range values are rejected before any work starts, naming the key."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from rlhf_core.config import (DPOConfig, EvalConfig, ModelConfig, PPOConfig, PTConfig, RMConfig, SFTConfig,
+                              TokenizeConfig, from_dict)
+from rlhf_core.demo_data import DemoDataConfig
+from rlhf_core.errors import ConfigError
+from tasks.validation import ValidationLimits
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    pt: str = "data/demo/pt.txt"
+    """PT corpus: `.txt` or JSONL `{"text"}`."""
+    sft: str = "data/demo/sft.jsonl"
+    """SFT conversations (ShareGPT or messages)."""
+    preference: str = "data/demo/preferences.jsonl"
+    """Preference pairs or rankings."""
+    prompts: str = "data/demo/prompts.jsonl"
+    """PPO prompts."""
+    eval_prompts: str = "data/demo/eval_prompts.jsonl"
+    """Held-out prompts of the evaluate stage."""
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    experiment: str = "rlhf-pipeline"
+    """MLflow experiment name."""
+    registry_prefix: str = "rlhf"
+    """Registered models are named `<prefix>-<stage>`."""
+
+
+GROUPS = {
+    "demo": DemoDataConfig, "data": DataConfig, "validate": ValidationLimits, "model": ModelConfig,
+    "tokenize": TokenizeConfig, "pt": PTConfig, "sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig,
+    "ppo": PPOConfig, "evaluate": EvalConfig, "tracking": TrackingConfig,
+}
+
+
+@dataclass(frozen=True)
+class Params:
+    demo: DemoDataConfig = field(default_factory=DemoDataConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    validate: ValidationLimits = field(default_factory=ValidationLimits)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    pt: PTConfig = field(default_factory=PTConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def _build(group: str, cls, data, source: str):
+    try:
+        return from_dict(cls, data, prefix=f"{group}.")
+    except ConfigError as e:
+        raise ConfigError(e.key, e.rule, source) from None
+    except ValueError as e:  # dataclasses outside rlhf_core.config raise plain ValueError
+        raise ConfigError(group, str(e), source) from None
+
+
+def parse_params(raw: dict, source: str = "params.yaml") -> Params:
+    if not isinstance(raw, dict):
+        raise ConfigError("<root>", "must be a mapping of groups", source)
+    unknown = sorted(set(raw) - set(GROUPS))
+    if unknown:
+        raise ConfigError(unknown[0], f"unknown group (allowed: {', '.join(GROUPS)})", source)
+    params = Params(**{g: _build(g, cls, raw.get(g), source) for g, cls in GROUPS.items()})
+    _cross_checks(params, source)
+    return params
+
+
+def _cross_checks(p: Params, source: str) -> None:
+    if p.model.name_or_path:
+        return  # a real model's context is only known once it is loaded
+    ctx = p.model.max_position_embeddings
+    for key, value in (("tokenize.block_size", p.tokenize.block_size), ("tokenize.max_length", p.tokenize.max_length),
+                       ("ppo.max_new_tokens", p.tokenize.max_prompt_length + p.ppo.max_new_tokens),
+                       ("evaluate.max_new_tokens", p.tokenize.max_prompt_length + p.evaluate.max_new_tokens)):
+        if value > ctx:
+            raise ConfigError(key, f"needs {value} positions, above the model's context "
+                                   f"(model.max_position_embeddings = {ctx})", source)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(str(path), "params file does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(str(path), f"is not valid YAML ({str(e).splitlines()[0]})") from None
+    return parse_params(raw, str(path))

@@ -1,0 +1,242 @@
+"""The stages as `dvc.yaml` runs them (`rlhf stage NAME`): read params, call rlhf_core, write
+outputs and metrics, record everything in MLflow. Paths come from tasks/layout.py."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from rlhf_core.atomic import atomic_dir, atomic_write_text
+from rlhf_core.config import to_dict
+from rlhf_core.errors import DataError, RLHFError, TrainingError
+from tasks import layout, tracking
+from tasks.params import Params, load_params
+from tasks.plots import plot_comparison, plot_curves, write_history_csv
+
+
+class ValidationFailed(RLHFError):
+    pass
+
+
+def _write_json(path: Path, data: dict) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _group_params(p: Params, stage: str) -> dict:
+    return {g: to_dict(getattr(p, g)) for g in layout.SPECS[stage].params}
+
+
+def _dvc_deps_hash(root: Path, stage: str) -> str:
+    """Hash of the md5s DVC recorded for this stage's upstream outputs (from dvc.lock)."""
+    lock = root / "dvc.lock"
+    if not lock.exists():
+        return "none"
+    data = yaml.safe_load(lock.read_text()) or {}
+    md5s = {o["path"]: o.get("md5", "") for s in (data.get("stages") or {}).values() for o in s.get("outs", [])}
+    deps = [f"{d}:{md5s[d]}" for d in layout.SPECS[stage].deps if d in md5s]
+    import hashlib
+    return hashlib.sha256("|".join(deps).encode()).hexdigest()[:16]
+
+
+# --- data stages -----------------------------------------------------------------------------
+
+def generate(root: Path, p: Params) -> dict:
+    from rlhf_core import demo_data
+
+    with atomic_dir(root / layout.DEMO_DIR) as tmp:
+        counts = demo_data.generate(tmp, p.demo)
+    return {"files": counts}
+
+
+def validate(root: Path, p: Params) -> dict:
+    from tasks.validation import validate_files
+
+    inputs = [(p.data.pt, "pt"), (p.data.sft, "sft"), (p.data.preference, "preference"),
+              (p.data.prompts, "prompts"), (p.data.eval_prompts, "prompts")]
+    reports = validate_files([(root / path, kind) for path, kind in inputs], p.validate)
+    summary = {"files": [r.to_dict() for r in reports], "success": all(r.success for r in reports)}
+    tracking.log_dict_artifact(summary, "validation.json")
+    if not summary["success"]:
+        failed = root / "reports" / "validation_failed.json"
+        _write_json(failed, summary)
+        text = "\n".join(r.format() for r in reports if not r.success)
+        raise ValidationFailed(f"data validation failed; no training was started and earlier outputs are "
+                               f"untouched (full report: {failed}):\n{text}")
+    _write_json(root / layout.VALIDATION_REPORT, summary)
+    return {"rows": {Path(r.path).name: r.rows for r in reports},
+            "duplicates": {Path(r.path).name: r.duplicates for r in reports}}
+
+
+def tokenize(root: Path, p: Params) -> dict:
+    from rlhf_core import formats
+    from rlhf_core.encoding import tokenize_datasets
+    from rlhf_core.tokenizer import load_tokenizer, train_tokenizer
+
+    docs = formats.read_pt_documents(root / p.data.pt)
+    convs = formats.read_conversations(root / p.data.sft)
+    prefs = formats.read_preferences(root / p.data.preference)
+    prompts = formats.read_prompts(root / p.data.prompts)
+    if p.model.name_or_path:
+        tokenizer = load_tokenizer(p.model.name_or_path, p.model.trust_remote_code)
+    else:  # the tiny model's tokenizer is trained on everything it will read
+        corpus = docs + [t.content for c in convs for t in c.turns] + [x.chosen for x in prefs] + [x.rejected for x in prefs]
+        tokenizer = train_tokenizer(corpus, p.model.vocab_size)
+    with atomic_dir(root / layout.TOKENIZED) as tmp:
+        manifest = tokenize_datasets(tokenizer, p.tokenize, tmp, pt_docs=docs, conversations=convs,
+                                     preferences=prefs, prompts=prompts)
+    with atomic_dir(root / layout.TOKENIZER) as tmp:
+        tokenizer.save_pretrained(tmp)
+    for kind, path in (("pt", p.data.pt), ("sft", p.data.sft), ("preference", p.data.preference), ("prompts", p.data.prompts)):
+        tracking.log_dataset(root / path, kind, "training")
+    return {"vocab_size": len(tokenizer), "datasets": manifest.to_dict()}
+
+
+# --- training stages -------------------------------------------------------------------------
+
+TRAIN_DATA = {"pt": "pt", "sft": "sft", "rm": "preference", "dpo": "preference", "ppo": "prompts"}
+INIT = {"sft": "pt", "rm": "sft", "dpo": "sft", "ppo": "sft"}
+
+
+def train(root: Path, p: Params, stage: str, run) -> dict:
+    from rlhf_core import dpo, lm, ppo, rm
+
+    out = root / layout.model_dir(stage)
+    ckpt = root / layout.checkpoint_dir(stage)
+    data = root / layout.TOKENIZED
+    logger = tracking.MetricLogger()
+    cfg = getattr(p, stage)
+    init = root / layout.model_dir(INIT[stage]) if stage in INIT else None
+    if stage == "pt":
+        result = lm.run_pt(cfg, p.model, data, root / layout.TOKENIZER, out, ckpt, logger)
+    elif stage == "sft":
+        result = lm.run_sft(cfg, p.model, data, init, out, ckpt, logger)
+    elif stage == "rm":
+        result = rm.run_rm(cfg, p.model, data, init, out, ckpt, logger)
+    elif stage == "dpo":
+        result = dpo.run_dpo(cfg, p.model, data, init, out, ckpt, logger)
+    else:
+        result = ppo.run_ppo(cfg, p.model, data, init, root / layout.model_dir("rm"), out, ckpt, logger)
+    write_history_csv(logger.history, root / layout.history_file(stage))
+    png = plot_curves(logger.history, layout.SPECS[stage].plot_y, f"{stage} training", root / "plots" / f"{stage}.png")
+    for f in (root / layout.history_file(stage), png):
+        if f:
+            tracking.log_file(f, "plots")
+    data_hash = tracking.log_dataset(data / TRAIN_DATA[stage], f"tokenized-{TRAIN_DATA[stage]}", "training")
+    upstream = tracking.upstream_version(init) if init else None
+    lineage = {"stage": stage, "run_id": run.info.run_id, "data_hash": data_hash,
+               "dvc_deps_hash": _dvc_deps_hash(root, stage),
+               "upstream_model": f"{upstream['name']}/{upstream['version']}" if upstream else "none",
+               "upstream_run": upstream["run_id"] if upstream else "none",
+               "git_commit": tracking.git_commit(root)}
+    registered = tracking.register(stage, out, p.tracking.registry_prefix, run,
+                                   {**lineage, "source_run": run.info.run_id})
+    _write_json(out / tracking.LINEAGE_FILE, {**lineage, **registered})
+    ckpt_state = ckpt / "trainer_state.json"
+    if ckpt_state.exists():  # the run finished: its resume point is no longer needed
+        import shutil
+        shutil.rmtree(ckpt, ignore_errors=True)
+    if logger.error:
+        print(f"warning: MLflow step metrics failed during {stage} ({logger.error}); they are kept in "
+              f"{layout.history_file(stage)}", file=sys.stderr)
+    return {**result.to_dict(), "registered": registered, "lineage": lineage}
+
+
+# --- evaluation ------------------------------------------------------------------------------
+
+def evaluate(root: Path, p: Params, run) -> dict:
+    from rlhf_core import formats, oracle
+    from rlhf_core.data_io import load_split
+    from rlhf_core.evaluation import evaluate_policies
+
+    models = ["sft", "dpo", "ppo"]
+    prompts = formats.read_prompts(root / p.data.eval_prompts)
+    results = evaluate_policies({m: root / layout.model_dir(m) for m in models}, "sft", root / layout.model_dir("rm"),
+                                prompts, p.evaluate, p.model, oracle.score,
+                                load_split(root / layout.TOKENIZED, "preference", "eval"),
+                                max_prompt_length=p.tokenize.max_prompt_length)
+    out = root / "plots" / "eval"
+    with atomic_dir(out) as tmp:
+        plot_comparison(results, models, tmp / "comparison.png")
+        for stage, ys in (("ppo", ("objective/scores", "objective/kl")), ("dpo", ("train/rewards/margins", "train/rewards/accuracies"))):
+            hist = _read_history(root / layout.history_file(stage))
+            plot_curves(hist, ys, f"{stage} training", tmp / f"{stage}_curves.png")
+        (tmp / "report.md").write_text(markdown_report(results, models))
+    decision = promote(results, p)
+    results["promotion"] = decision
+    for f in sorted(out.iterdir()):
+        tracking.log_file(f, "eval")
+    import mlflow
+    mlflow.log_metrics({f"{m}/{k}": v for m in models for k, v in results[m].items() if isinstance(v, (int, float))})
+    return results
+
+
+def _read_history(path: Path) -> list[dict]:
+    import csv
+
+    if not path.exists():
+        return []
+    rows = []
+    for r in csv.DictReader(path.open()):
+        rows.append({k: (int(v) if k == "step" else float(v)) for k, v in r.items() if v != ""})
+    return rows
+
+
+def markdown_report(results: dict, models: list[str]) -> str:
+    keys = ["oracle_score", "oracle_score_greedy", "win_rate_vs_sft", "kl_to_sft", "rm_score", "mean_length", "eos_rate"]
+    lines = ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for m in models:
+        lines.append(f"| {m} | " + " | ".join(f"{results[m].get(k, float('nan')):.3f}" for k in keys) + " |")
+    lines.append(f"\nreward model: {json.dumps(results.get('rm', {}))}\n")
+    for m, rows in results.get("examples", {}).items():
+        lines.append(f"### {m}")
+        for ex in rows:
+            lines.append(f"- **{ex.get('prompt')}** → greedy: `{ex.get('greedy')}` · sample: `{ex.get('sample')}`")
+    return "\n".join(lines) + "\n"
+
+
+def promote(results: dict, p: Params) -> dict:
+    """Give the best of PPO and DPO the `champion` alias if it beats SFT by the margin."""
+    import mlflow
+
+    best = max(("ppo", "dpo"), key=lambda m: results[m]["oracle_score"])
+    gain = results[best]["oracle_score"] - results["sft"]["oracle_score"]
+    ok = gain >= p.evaluate.promotion_margin
+    reason = (f"{best} oracle score {results[best]['oracle_score']:.3f} vs sft {results['sft']['oracle_score']:.3f} "
+              f"(gain {gain:+.3f}, required {p.evaluate.promotion_margin:+.3f})")
+    decision = {"candidate": best, "promoted": ok, "reason": reason}
+    if ok:
+        name = f"{p.tracking.registry_prefix}-{best}"
+        client = mlflow.MlflowClient()
+        version = client.get_model_version_by_alias(name, "candidate").version
+        client.set_registered_model_alias(name, "champion", version)
+        decision["model"] = f"models:/{name}@champion"
+    mlflow.set_tags({"promotion.promoted": str(ok), "promotion.reason": reason})
+    print(("promoted: " if ok else "not promoted: ") + reason)
+    return decision
+
+
+# --- entry point -----------------------------------------------------------------------------
+
+def run_stage(stage: str, root: Path = Path("."), params_file: str = "params.yaml") -> dict:
+    """Run one stage in this process: what `rlhf stage NAME` (and so `dvc repro`) calls."""
+    if stage not in layout.SPECS:
+        raise RLHFError(f"unknown stage '{stage}' (stages: {', '.join(layout.STAGE_NAMES)})")
+    root = Path(root).resolve()
+    p = load_params(root / params_file)
+    t0 = time.perf_counter()
+    with tracking.stage_run(root, stage, p.tracking.experiment, _group_params(p, stage)) as run:
+        if stage in layout.TRAINED:
+            metrics = train(root, p, stage, run)
+        elif stage == "evaluate":
+            metrics = evaluate(root, p, run)
+        else:
+            metrics = {"generate": generate, "validate": validate, "tokenize": tokenize}[stage](root, p)
+        metrics["stage_seconds"] = round(time.perf_counter() - t0, 3)
+        metrics["mlflow_run_id"] = run.info.run_id
+        target = root / (layout.EVAL_METRICS if stage == "evaluate" else layout.metrics_file(stage))
+        _write_json(target, metrics)
+        tracking.log_file(target, "metrics")
+    return metrics
