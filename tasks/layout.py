@@ -104,7 +104,7 @@ def render_dvc_yaml() -> str:
             "metrics": [{metrics_file(s.name) if s.name != "evaluate" else EVAL_METRICS: {"cache": False}}],
         }
         if s.plot_y:
-            entry["plots"] = [{history_file(s.name): {"cache": False}}]
+            entry["plots"] = [{history_file(s.name): {"cache": False}}, {f"plots/{s.name}.png": {"cache": False}}]
         stages[s.name] = entry
     plots = [{history_file(s.name): {"x": "step", "y": list(s.plot_y)}} for s in STAGES if s.plot_y]
     plots.append({"plots/eval/comparison.png": None})

@@ -65,7 +65,7 @@ PROMPTS = [
     Prompt((Turn("system", "Answer politely."), Turn("user", "Name the capital of Ostravia."))),
     Prompt((Turn("user", "Hello"), Turn("assistant", "Hi!"), Turn("user", "Tell me the capital city of Brindmark."))),
 ]
-QUESTIONS = {prompt_text(p) for p in PROMPTS}
+QUESTIONS = ["What is the capital of Veldoria?", "Name the capital of Ostravia.", "Tell me the capital city of Brindmark."]
 CFG = EvalConfig(num_samples=2, max_new_tokens=5, batch_size=2, temperature=1.0, seed=3)
 MODEL_CFG = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
 METRICS = {"oracle_score", "oracle_score_greedy", "win_rate_vs_sft", "rm_score", "kl_to_sft", "mean_length", "eos_rate"}
@@ -123,7 +123,7 @@ def test_report_shape(report):
         assert all(type(v) is float for v in report[name].values())
         examples = report["examples"][name]
         assert len(examples) == 3
-        assert [e["prompt"] for e in examples] == [prompt_text(p) for p in PROMPTS]
+        assert [e["prompt"] for e in examples] == QUESTIONS
         for e in examples:  # the scores shown are the judge's scores of the texts shown
             assert e["greedy_score"] == length_judge(e["prompt"], e["greedy"])
             assert e["sample_score"] == length_judge(e["prompt"], e["sample"])
