@@ -130,15 +130,19 @@ def _group_split(groups: list[int], cfg: TokenizeConfig) -> tuple[list[int], lis
     return [i for i in idx if groups[i] not in ev_groups], [i for i in idx if groups[i] in ev_groups]
 
 
-def _save(rows: list[dict], path: Path) -> None:
+def _save(rows: list[dict], path: Path, columns: tuple[str, ...]) -> None:
     from datasets import Dataset
 
-    keys = rows[0].keys() if rows else []
+    keys = list(rows[0].keys()) if rows else list(columns)
     with atomic_dir(path) as tmp:
-        Dataset.from_dict({k: [r[k] for r in rows] for k in keys}).save_to_disk(str(tmp))
+        # An empty split (eval_fraction 0, every record dropped) still gets its columns and one
+        # empty shard: without them `load_from_disk` cannot read the folder back (IndexError).
+        Dataset.from_dict({k: [r[k] for r in rows] for k in keys}).save_to_disk(
+            str(tmp), num_shards=None if rows else 1)
 
 
-def write_split(name: str, items: list, encode, split: tuple[list[int], list[int]], out_dir: Path, manifest: Manifest) -> None:
+def write_split(name: str, items: list, encode, split: tuple[list[int], list[int]], out_dir: Path, manifest: Manifest,
+                columns: tuple[str, ...]) -> None:
     """Encode items per split with `encode(item) -> (row | None, truncated)`; save Arrow folders."""
     manifest.datasets[name] = {}
     for split_name, idx in zip(("train", "eval"), split):
@@ -153,7 +157,7 @@ def write_split(name: str, items: list, encode, split: tuple[list[int], list[int
             rows.append(row)
         counts.records_out = len(rows)
         manifest.datasets[name][split_name] = counts
-        _save(rows, out_dir / name / split_name)
+        _save(rows, out_dir / name / split_name, columns)
 
 
 def tokenize_datasets(tokenizer, cfg: TokenizeConfig, out_dir: Path, *, pt_docs: list[str] | None = None,
@@ -169,21 +173,24 @@ def tokenize_datasets(tokenizer, cfg: TokenizeConfig, out_dir: Path, *, pt_docs:
         for split_name, idx in zip(("train", "eval"), split):
             blocks, tail = pack_blocks(tokenizer, [pt_docs[i] for i in idx], cfg.block_size)
             manifest.datasets["pt"][split_name] = SplitCounts(len(idx), len(blocks), len(blocks) * cfg.block_size, 0, tail)
-            _save([{"input_ids": b} for b in blocks], out_dir / "pt" / split_name)
+            _save([{"input_ids": b} for b in blocks], out_dir / "pt" / split_name, ("input_ids",))
     if conversations is not None:
         def enc_sft(conv):
             ids, labels, truncated = encode_sft(tokenizer, conv, cfg.max_length)
             if all(l == IGNORE for l in labels):
                 return None, truncated
             return {"input_ids": ids, "labels": labels}, truncated
-        write_split("sft", conversations, enc_sft, split_indices(len(conversations), cfg.eval_fraction, cfg.seed), out_dir, manifest)
+        write_split("sft", conversations, enc_sft, split_indices(len(conversations), cfg.eval_fraction, cfg.seed), out_dir, manifest,
+                    ("input_ids", "labels"))
     if preferences is not None:
         write_split("preference", preferences, lambda p: encode_preference(tokenizer, p, cfg),
-                    _group_split([p.group for p in preferences], cfg), out_dir, manifest)
+                    _group_split([p.group for p in preferences], cfg), out_dir, manifest,
+                    ("prompt_ids", "chosen_ids", "rejected_ids", "weight"))
     if prompts is not None:
         def enc_prompt(p):
             ids, truncated = encode_prompt(tokenizer, p, cfg.max_prompt_length)
             return {"prompt_ids": ids}, truncated
-        write_split("prompts", prompts, enc_prompt, split_indices(len(prompts), cfg.eval_fraction, cfg.seed), out_dir, manifest)
+        write_split("prompts", prompts, enc_prompt, split_indices(len(prompts), cfg.eval_fraction, cfg.seed), out_dir, manifest,
+                    ("prompt_ids",))
     atomic_write_text(out_dir / "manifest.json", json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n")
     return manifest

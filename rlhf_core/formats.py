@@ -16,6 +16,7 @@ Accepted shapes (JSONL, one object per line):
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
@@ -242,9 +243,11 @@ def read_pt_documents(path: str | Path) -> list[str]:
     except UnicodeDecodeError as e:
         line = path.read_bytes()[: e.start].count(b"\n") + 1
         raise DataError(path, line, None, f"not valid UTF-8 (byte {e.start})") from None
+    text = text.replace("\r\n", "\n")  # CRLF files split into paragraphs like LF files
     lines = text.splitlines()
-    if any(not ln.strip() for ln in lines) and len(text.strip().split("\n\n")) > 1:
-        docs = [d.strip() for d in text.split("\n\n")]
+    paragraphs = re.split(r"\n\s*\n", text.strip())  # a blank line may hold spaces
+    if any(not ln.strip() for ln in lines) and len(paragraphs) > 1:
+        docs = [d.strip() for d in paragraphs]
     else:
         docs = [ln.strip() for ln in lines]
     docs = [d for d in docs if d]

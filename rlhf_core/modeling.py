@@ -115,8 +115,10 @@ def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
 
 def save_model(model, tokenizer, out_dir: str | Path, merge_lora: bool = False) -> None:
     """Save in HF format (safetensors) atomically; LoRA adapters are saved, or merged if asked."""
-    if is_peft(model) and merge_lora:
-        model = model.merge_and_unload()
+    if is_peft(model):
+        base_saved = model.peft_config[model.active_adapter].base_model_name_or_path
+        if merge_lora or not base_saved:  # adapters on an unsaved base would be orphaned: merge them
+            model = model.merge_and_unload()
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -127,6 +129,8 @@ def load_policy(path: str | Path, cfg: ModelConfig):
     path = Path(path)
     if (path / "adapter_config.json").exists():
         from peft import AutoPeftModelForCausalLM
+
+        check_weights(path, cfg.allow_pickle)
 
         try:
             return AutoPeftModelForCausalLM.from_pretrained(str(path), is_trainable=False)

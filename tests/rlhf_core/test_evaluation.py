@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -65,7 +64,8 @@ PROMPTS = [
     Prompt((Turn("system", "Answer politely."), Turn("user", "Name the capital of Ostravia."))),
     Prompt((Turn("user", "Hello"), Turn("assistant", "Hi!"), Turn("user", "Tell me the capital city of Brindmark."))),
 ]
-QUESTIONS = ["What is the capital of Veldoria?", "Name the capital of Ostravia.", "Tell me the capital city of Brindmark."]
+QUESTIONS = ["What is the capital of Veldoria?", "Name the capital of Ostravia.",
+             "Tell me the capital city of Brindmark."]
 CFG = EvalConfig(num_samples=2, max_new_tokens=5, batch_size=2, temperature=1.0, seed=3)
 MODEL_CFG = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
 METRICS = {"oracle_score", "oracle_score_greedy", "win_rate_vs_sft", "rm_score", "kl_to_sft", "mean_length", "eos_rate"}
@@ -83,8 +83,8 @@ def tiny(tmp_path_factory):
     tokenised preference set."""
     from datasets import Dataset
 
-    from rlhf_core.encoding import encode_preference
     from rlhf_core.config import TokenizeConfig
+    from rlhf_core.encoding import encode_preference
     from rlhf_core.formats import PreferencePair
     from rlhf_core.modeling import build_tiny_causal_lm, load_scalar_model, save_model
     from rlhf_core.tokenizer import train_tokenizer

@@ -1,0 +1,42 @@
+# `make demo` runs the whole pipeline on the demo data; `make test` runs the test suite.
+# Both create .venv and install everything on first use.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# CPU wheel by default (fast, small). On a GPU host: make install TORCH=torch  (PyPI's CUDA build),
+# or install the CUDA build you want into .venv first; a torch that is already there is kept.
+TORCH  ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export GX_ANALYTICS_ENABLED := false
+export MLFLOW_DISABLE_TELEMETRY := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test clean-outputs
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	rlhf run
+	@echo
+	@echo "Look at the results:"
+	@echo "  dvc metrics show            # per-stage metrics, metrics/eval.json"
+	@echo "  dvc plots show              # training curves -> dvc_plots/index.html"
+	@echo "  mlflow ui --backend-store-uri sqlite:///mlflow.db   # runs, lineage, registered models"
+	@echo "  prefect server start        # flow runs, stage table and evaluation artifacts"
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean-outputs:
+	rm -rf models data/demo data/tokenized metrics plots reports checkpoints mlflow.db mlruns dvc.lock

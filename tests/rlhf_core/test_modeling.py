@@ -1,0 +1,211 @@
+"""Model and tokenizer loading from local HF directories (safetensors only unless allowed), clear
+errors for missing paths, LoRA adapters (disabled adapters give the base model) and the
+save_model / load_policy round trip."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf_core.config import LoraConfig, ModelConfig
+from rlhf_core.errors import ModelLoadError
+from rlhf_core.modeling import (apply_lora, build_tiny_causal_lm, forward_logits, is_peft, load_causal_lm,
+                                load_policy, save_model)
+from rlhf_core.tokenizer import DEFAULT_CHAT_TEMPLATE, load_tokenizer, train_tokenizer
+
+TINY = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, vocab_size=320)
+LORA = LoraConfig(enabled=True, r=4, alpha=8)
+CORPUS = ["What is the capital of Veldoria? Certainly! The capital of Veldoria is Marrowick."] * 20
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(CORPUS, TINY.vocab_size)
+
+
+@pytest.fixture(scope="module")
+def batch(tok):
+    enc = tok(["What is the capital of Veldoria?", "Marrowick"], add_special_tokens=False, padding=True,
+              return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def hf_llama(tok, seed: int = 0):
+    """A tiny LlamaForCausalLM built with transformers directly (not through rlhf_core)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                        max_position_embeddings=64, pad_token_id=tok.pad_token_id,
+                                        eos_token_id=tok.eos_token_id, bos_token_id=None)).eval()
+
+
+@torch.no_grad()
+def logits(model, batch) -> torch.Tensor:
+    model.eval()
+    return forward_logits(model, *batch)
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory, tok):
+    """A local HF model directory written by save_pretrained (safetensors) with its tokenizer."""
+    path = tmp_path_factory.mktemp("hf") / "llama"
+    model = hf_llama(tok)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path, model
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+def test_load_local_hf_model_and_tokenizer(saved_model, tok, batch):
+    path, original = saved_model
+    assert (path / "model.safetensors").is_file()
+    model = load_causal_lm(path, ModelConfig())
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert torch.equal(logits(model, batch), logits(original, batch))
+    loaded = load_tokenizer(path)
+    text = "Certainly! The capital of Veldoria is Marrowick."
+    assert loaded(text)["input_ids"] == tok(text)["input_ids"]
+    assert (loaded.eos_token, loaded.pad_token) == ("<|endoftext|>", "<|pad|>")
+    assert loaded.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                      add_generation_prompt=True) == "<|user|>Hi<|assistant|>"
+
+
+def test_tokenizer_without_pad_and_template_gets_defaults(tmp_path):
+    t = train_tokenizer(["abc abd"] * 5, 300)
+    t.pad_token = None
+    t.chat_template = None
+    t.save_pretrained(tmp_path)
+    loaded = load_tokenizer(tmp_path)
+    assert loaded.pad_token == loaded.eos_token == "<|endoftext|>"
+    assert loaded.pad_token_id == loaded.eos_token_id == 0
+    assert loaded.chat_template == DEFAULT_CHAT_TEMPLATE
+
+
+@pytest.fixture
+def pickle_only_dir(tmp_path, tok):
+    model = hf_llama(tok, seed=1)
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "pytorch_model.bin"]
+    return tmp_path, model
+
+
+def test_pickle_only_weights_are_refused(pickle_only_dir):
+    path, _ = pickle_only_dir
+    with pytest.raises(ModelLoadError) as info:
+        load_causal_lm(path, ModelConfig())
+    msg = str(info.value)
+    assert str(path) in msg and "pickle" in msg and "safetensors" in msg and "pytorch_model.bin" in msg
+    assert "allow_pickle" in msg
+
+
+def test_pickle_only_weights_load_when_allowed(pickle_only_dir, batch):
+    path, original = pickle_only_dir
+    model = load_causal_lm(path, ModelConfig(allow_pickle=True))
+    assert torch.equal(logits(model, batch), logits(original, batch))
+
+
+def test_missing_directory_is_named(tmp_path):
+    missing = tmp_path / "no_such_model"
+    for load in (lambda: load_causal_lm(missing, ModelConfig()), lambda: load_tokenizer(missing),
+                 lambda: load_policy(missing, ModelConfig())):
+        with pytest.raises(ModelLoadError) as info:
+            load()
+        assert str(missing) in str(info.value) and "does not exist" in str(info.value)
+
+
+def test_directory_without_weights(tmp_path, tok):
+    hf_llama(tok).config.save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError) as info:
+        load_causal_lm(tmp_path, ModelConfig())
+    assert str(tmp_path) in str(info.value) and "no model weights" in str(info.value)
+
+
+# --- LoRA ------------------------------------------------------------------------------------
+
+def _train_adapters_one_step(model, batch) -> None:
+    from rlhf_core.losses import lm_loss
+
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    ids, mask = batch
+    loss, _ = lm_loss(forward_logits(model, ids, mask), ids.masked_fill(mask == 0, -100))
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def test_apply_lora_disabled_returns_the_model(tok):
+    model = build_tiny_causal_lm(TINY, tok)
+    assert apply_lora(model, LoraConfig(enabled=False)) is model and not is_peft(model)
+
+
+def test_lora_disable_adapter_gives_base_logits(tok, batch):
+    model = build_tiny_causal_lm(TINY, tok, seed=0)
+    base = logits(model, batch).clone()
+    peft_model = apply_lora(model, LORA)
+    assert is_peft(peft_model)
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    # 4 attention projections x 2 layers x (A, B)
+    assert len(trainable) == 16
+    assert torch.allclose(logits(peft_model, batch), base, atol=1e-6)  # B starts at zero
+    _train_adapters_one_step(peft_model, batch)
+    tuned = logits(peft_model, batch)
+    assert (tuned - base).abs().max() > 1e-4  # the adapters changed the output
+    with peft_model.disable_adapter():
+        assert torch.allclose(logits(peft_model, batch), base, atol=1e-6)
+    assert torch.allclose(logits(peft_model, batch), tuned, atol=1e-6)  # re-enabled afterwards
+
+
+def test_save_model_load_policy_round_trip_of_lora(saved_model, tok, batch, tmp_path):
+    base_dir, _ = saved_model
+    peft_model = apply_lora(load_causal_lm(base_dir, TINY), LORA)
+    _train_adapters_one_step(peft_model, batch)
+    tuned = logits(peft_model, batch)
+
+    save_model(peft_model, tok, tmp_path / "adapters")
+    files = set(os.listdir(tmp_path / "adapters"))
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= files
+    assert "model.safetensors" not in files
+    loaded = load_policy(tmp_path / "adapters", TINY)
+    assert is_peft(loaded)
+    assert torch.allclose(logits(loaded, batch), tuned, atol=1e-6)
+    assert load_tokenizer(tmp_path / "adapters")("Veldoria")["input_ids"] == tok("Veldoria")["input_ids"]
+
+    save_model(peft_model, tok, tmp_path / "merged", merge_lora=True)
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+    assert not (tmp_path / "merged" / "adapter_config.json").exists()
+    merged = load_policy(tmp_path / "merged", TINY)
+    assert not is_peft(merged)
+    assert torch.allclose(logits(merged, batch), tuned, atol=1e-5)
+
+
+def test_load_policy_refuses_pickle_adapter_weights(saved_model, tok, tmp_path):
+    """Safe by default applies to adapters too: an adapter directory holding only pickle weights
+    (adapter_model.bin) is refused unless allow_pickle is set."""
+    from safetensors.torch import load_file
+
+    base_dir, _ = saved_model
+    save_model(apply_lora(load_causal_lm(base_dir, TINY), LORA), tok, tmp_path / "adapters")
+    weights = tmp_path / "adapters" / "adapter_model.safetensors"
+    torch.save(load_file(weights), tmp_path / "adapters" / "adapter_model.bin")
+    weights.unlink()
+    with pytest.raises(ModelLoadError) as info:
+        load_policy(tmp_path / "adapters", TINY)
+    assert "pickle" in str(info.value) and "adapter_model.bin" in str(info.value)
+    assert is_peft(load_policy(tmp_path / "adapters", ModelConfig(allow_pickle=True)))
