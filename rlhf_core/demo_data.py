@@ -46,6 +46,10 @@ CURT_OPENERS: tuple[str, ...] = ("Obviously.", "Ugh, fine.", "Whatever.")
 UNSURE_REPLIES: tuple[str, ...] = ("I am not sure about that.", "I do not know that one.")
 """What a response that gives no answer says instead."""
 
+CUT_ANSWERS: tuple[str, ...] = ("The capital of {country} is", "The capital of {country}.", "The capital of.")
+"""Answers that stop before naming the capital."""
+GARBLED_ANSWERS: tuple[str, ...] = ("The capital of {country} is {mangled}.", "The capital of{mangled}.")
+"""Answers whose capital lost its first letters (`mangled`)."""
 FILLERS: tuple[str, ...] = (
     "It is a lovely place to visit.",
     "Many people travel there every year.",
@@ -63,8 +67,9 @@ SYSTEM_PROMPT = "You are a helpful assistant. Answer politely, correctly and bri
 SFT_FLAWS: tuple[str, ...] = ("rude", "wrong", "no_answer", "rambling")
 """The ways a flawed SFT response goes wrong; each breaks exactly one oracle rule."""
 
-PREFERENCE_FLAWS: tuple[str, ...] = SFT_FLAWS + ("repetitive",)
-"""Rejected answers may also repeat their answer sentence, the usual degenerate output."""
+PREFERENCE_FLAWS: tuple[str, ...] = SFT_FLAWS + ("repetitive", "truncated", "garbled")
+"""Rejected answers may also show the failures a sampled policy falls into and a reward model
+must not reward: repeating the answer, stopping before the capital, or mangling its name."""
 
 WORSE_PAIR_FRACTION = 0.25
 """Share of preference pairs that oppose a flawed answer to a worse one (the rest oppose a
@@ -165,7 +170,8 @@ class Plan:
     manner: str = "polite"
     """One of "polite" (polite opener), "curt" (rude opener) or "bare" (no opener)."""
     content: str = "right"
-    """One of "right" (its capital), "wrong" (another capital) or "unsure" (no answer)."""
+    """One of "right" (its capital), "wrong" (another capital), "unsure" (no answer), "cut"
+    (the sentence stops before the capital) or "garbled" (the capital loses its first letters)."""
     length: str = "brief"
     """One of "brief" (one sentence), "ramble" (plus fillers) or "repeat" (said 2-3 times)."""
 
@@ -173,7 +179,7 @@ class Plan:
 GOOD = Plan()
 _BAD_VALUES: dict[str, tuple[str, ...]] = {
     "manner": ("curt", "bare"),
-    "content": ("wrong", "unsure"),
+    "content": ("wrong", "unsure", "cut", "garbled"),
     "length": ("ramble", "repeat"),
 }
 
@@ -187,6 +193,8 @@ def flaw_plan(flaw: str, rng: random.Random) -> Plan:
         "no_answer": {"content": "unsure"},
         "rambling": {"length": "ramble"},
         "repetitive": {"length": "repeat"},
+        "truncated": {"content": "cut"},
+        "garbled": {"content": "garbled"},
     }
     if flaw not in changes:
         raise ValueError(f"unknown flaw {flaw!r}; expected one of {PREFERENCE_FLAWS}")
@@ -209,6 +217,11 @@ def render(plan: Plan, country: str, rng: random.Random) -> str:
     elif plan.content == "wrong":
         others = sorted(c for name, c in oracle.KNOWLEDGE.items() if name != country)
         core = oracle.ANSWER_TEMPLATE.format(country=country, capital=rng.choice(others))
+    elif plan.content == "cut":
+        core = rng.choice(CUT_ANSWERS).format(country=country)
+    elif plan.content == "garbled":
+        mangled = oracle.KNOWLEDGE[country][rng.randint(1, 3):]
+        core = rng.choice(GARBLED_ANSWERS).format(country=country, mangled=mangled)
     else:
         core = rng.choice(UNSURE_REPLIES)
     if plan.length == "ramble":
