@@ -42,6 +42,8 @@ def dvc_env(parent_run_id: str | None) -> dict:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `rlhf` of this venv
     if parent_run_id:
         env[tracking.PARENT_ENV] = parent_run_id
+    if flow_run.get_id():
+        env[tracking.FLOW_RUN_ENV] = str(flow_run.get_id())
     return env
 
 

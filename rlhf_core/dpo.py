@@ -19,7 +19,7 @@ from rlhf_core.data_io import load_split
 from rlhf_core.logprobs import sequence_logprobs
 from rlhf_core.loop import LogFn, StageResult, Throughput, fingerprint, no_log, optimizer_step, progress, scalars
 from rlhf_core.losses import dpo_loss
-from rlhf_core.modeling import apply_lora, forward_logits, is_peft, load_causal_lm, save_model
+from rlhf_core.modeling import apply_lora, check_tokenizer_fits, forward_logits, is_peft, load_causal_lm, save_model
 from rlhf_core.optim import make_accelerator, make_optimizer, make_scheduler, seed_everything
 from rlhf_core.tokenizer import load_tokenizer
 
@@ -94,7 +94,9 @@ def run_dpo(cfg: DPOConfig, model_cfg: ModelConfig, data_dir: Path, init_dir: Pa
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(init_dir, model_cfg.trust_remote_code)
     pad = tokenizer.pad_token_id
-    policy = apply_lora(load_causal_lm(init_dir, model_cfg), cfg.lora)
+    policy = load_causal_lm(init_dir, model_cfg)
+    check_tokenizer_fits(policy, tokenizer, init_dir)
+    policy = apply_lora(policy, cfg.lora)
     train_ds, eval_ds = load_split(data_dir, "preference", "train"), load_split(data_dir, "preference", "eval")
     fp = fingerprint({"stage": "dpo", **to_dict(cfg)}, data_dir / "preference", init_dir)
     acc = make_accelerator(cfg)

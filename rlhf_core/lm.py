@@ -15,7 +15,8 @@ from rlhf_core.config import ModelConfig, TrainConfig, to_dict
 from rlhf_core.data_io import load_split
 from rlhf_core.loop import LogFn, StageResult, Throughput, fingerprint, no_log, optimizer_step, progress, scalars
 from rlhf_core.losses import lm_loss
-from rlhf_core.modeling import apply_lora, build_tiny_causal_lm, forward_logits, load_causal_lm, save_model
+from rlhf_core.modeling import (apply_lora, build_tiny_causal_lm, check_tokenizer_fits, forward_logits, load_causal_lm,
+                                save_model)
 from rlhf_core.optim import make_accelerator, make_optimizer, make_scheduler, seed_everything
 from rlhf_core.tokenizer import load_tokenizer
 
@@ -89,6 +90,7 @@ def run_pt(cfg: TrainConfig, model_cfg: ModelConfig, data_dir: Path, tokenizer_d
     tokenizer = load_tokenizer(tokenizer_dir, model_cfg.trust_remote_code)
     if model_cfg.name_or_path:
         model = load_causal_lm(model_cfg.name_or_path, model_cfg)
+        check_tokenizer_fits(model, tokenizer, model_cfg.name_or_path)
     else:
         model = build_tiny_causal_lm(model_cfg, tokenizer, cfg.seed)
     train_ds, eval_ds = load_split(data_dir, "pt", "train"), load_split(data_dir, "pt", "eval")
@@ -102,6 +104,7 @@ def run_sft(cfg: TrainConfig, model_cfg: ModelConfig, data_dir: Path, init_dir: 
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(init_dir, model_cfg.trust_remote_code)
     model = load_causal_lm(init_dir, model_cfg)
+    check_tokenizer_fits(model, tokenizer, init_dir)
     train_ds, eval_ds = load_split(data_dir, "sft", "train"), load_split(data_dir, "sft", "eval")
     fp = fingerprint({"stage": "sft", **to_dict(cfg)}, data_dir / "sft", init_dir)
     return train_lm("sft", cfg, model, tokenizer, train_ds, eval_ds, out_dir, ckpt_dir, fp, log)

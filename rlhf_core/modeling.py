@@ -11,7 +11,7 @@ import torch
 
 from rlhf_core.atomic import atomic_dir
 from rlhf_core.config import LoraConfig, ModelConfig
-from rlhf_core.errors import ModelLoadError
+from rlhf_core.errors import ModelLoadError, TrainingError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -122,6 +122,27 @@ def save_model(model, tokenizer, out_dir: str | Path, merge_lora: bool = False) 
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        verify_saved(tmp, out_dir)  # a broken save never replaces the previous good output
+
+
+def verify_saved(path: Path, name: str | Path) -> None:
+    """Post-condition of a saved model: config, safetensors weights and a tokenizer are there."""
+    path = Path(path)
+    missing = [what for what, ok in (
+        ("config.json or adapter_config.json", (path / "config.json").exists() or (path / "adapter_config.json").exists()),
+        ("*.safetensors weights", any(path.glob("*.safetensors"))),
+        ("tokenizer files", any(path.glob("tokenizer*"))),
+    ) if not ok]
+    if missing:
+        raise TrainingError(f"{name}: saved model is incomplete (missing {', '.join(missing)})")
+
+
+def check_tokenizer_fits(model, tokenizer, where: str | Path) -> None:
+    """Fail loudly when a tokenizer has ids the model has no embedding for."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise TrainingError(f"{where}: tokenizer has {len(tokenizer)} tokens but the model embeds only {rows} "
+                            "(tokenizer and model do not belong together)")
 
 
 def load_policy(path: str | Path, cfg: ModelConfig):

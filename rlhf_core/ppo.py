@@ -26,7 +26,8 @@ from rlhf_core.logprobs import entropy_from_logits, gather_last, selective_log_s
 from rlhf_core.loop import LogFn, StageResult, Throughput, fingerprint, no_log, progress, scalars
 from rlhf_core.losses import lm_loss, ppo_policy_loss, ppo_value_loss
 from rlhf_core.masked import masked_mean, masked_whiten
-from rlhf_core.modeling import apply_lora, forward_logits, is_peft, load_causal_lm, load_scalar_model, save_model, token_scores
+from rlhf_core.modeling import (apply_lora, check_tokenizer_fits, forward_logits, is_peft, load_causal_lm, load_scalar_model,
+                                save_model, token_scores)
 from rlhf_core.optim import check_finite, make_accelerator, make_optimizer, make_scheduler, seed_everything
 from rlhf_core.tokenizer import load_tokenizer
 
@@ -131,7 +132,9 @@ def run_ppo(cfg: PPOConfig, model_cfg: ModelConfig, data_dir: Path, init_dir: Pa
     tokenizer = load_tokenizer(init_dir, model_cfg.trust_remote_code)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     acc = make_accelerator(cfg)
-    actor = apply_lora(load_causal_lm(init_dir, model_cfg), cfg.lora)
+    actor = load_causal_lm(init_dir, model_cfg)
+    check_tokenizer_fits(actor, tokenizer, init_dir)
+    actor = apply_lora(actor, cfg.lora)
     critic_src = reward_dir if reward_dir is not None else init_dir
     critic = load_scalar_model(critic_src, model_cfg, pad)
     reward_model = None if reward_fn is not None else load_scalar_model(reward_dir, model_cfg, pad).to(acc.device).eval().requires_grad_(False)
@@ -186,16 +189,15 @@ def run_ppo(cfg: PPOConfig, model_cfg: ModelConfig, data_dir: Path, init_dir: Pa
                     opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
         mask = rollout.response_mask.float()
         kl_seq = exp.kl.sum(-1).mean().item()  # per-sequence KL summed over response tokens
-        kl_ctl.update(kl_seq, B)
-        tps = speed.add(int(rollout.attention_mask.sum()))
+        rlhf_reward = (exp.scores.to(exp.kl.device) - kl_ctl.value * exp.kl.sum(-1)).mean().item()
         metrics = {f"{k}_avg" if k.startswith(("policy/", "loss/")) else k: v / max(1, n_updates) for k, v in sums.items()}
         metrics.update({
-            "objective/kl": kl_seq, "objective/scores": exp.scores.mean().item(),
-            "objective/rlhf_reward": (exp.scores.to(exp.kl.device) - kl_ctl.value * exp.kl.sum(-1)).mean().item(),
+            "objective/kl": kl_seq, "objective/scores": exp.scores.mean().item(), "objective/rlhf_reward": rlhf_reward,
             "objective/kl_coef": kl_ctl.value, "val/num_eos_tokens": int(rollout.has_eos.sum()),
             "val/response_length": mask.sum(-1).mean().item(), "train/lr": sched_a.get_last_lr()[0],
-            "train/tokens_per_second": tps,
         })
+        kl_ctl.update(kl_seq, B)
+        metrics["train/tokens_per_second"] = tps = speed.add(int(rollout.attention_mask.sum()))
         bar.update(1)
         bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{kl_seq:.3f}")
         done = it + 1

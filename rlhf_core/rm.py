@@ -14,7 +14,7 @@ from rlhf_core.data_io import load_split
 from rlhf_core.logprobs import gather_last
 from rlhf_core.loop import LogFn, StageResult, Throughput, fingerprint, no_log, optimizer_step, progress, scalars
 from rlhf_core.losses import reward_pair_loss
-from rlhf_core.modeling import apply_lora, load_scalar_model, save_model, token_scores
+from rlhf_core.modeling import apply_lora, check_tokenizer_fits, load_scalar_model, save_model, token_scores
 from rlhf_core.optim import make_accelerator, make_optimizer, make_scheduler, seed_everything
 from rlhf_core.tokenizer import load_tokenizer
 
@@ -47,6 +47,7 @@ def run_rm(cfg: RMConfig, model_cfg: ModelConfig, data_dir: Path, init_dir: Path
     tokenizer = load_tokenizer(init_dir, model_cfg.trust_remote_code)
     pad = tokenizer.pad_token_id
     model = apply_lora(load_scalar_model(init_dir, model_cfg, pad), cfg.lora, "SEQ_CLS")
+    check_tokenizer_fits(model, tokenizer, init_dir)
     train_ds, eval_ds = load_split(data_dir, "preference", "train"), load_split(data_dir, "preference", "eval")
     fp = fingerprint({"stage": "rm", **to_dict(cfg)}, data_dir / "preference", init_dir)
     acc = make_accelerator(cfg)

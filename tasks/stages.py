@@ -100,13 +100,19 @@ TRAIN_DATA = {"pt": "pt", "sft": "sft", "rm": "preference", "dpo": "preference",
 INIT = {"sft": "pt", "rm": "sft", "dpo": "sft", "ppo": "sft"}
 
 
-def train(root: Path, p: Params, stage: str, run) -> dict:
+def _train_key(root: Path, p: Params, stage: str) -> str:
+    """Hash of the stage's params and input files: a finished result with this key is reused."""
+    from rlhf_core.loop import fingerprint
+
+    deps = [root / d for d in layout.SPECS[stage].deps if (root / d).exists()]
+    return fingerprint(_group_params(p, stage), *deps)
+
+
+def _fit(root: Path, p: Params, stage: str, logger) -> dict:
+    """Run the stage's training loop (resuming from its last checkpoint if there is one)."""
     from rlhf_core import dpo, lm, ppo, rm
 
-    out = root / layout.model_dir(stage)
-    ckpt = root / layout.checkpoint_dir(stage)
-    data = root / layout.TOKENIZED
-    logger = tracking.MetricLogger()
+    out, ckpt, data = root / layout.model_dir(stage), root / layout.checkpoint_dir(stage), root / layout.TOKENIZED
     cfg = getattr(p, stage)
     init = root / layout.model_dir(INIT[stage]) if stage in INIT else None
     if stage == "pt":
@@ -119,29 +125,52 @@ def train(root: Path, p: Params, stage: str, run) -> dict:
         result = dpo.run_dpo(cfg, p.model, data, init, out, ckpt, logger)
     else:
         result = ppo.run_ppo(cfg, p.model, data, init, root / layout.model_dir("rm"), out, ckpt, logger)
+    return result.to_dict()
+
+
+def train(root: Path, p: Params, stage: str, run) -> dict:
+    out, ckpt = root / layout.model_dir(stage), root / layout.checkpoint_dir(stage)
+    finished = ckpt / "finished.json"  # kept until tracking succeeded, so a tracking outage loses no training
+    key = _train_key(root, p, stage)
+    logger = tracking.MetricLogger()
+    saved = json.loads(finished.read_text()) if finished.exists() else None
+    if saved and saved["key"] == key and out.exists():
+        result, logger.history = saved["result"], saved["history"]
+        result["reused_finished_training"] = True
+        print(f"{stage}: training already finished ({finished}); logging it to MLflow again")
+        for row in logger.history:
+            logger({k: v for k, v in row.items() if k != "step"}, row["step"], record=False)
+    else:
+        result = _fit(root, p, stage, logger)
+        _write_json(finished, {"key": key, "result": result, "history": logger.history})
     write_history_csv(logger.history, root / layout.history_file(stage))
     png = plot_curves(logger.history, layout.SPECS[stage].plot_y, f"{stage} training", root / "plots" / f"{stage}.png")
-    for f in (root / layout.history_file(stage), png):
-        if f:
-            tracking.log_file(f, "plots")
-    data_hash = tracking.log_dataset(data / TRAIN_DATA[stage], f"tokenized-{TRAIN_DATA[stage]}", "training")
-    upstream = tracking.upstream_version(init) if init else None
-    lineage = {"stage": stage, "run_id": run.info.run_id, "data_hash": data_hash,
-               "dvc_deps_hash": _dvc_deps_hash(root, stage),
-               "upstream_model": f"{upstream['name']}/{upstream['version']}" if upstream else "none",
-               "upstream_run": upstream["run_id"] if upstream else "none",
-               "git_commit": tracking.git_commit(root)}
-    registered = tracking.register(stage, out, p.tracking.registry_prefix, run,
-                                   {**lineage, "source_run": run.info.run_id})
+    init = root / layout.model_dir(INIT[stage]) if stage in INIT else None
+    try:
+        for f in (root / layout.history_file(stage), png):
+            if f:
+                tracking.log_file(f, "plots")
+        data_hash = tracking.log_dataset(root / layout.TOKENIZED / TRAIN_DATA[stage], f"tokenized-{TRAIN_DATA[stage]}", "training")
+        upstream = tracking.upstream_version(init) if init else None
+        lineage = {"stage": stage, "run_id": run.info.run_id, "data_hash": data_hash,
+                   "dvc_deps_hash": _dvc_deps_hash(root, stage),
+                   "upstream_model": f"{upstream['name']}/{upstream['version']}" if upstream else "none",
+                   "upstream_run": upstream["run_id"] if upstream else "none",
+                   "git_commit": tracking.git_commit(root)}
+        registered = tracking.register(stage, out, p.tracking.registry_prefix, run,
+                                       {**lineage, "source_run": run.info.run_id})
+    except tracking.TrackingUnavailable as e:
+        raise tracking.TrackingUnavailable(
+            f"{stage}: training finished and is kept ({layout.model_dir(stage)}, {finished}), but MLflow is "
+            f"unreachable ({e}). Once it is back, run `rlhf stage {stage}` or `dvc repro`: the finished "
+            "training is logged and registered without training again.") from None
     _write_json(out / tracking.LINEAGE_FILE, {**lineage, **registered})
-    ckpt_state = ckpt / "trainer_state.json"
-    if ckpt_state.exists():  # the run finished: its resume point is no longer needed
-        import shutil
-        shutil.rmtree(ckpt, ignore_errors=True)
+    import shutil
+    shutil.rmtree(ckpt, ignore_errors=True)  # tracked: the resume point is no longer needed
     if logger.error:
         print(f"warning: MLflow step metrics failed during {stage} ({logger.error}); they are kept in "
               f"{layout.history_file(stage)}", file=sys.stderr)
-    return {**result.to_dict(), "registered": registered, "lineage": lineage}
+    return {**result, "registered": registered, "lineage": lineage}
 
 
 # --- evaluation ------------------------------------------------------------------------------
@@ -238,5 +267,8 @@ def run_stage(stage: str, root: Path = Path("."), params_file: str = "params.yam
         metrics["mlflow_run_id"] = run.info.run_id
         target = root / (layout.EVAL_METRICS if stage == "evaluate" else layout.metrics_file(stage))
         _write_json(target, metrics)
-        tracking.log_file(target, "metrics")
+        try:
+            tracking.log_file(target, "metrics")
+        except tracking.TrackingUnavailable as e:  # the stage's work is done and on disk
+            print(f"warning: {target} was not logged to MLflow: {e}", file=sys.stderr)
     return metrics

@@ -14,11 +14,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from rlhf_core.errors import RLHFError
+
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK", "true")
 
 PARENT_ENV = "RLHF_PARENT_RUN_ID"
+FLOW_RUN_ENV = "RLHF_PREFECT_FLOW_RUN_ID"
 LINEAGE_FILE = "lineage.json"
+STEP_DELAY = float(os.environ.get("RLHF_TEST_STEP_DELAY", "0"))
+ATTEMPTS = int(os.environ.get("RLHF_TRACKING_ATTEMPTS", "4"))
 SECRET_WORDS = ("token", "password", "secret", "api_key", "apikey", "credential", "private_key")
 
 
@@ -26,8 +31,9 @@ def tracking_uri(root: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
 
 
-def retry(fn, *args, attempts: int = 4, base_delay: float = 1.0, **kwargs):
+def retry(fn, *args, attempts: int | None = None, base_delay: float = 1.0, **kwargs):
     """Call an MLflow (I/O) function with exponential backoff; training is never retried."""
+    attempts = attempts or ATTEMPTS
     for i in range(attempts):
         try:
             return fn(*args, **kwargs)
@@ -37,8 +43,8 @@ def retry(fn, *args, attempts: int = 4, base_delay: float = 1.0, **kwargs):
             time.sleep(base_delay * 2 ** i)
 
 
-class TrackingUnavailable(RuntimeError):
-    pass
+class TrackingUnavailable(RLHFError):
+    """MLflow stayed unreachable through every retry."""
 
 
 def setup(root: Path, experiment: str) -> str:
@@ -124,8 +130,8 @@ def stage_run(root: Path, stage: str, experiment: str, params: dict) -> Iterator
     exp_id = setup(root, experiment)
     parent = parent_run_id(root, exp_id)
     tags = {"mlflow.parentRunId": parent, "rlhf.stage": stage, "rlhf.kind": "stage", "git_commit": git_commit(root)}
-    if os.environ.get("PREFECT__FLOW_RUN_ID"):
-        tags["prefect.flow_run_id"] = os.environ["PREFECT__FLOW_RUN_ID"]
+    if os.environ.get(FLOW_RUN_ENV):
+        tags["prefect.flow_run_id"] = os.environ[FLOW_RUN_ENV]
     run = retry(mlflow.start_run, experiment_id=exp_id, run_name=stage, tags=tags)
     try:
         retry(mlflow.log_params, redact(flatten("", params)))
@@ -145,10 +151,13 @@ class MetricLogger:
         self.history: list[dict] = []
         self.error: str | None = None
 
-    def __call__(self, metrics: dict, step: int) -> None:
+    def __call__(self, metrics: dict, step: int, record: bool = True) -> None:
         import mlflow
 
-        self.history.append({"step": step, **metrics})
+        if record:
+            self.history.append({"step": step, **metrics})
+        if STEP_DELAY:  # test hook: slows training so a test can kill it between two steps
+            time.sleep(STEP_DELAY)
         if self.error is None:
             try:
                 mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)

@@ -9,7 +9,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -19,3 +27,60 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+TINY = {
+    "demo": {"n_pt_docs": 80, "n_sft": 96, "n_preferences": 96, "n_prompts": 32, "n_eval_prompts": 6},
+    "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64, "vocab_size": 320},
+    "tokenize": {"max_length": 64, "block_size": 32, "max_prompt_length": 24, "max_response_length": 32},
+    **{s: {"max_steps": 4, "batch_size": 8, "save_every": 2, "eval_every": 2, "warmup_steps": 1, "log_every": 1}
+       for s in ("pt", "sft", "rm", "dpo")},
+    "ppo": {"max_steps": 2, "batch_size": 4, "rollout_batch_size": 8, "save_every": 1, "warmup_steps": 1,
+            "max_new_tokens": 6, "log_every": 1},
+    "evaluate": {"num_samples": 2, "max_new_tokens": 6, "promotion_margin": -1.0},
+}
+
+
+def git(cwd, *args):
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout
+
+
+def dvc(cwd, *args) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("RLHF_PARENT_RUN_ID", None)
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def set_params(path: Path, overrides: dict) -> None:
+    p = yaml.safe_load(path.read_text())
+    for group, values in overrides.items():
+        p[group].update(values)
+    path.write_text(yaml.safe_dump(p, sort_keys=False))
+
+
+@pytest.fixture(scope="session")
+def e2e_project(tmp_path_factory):
+    """A copy of the committed project files in a fresh git repo, with tiny params."""
+    dst = tmp_path_factory.mktemp("project")
+    for rel in git(ROOT, "ls-files").splitlines():
+        src = ROOT / rel
+        if src.is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / rel)
+    set_params(dst / "params.yaml", TINY)
+    git(dst, "init", "-q", "-b", "main")
+    git(dst, "add", "-A")
+    git(dst, "commit", "-qm", "tiny project")
+    return dst
+
+
+@pytest.fixture(scope="session")
+def e2e_flow_run(e2e_project, prefect_server):
+    from flows.pipeline import pipeline
+
+    records = pipeline(project_dir=str(e2e_project))
+    return records

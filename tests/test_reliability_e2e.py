@@ -1,0 +1,114 @@
+"""Interrupted training resumes exactly; a tracking outage loses no training. These run real
+`rlhf stage` processes in the tiny end-to-end project and kill them with SIGKILL."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import dvc
+
+pytestmark = pytest.mark.slow
+COMPARED = ("train/loss", "eval/loss", "train/accuracy", "eval/accuracy", "train/rewards/accuracies",
+            "train/rewards/margins", "eval/rewards/margins", "objective/scores", "objective/kl", "loss/value_avg")
+
+
+def stage_cmd(stage):
+    return [sys.executable, "-m", "flows.cli", "stage", stage]
+
+
+def env(**extra):
+    e = {**os.environ, **extra}
+    e.pop("RLHF_PARENT_RUN_ID", None)
+    return e
+
+
+def kill_after_first_checkpoint(project: Path, stage: str) -> int:
+    """Start the stage slowed down, SIGKILL it as soon as a checkpoint exists; return its step."""
+    state = project / "checkpoints" / stage / "trainer_state.json"
+    proc = subprocess.Popen(stage_cmd(stage), cwd=project, env=env(RLHF_TEST_STEP_DELAY="1.5"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not state.exists():
+        assert proc.poll() is None, f"{stage} ended before its first checkpoint"
+        assert time.time() < deadline, f"{stage}: no checkpoint in time"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    return json.loads(state.read_text())["step"]
+
+
+@pytest.mark.parametrize("stage", ["pt", "sft", "rm", "dpo", "ppo"])
+def test_killed_stage_resumes_and_ends_with_the_uninterrupted_metrics(e2e_project, e2e_flow_run, stage):
+    dvc(e2e_project, "repro")  # earlier tests may have changed params: start from a clean pipeline
+    reference = json.loads((e2e_project / f"metrics/{stage}.json").read_text())
+    model_files = {p.name: p.read_bytes() for p in (e2e_project / "models" / stage).glob("*.safetensors")}
+    step = kill_after_first_checkpoint(e2e_project, stage)
+    assert step >= 1
+    # the killed run never replaced the finished model: outputs are renamed into place only when complete
+    assert {p.name: p.read_bytes() for p in (e2e_project / "models" / stage).glob("*.safetensors")} == model_files
+    proc = subprocess.run(stage_cmd(stage), cwd=e2e_project, env=env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    resumed = json.loads((e2e_project / f"metrics/{stage}.json").read_text())
+    assert resumed["resumed_from_step"] == step
+    keys = [k for k in COMPARED if k in reference["metrics"]]
+    assert keys
+    for k in keys:
+        assert resumed["metrics"][k] == pytest.approx(reference["metrics"][k], abs=1e-5), k
+    assert not (e2e_project / "checkpoints" / stage).exists()
+    assert "up to date" in dvc(e2e_project, "status"), "a resumed run must reproduce the same outputs"
+
+
+def test_tracking_outage_after_training_keeps_the_work_and_a_rerun_only_logs_it(e2e_project, e2e_flow_run):
+    dvc(e2e_project, "repro")
+    down = env(MLFLOW_TRACKING_URI="http://127.0.0.1:9", RLHF_TRACKING_ATTEMPTS="2",
+               MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="2")
+    proc = subprocess.run(stage_cmd("sft"), cwd=e2e_project, env=down, capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "MLflow" in proc.stderr and "failed 2 times" in proc.stderr
+    # tracking is checked before training starts, so nothing was trained and nothing was lost
+    assert not (e2e_project / "checkpoints" / "sft").exists()
+
+
+def test_tracking_outage_at_registration_keeps_the_training_and_a_rerun_does_not_retrain(e2e_project, e2e_flow_run,
+                                                                                         monkeypatch):
+    from tasks import stages, tracking
+
+    dvc(e2e_project, "repro")
+    reference = json.loads((e2e_project / "metrics/rm.json").read_text())
+
+    def unreachable(*args, **kwargs):
+        raise tracking.TrackingUnavailable("MLflow call create_model_version failed 4 times: connection refused")
+
+    monkeypatch.setattr(tracking, "register", unreachable)
+    with pytest.raises(tracking.TrackingUnavailable) as err:
+        stages.run_stage("rm", e2e_project)
+    assert "rlhf stage rm" in str(err.value) and "without training again" in str(err.value)
+    assert (e2e_project / "checkpoints/rm/finished.json").exists()
+    monkeypatch.undo()
+    again = stages.run_stage("rm", e2e_project)
+    assert again["reused_finished_training"] is True
+    assert again["metrics"]["eval/accuracy"] == reference["metrics"]["eval/accuracy"]
+    assert int(again["registered"]["version"]) > int(reference["registered"]["version"])
+    assert not (e2e_project / "checkpoints/rm").exists()
+
+
+def test_secrets_in_the_environment_never_reach_logged_params_or_artifacts(e2e_project, e2e_flow_run):
+    secret = "fake-secret-7f3a9c1e"
+    proc = subprocess.run(stage_cmd("tokenize"), cwd=e2e_project, capture_output=True, text=True,
+                          env=env(HF_TOKEN=secret, MLFLOW_TRACKING_PASSWORD=secret, AWS_SECRET_ACCESS_KEY=secret,
+                                  WANDB_API_KEY=secret))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    leaked = []
+    for where in ("mlflow.db", "mlruns", "metrics", "reports", "models", "plots", "data/tokenized"):
+        path = e2e_project / where
+        for f in ([path] if path.is_file() else path.rglob("*")):
+            if f.is_file() and secret.encode() in f.read_bytes():
+                leaked.append(str(f))
+    assert not leaked
+    assert secret not in proc.stdout + proc.stderr
