@@ -71,6 +71,9 @@ PREFERENCE_FLAWS: tuple[str, ...] = SFT_FLAWS + ("repetitive", "truncated", "gar
 """Rejected answers may also show the failures a sampled policy falls into and a reward model
 must not reward: repeating the answer, stopping before the capital, or mangling its name."""
 
+REJECTED_FLAW_WEIGHTS: dict[str, int] = {flaw: 1 for flaw in PREFERENCE_FLAWS} | {"wrong": 3}
+"""How often each flaw is drawn for a rejected answer. A wrong capital is the hardest flaw for a
+reward model to see (it must know the fact), so it gets more examples."""
 WORSE_PAIR_FRACTION = 0.25
 """Share of preference pairs that oppose a flawed answer to a worse one (the rest oppose a
 good answer to a flawed one)."""
@@ -342,7 +345,8 @@ def preference_pair(cell: Cell, worse: bool, rng: random.Random) -> dict[str, st
         rejected_plan = worsen(chosen_plan, rng)
     else:
         chosen_plan = GOOD
-        rejected_plan = flaw_plan(rng.choice(PREFERENCE_FLAWS), rng)
+        flaw = rng.choices(list(REJECTED_FLAW_WEIGHTS), weights=list(REJECTED_FLAW_WEIGHTS.values()))[0]
+        rejected_plan = flaw_plan(flaw, rng)
     prompt = ask(cell)
     chosen = render(chosen_plan, cell[0], rng)
     rejected = render(rejected_plan, cell[0], rng)
