@@ -113,3 +113,44 @@ def test_secrets_in_the_environment_never_reach_logged_params_or_artifacts(e2e_p
                 leaked.append(str(f))
     assert not leaked
     assert secret not in proc.stdout + proc.stderr
+
+
+def test_two_runs_in_one_checkout_get_dvcs_lock_error(e2e_project, e2e_flow_run):
+    dvc(e2e_project, "repro")
+    slow = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--force", "--single-item", "sft"], cwd=e2e_project,
+                            env=env(RLHF_TEST_STEP_DELAY="1.0", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(3)  # the first run holds the repo lock while it trains
+    second = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=e2e_project, env=env(),
+                            capture_output=True, text=True)
+    first_out, _ = slow.communicate(timeout=300)
+    assert slow.returncode == 0, first_out[-2000:]
+    assert second.returncode != 0
+    assert "lock" in (second.stdout + second.stderr).lower()
+    assert "up to date" in dvc(e2e_project, "status") or "changed" in dvc(e2e_project, "status")
+
+
+def test_two_runs_in_separate_checkouts_do_not_interfere(e2e_project, e2e_flow_run, tmp_path):
+    import shutil
+
+    import mlflow
+
+    dvc(e2e_project, "repro")
+    other = tmp_path / "other"
+    shutil.copytree(e2e_project, other, symlinks=True)
+    (other / "mlflow.db").unlink()  # a separate checkout has its own tracking store
+    shutil.rmtree(other / "mlruns")
+    cmd = [sys.executable, "-m", "dvc", "repro", "--force", "--single-item", "dpo"]
+    path_env = env(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    procs = [subprocess.Popen(cmd, cwd=d, env=path_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for d in (e2e_project, other)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[-1500:] for o in outs]
+    versions = []
+    for d in (e2e_project, other):
+        assert "up to date" in dvc(d, "status")
+        mlflow.set_tracking_uri(f"sqlite:///{d / 'mlflow.db'}")
+        mv = mlflow.MlflowClient().get_model_version_by_alias("rlhf-dpo", "candidate")
+        assert mv.source.startswith((d / "mlruns").resolve().as_uri()), "each checkout logs to its own store"
+        versions.append(json.loads((d / "metrics/dpo.json").read_text())["metrics"]["train/loss"])
+    assert versions[0] == pytest.approx(versions[1], abs=1e-6)

@@ -225,3 +225,26 @@ def test_demo_data_imports_only_the_standard_library_and_oracle() -> None:
         if name.split(".")[0] not in sys.stdlib_module_names and name != "rlhf_core.oracle"
     }
     assert outside == set()
+
+
+def test_rejected_answers_cover_the_failures_a_policy_can_hack(tmp_path: Path) -> None:
+    """Truncated and garbled answers are rejected (so a reward model learns they are bad), and
+    a wrong capital is drawn about three times as often as any other single flaw."""
+    demo_data.generate(tmp_path, demo_data.DemoDataConfig(n_preferences=700, n_sft=10, n_pt_docs=5,
+                                                         n_prompts=5, n_eval_prompts=5))
+    rows = [json.loads(line) for line in (tmp_path / demo_data.PREFERENCES_FILE).read_text().splitlines()]
+    capitals = set(oracle.KNOWLEDGE.values())
+
+    def kind(question: str, answer: str) -> str:
+        named = {w.strip(".!?,") for w in answer.split()} & capitals
+        if oracle.KNOWLEDGE[oracle.country_of(question)] in named:
+            return "right"
+        if named:
+            return "wrong"
+        if "not sure" in answer or "do not know" in answer:
+            return "unsure"
+        return "cut" if answer.rstrip(".").endswith((" is", "capital of")) or "." not in answer[-1:] else "garbled"
+
+    kinds = [kind(r["question"], r["response_rejected"]) for r in rows]
+    assert kinds.count("cut") > 20 and kinds.count("garbled") > 20
+    assert kinds.count("wrong") > 2 * kinds.count("cut")
