@@ -154,3 +154,29 @@ def test_two_runs_in_separate_checkouts_do_not_interfere(e2e_project, e2e_flow_r
         assert mv.source.startswith((d / "mlruns").resolve().as_uri()), "each checkout logs to its own store"
         versions.append(json.loads((d / "metrics/dpo.json").read_text())["metrics"]["train/loss"])
     assert versions[0] == pytest.approx(versions[1], abs=1e-6)
+
+
+def test_a_killed_flow_run_can_simply_be_run_again(e2e_project, e2e_flow_run, prefect_server):
+    """Kill the whole flow (process group) during SFT after its first checkpoint; the next flow
+    run skips the finished stages and resumes SFT."""
+    from conftest import set_params
+
+    from flows.pipeline import pipeline
+
+    dvc(e2e_project, "repro")
+    set_params(e2e_project / "params.yaml", {"sft": {"learning_rate": 0.0009}})
+    state = e2e_project / "checkpoints" / "sft" / "trainer_state.json"
+    worker = subprocess.Popen([sys.executable, "-m", "flows.cli", "run"], cwd=e2e_project, start_new_session=True,
+                              env=env(RLHF_TEST_STEP_DELAY="1.5"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not state.exists():
+        assert worker.poll() is None and time.time() < deadline, "the flow ended before SFT's first checkpoint"
+        time.sleep(0.1)
+    os.killpg(worker.pid, signal.SIGKILL)  # the worker and everything it started die at once
+    worker.wait()
+    step = json.loads(state.read_text())["step"]
+    records = pipeline(project_dir=str(e2e_project))
+    status = {r["stage"]: r["status"] for r in records}
+    assert [s for s, v in status.items() if v == "skipped"] == ["generate", "validate", "tokenize", "pt"]
+    assert json.loads((e2e_project / "metrics/sft.json").read_text())["resumed_from_step"] == step
+    assert "up to date" in dvc(e2e_project, "status")
