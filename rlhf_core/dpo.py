@@ -13,14 +13,14 @@ from pathlib import Path
 import torch
 
 from rlhf_core.batching import PairBatch, collate_pairs, index_batches
-from rlhf_core.checkpoint import load_checkpoint, save_checkpoint
+from rlhf_core.checkpoint import save_checkpoint
 from rlhf_core.config import DPOConfig, ModelConfig, to_dict
 from rlhf_core.data_io import load_split
 from rlhf_core.logprobs import sequence_logprobs
-from rlhf_core.loop import LogFn, StageResult, Throughput, fingerprint, no_log, optimizer_step, progress, scalars
+from rlhf_core.loop import LogFn, StageResult, Throughput, fingerprint, no_log, optimizer_step, prepare, progress, scalars
 from rlhf_core.losses import dpo_loss
 from rlhf_core.modeling import apply_lora, check_tokenizer_fits, forward_logits, is_peft, load_causal_lm, save_model
-from rlhf_core.optim import make_accelerator, make_optimizer, make_scheduler, seed_everything
+from rlhf_core.optim import seed_everything
 from rlhf_core.tokenizer import load_tokenizer
 
 
@@ -99,15 +99,10 @@ def run_dpo(cfg: DPOConfig, model_cfg: ModelConfig, data_dir: Path, init_dir: Pa
     policy = apply_lora(policy, cfg.lora)
     train_ds, eval_ds = load_split(data_dir, "preference", "train"), load_split(data_dir, "preference", "eval")
     fp = fingerprint({"stage": "dpo", **to_dict(cfg)}, data_dir / "preference", init_dir)
-    acc = make_accelerator(cfg)
-    opt = make_optimizer(policy.parameters(), cfg.learning_rate, cfg.weight_decay)
-    sched = make_scheduler(opt, cfg)
-    policy, opt = acc.prepare(policy, opt)
+    run = prepare(policy, cfg, ckpt_dir, fp)
+    acc, policy, opt, sched, params, state, start = (run.accelerator, run.model, run.optimizer, run.scheduler,
+                                                     run.params, run.state, run.start)
     ref = Reference(acc.unwrap_model(policy), init_dir, model_cfg, acc.device)
-    params = [p for p in policy.parameters() if p.requires_grad]
-    state = {"models": {"model": acc.unwrap_model(policy)}, "optimizers": {"opt": opt}, "schedulers": {"sched": sched}}
-    resumed = load_checkpoint(ckpt_dir, fp, **state)
-    start = resumed[0] if resumed else 0
     ref_table = precompute_reference(ref, train_ds, pad, cfg.batch_size) if cfg.precompute_ref else None
     batches = index_batches(len(train_ds), cfg.batch_size, cfg.seed, start * cfg.grad_accum)
     speed, bar, metrics = Throughput(), progress("dpo", cfg.max_steps, start), {}

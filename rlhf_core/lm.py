@@ -10,14 +10,14 @@ from pathlib import Path
 import torch
 
 from rlhf_core.batching import collate_lm, index_batches
-from rlhf_core.checkpoint import load_checkpoint, save_checkpoint
+from rlhf_core.checkpoint import save_checkpoint
 from rlhf_core.config import ModelConfig, TrainConfig, to_dict
 from rlhf_core.data_io import load_split
-from rlhf_core.loop import LogFn, StageResult, Throughput, fingerprint, no_log, optimizer_step, progress, scalars
+from rlhf_core.loop import LogFn, StageResult, Throughput, fingerprint, no_log, optimizer_step, prepare, progress, scalars
 from rlhf_core.losses import lm_loss
 from rlhf_core.modeling import (apply_lora, build_tiny_causal_lm, check_tokenizer_fits, forward_logits, load_causal_lm,
                                 save_model)
-from rlhf_core.optim import make_accelerator, make_optimizer, make_scheduler, seed_everything
+from rlhf_core.optim import seed_everything
 from rlhf_core.tokenizer import load_tokenizer
 
 
@@ -40,16 +40,10 @@ def evaluate_lm(model, dataset, pad_id: int, batch_size: int, device) -> dict[st
 
 def train_lm(stage: str, cfg: TrainConfig, model, tokenizer, train_ds, eval_ds, out_dir: Path,
              ckpt_dir: Path, fp: str, log: LogFn = no_log) -> StageResult:
-    acc = make_accelerator(cfg)
     pad = tokenizer.pad_token_id
-    model = apply_lora(model, cfg.lora)
-    opt = make_optimizer(model.parameters(), cfg.learning_rate, cfg.weight_decay)
-    sched = make_scheduler(opt, cfg)
-    model, opt = acc.prepare(model, opt)
-    params = [p for p in model.parameters() if p.requires_grad]
-    state = {"models": {"model": acc.unwrap_model(model)}, "optimizers": {"opt": opt}, "schedulers": {"sched": sched}}
-    resumed = load_checkpoint(ckpt_dir, fp, **state)
-    start = resumed[0] if resumed else 0
+    run = prepare(apply_lora(model, cfg.lora), cfg, ckpt_dir, fp)
+    acc, model, opt, sched, params, state, start = (run.accelerator, run.model, run.optimizer, run.scheduler,
+                                                    run.params, run.state, run.start)
     batches = index_batches(len(train_ds), cfg.batch_size, cfg.seed, start * cfg.grad_accum)
     speed, bar, metrics = Throughput(), progress(stage, cfg.max_steps, start), {}
     model.train()

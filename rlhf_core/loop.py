@@ -11,7 +11,9 @@ from typing import Callable
 
 import torch
 
-from rlhf_core.optim import check_finite
+from rlhf_core.checkpoint import load_checkpoint
+from rlhf_core.config import TrainConfig
+from rlhf_core.optim import check_finite, make_accelerator, make_optimizer, make_scheduler
 
 LogFn = Callable[[dict, int], None]
 """Tracking callback: `log(metrics, step)`. The library never imports a tracker itself."""
@@ -46,6 +48,32 @@ def fingerprint(config: dict, *inputs: str | Path) -> str:
             with open(f, "rb") as fh:
                 h.update(fh.read(1 << 20))
     return h.hexdigest()[:16]
+
+
+@dataclass
+class Prepared:
+    """One trainable model with its optimizer and scheduler, placed by accelerate and restored
+    from the stage's last checkpoint when one matches."""
+    accelerator: object
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    params: list
+    state: dict
+    """What `save_checkpoint` / `load_checkpoint` take."""
+    start: int
+    """First step to run: 0, or the step of the checkpoint resumed from."""
+
+
+def prepare(model, cfg: TrainConfig, ckpt_dir: Path, fp: str) -> Prepared:
+    acc = make_accelerator(cfg)
+    opt = make_optimizer(model.parameters(), cfg.learning_rate, cfg.weight_decay)
+    sched = make_scheduler(opt, cfg)
+    model, opt = acc.prepare(model, opt)
+    state = {"models": {"model": acc.unwrap_model(model)}, "optimizers": {"opt": opt}, "schedulers": {"sched": sched}}
+    resumed = load_checkpoint(ckpt_dir, fp, **state)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return Prepared(acc, model, opt, sched, params, state, resumed[0] if resumed else 0)
 
 
 def optimizer_step(accelerator, params, optimizer, scheduler, max_grad_norm: float, stage: str,

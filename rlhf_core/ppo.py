@@ -184,7 +184,8 @@ def run_ppo(cfg: PPOConfig, model_cfg: ModelConfig, data_dir: Path, init_dir: Pa
                     n_updates += 1
                 norm_a = acc.clip_grad_norm_(a_params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else torch.zeros(())
                 norm_c = acc.clip_grad_norm_(c_params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else torch.zeros(())
-                check_finite("ppo", it + 1, actor_loss=a_loss.detach(), critic_loss=c_loss.detach(), actor_grad_norm=norm_a)
+                check_finite("ppo", it + 1, actor_loss=a_loss.detach(), critic_loss=c_loss.detach(),
+                             actor_grad_norm=norm_a, critic_grad_norm=norm_c)
                 for opt, sched in ((opt_a, sched_a), (opt_c, sched_c)):
                     opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
         mask = rollout.response_mask.float()
@@ -197,7 +198,7 @@ def run_ppo(cfg: PPOConfig, model_cfg: ModelConfig, data_dir: Path, init_dir: Pa
             "val/response_length": mask.sum(-1).mean().item(), "train/lr": sched_a.get_last_lr()[0],
         })
         kl_ctl.update(kl_seq, B)
-        metrics["train/tokens_per_second"] = tps = speed.add(int(rollout.attention_mask.sum()))
+        metrics["train/tokens_per_second"] = speed.add(int(rollout.attention_mask.sum()))
         bar.update(1)
         bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{kl_seq:.3f}")
         done = it + 1

@@ -8,14 +8,14 @@ from pathlib import Path
 import torch
 
 from rlhf_core.batching import PairBatch, collate_pairs, index_batches
-from rlhf_core.checkpoint import load_checkpoint, save_checkpoint
+from rlhf_core.checkpoint import save_checkpoint
 from rlhf_core.config import ModelConfig, RMConfig, to_dict
 from rlhf_core.data_io import load_split
 from rlhf_core.logprobs import gather_last
-from rlhf_core.loop import LogFn, StageResult, Throughput, fingerprint, no_log, optimizer_step, progress, scalars
+from rlhf_core.loop import LogFn, StageResult, Throughput, fingerprint, no_log, optimizer_step, prepare, progress, scalars
 from rlhf_core.losses import reward_pair_loss
 from rlhf_core.modeling import apply_lora, check_tokenizer_fits, load_scalar_model, save_model, token_scores
-from rlhf_core.optim import make_accelerator, make_optimizer, make_scheduler, seed_everything
+from rlhf_core.optim import seed_everything
 from rlhf_core.tokenizer import load_tokenizer
 
 
@@ -50,14 +50,9 @@ def run_rm(cfg: RMConfig, model_cfg: ModelConfig, data_dir: Path, init_dir: Path
     check_tokenizer_fits(model, tokenizer, init_dir)
     train_ds, eval_ds = load_split(data_dir, "preference", "train"), load_split(data_dir, "preference", "eval")
     fp = fingerprint({"stage": "rm", **to_dict(cfg)}, data_dir / "preference", init_dir)
-    acc = make_accelerator(cfg)
-    opt = make_optimizer(model.parameters(), cfg.learning_rate, cfg.weight_decay)
-    sched = make_scheduler(opt, cfg)
-    model, opt = acc.prepare(model, opt)
-    params = [p for p in model.parameters() if p.requires_grad]
-    state = {"models": {"model": acc.unwrap_model(model)}, "optimizers": {"opt": opt}, "schedulers": {"sched": sched}}
-    resumed = load_checkpoint(ckpt_dir, fp, **state)
-    start = resumed[0] if resumed else 0
+    run = prepare(model, cfg, ckpt_dir, fp)
+    acc, model, opt, sched, params, state, start = (run.accelerator, run.model, run.optimizer, run.scheduler,
+                                                    run.params, run.state, run.start)
     batches = index_batches(len(train_ds), cfg.batch_size, cfg.seed, start * cfg.grad_accum)
     speed, bar, metrics = Throughput(), progress("rm", cfg.max_steps, start), {}
     model.train()

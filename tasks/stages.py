@@ -11,7 +11,7 @@ import yaml
 
 from rlhf_core.atomic import atomic_dir, atomic_write_text
 from rlhf_core.config import to_dict
-from rlhf_core.errors import DataError, RLHFError, TrainingError
+from rlhf_core.errors import RLHFError
 from tasks import layout, tracking
 from tasks.params import Params, load_params
 from tasks.plots import plot_comparison, plot_curves, write_history_csv

@@ -4,7 +4,6 @@ save_model / load_policy round trip."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch

@@ -5,7 +5,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 from rlhf_core import demo_data, formats, lm
 from rlhf_core.atomic import atomic_dir, atomic_write_text

@@ -4,7 +4,6 @@ interrupted SFT run resumes to the same result as an uninterrupted one."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
