@@ -38,7 +38,7 @@ def stage_version(entry: dict) -> str:
 
 
 def dvc_env(parent_run_id: str | None) -> dict:
-    env = dict(os.environ)
+    env = tracking.child_env(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `rlhf` of this venv
     if parent_run_id:
         env[tracking.PARENT_ENV] = parent_run_id
@@ -69,9 +69,11 @@ def run_stage(stage: str, project_dir: str, parent_run_id: str | None, force: bo
     ran = any(f"Running stage '{stage}'" in ln for ln in lines)
     metrics_path = root / (layout.EVAL_METRICS if stage == "evaluate" else layout.metrics_file(stage))
     metrics = yaml.safe_load(metrics_path.read_text()) if metrics_path.exists() else {}
+    run_path = root / layout.run_record(stage)
+    run = yaml.safe_load(run_path.read_text()) if run_path.exists() else {}
     record = {"stage": stage, "status": "ran" if ran else "skipped",
               "version": stage_version(lock_entry(root, stage)), "seconds": round(seconds, 2),
-              "train_seconds": round(metrics.get("wall_seconds", 0.0), 2), "mlflow_run": metrics.get("mlflow_run_id", "")}
+              "train_seconds": round(metrics.get("wall_seconds", 0.0), 2), "mlflow_run": run.get("mlflow_run_id", "")}
     logger.info("stage %s %s in %.1fs (version %s)", stage, record["status"], seconds, record["version"])
     return record
 

@@ -123,7 +123,8 @@ def run_dpo(cfg: DPOConfig, model_cfg: ModelConfig, data_dir: Path, init_dir: Pa
         metrics.update({"train/loss": float(total), "train/grad_norm": grad_norm, "train/lr": sched.get_last_lr()[0],
                         "train/tokens_per_second": speed.add(0)})
         bar.update(1)
-        bar.set_postfix(loss=f"{float(total):.3f}", acc=f"{metrics['train/rewards/accuracies']:.2f}")
+        bar.set_postfix(loss=f"{float(total):.3f}", acc=f"{metrics['train/rewards/accuracies']:.2f}",
+                        tok_s=f"{metrics['train/tokens_per_second']:.0f}")
         done = step + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_steps:
             metrics.update(evaluate_dpo(policy, ref, eval_ds, pad, cfg, acc.device))

@@ -200,7 +200,8 @@ def run_ppo(cfg: PPOConfig, model_cfg: ModelConfig, data_dir: Path, init_dir: Pa
         kl_ctl.update(kl_seq, B)
         metrics["train/tokens_per_second"] = speed.add(int(rollout.attention_mask.sum()))
         bar.update(1)
-        bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{kl_seq:.3f}")
+        bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{kl_seq:.3f}",
+                        tok_s=f"{metrics['train/tokens_per_second']:.0f}")
         done = it + 1
         if done % max(1, cfg.log_every) == 0 or done == cfg.max_steps:
             log(metrics, done)

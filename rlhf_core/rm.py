@@ -73,7 +73,7 @@ def run_rm(cfg: RMConfig, model_cfg: ModelConfig, data_dir: Path, init_dir: Path
         metrics.update({"train/loss": float(step_loss), "train/grad_norm": grad_norm,
                         "train/lr": sched.get_last_lr()[0], "train/tokens_per_second": tps})
         bar.update(1)
-        bar.set_postfix(loss=f"{float(step_loss):.3f}", acc=f"{metrics['train/accuracy']:.2f}")
+        bar.set_postfix(loss=f"{float(step_loss):.3f}", acc=f"{metrics['train/accuracy']:.2f}", tok_s=f"{tps:.0f}")
         done = step + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_steps:
             metrics.update(evaluate_rm(model, eval_ds, pad, cfg, acc.device))

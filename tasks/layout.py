@@ -29,6 +29,11 @@ def history_file(stage: str) -> str:
     return f"plots/{stage}.csv"
 
 
+def run_record(stage: str) -> str:
+    """The last run of a stage: its MLflow run id and seconds (git-ignored, not a DVC output)."""
+    return f"reports/runs/{stage}.json"
+
+
 def checkpoint_dir(stage: str) -> str:
     return f"checkpoints/{stage}"
 

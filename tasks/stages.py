@@ -263,8 +263,9 @@ def run_stage(stage: str, root: Path = Path("."), params_file: str = "params.yam
             metrics = evaluate(root, p, run)
         else:
             metrics = {"generate": generate, "validate": validate, "tokenize": tokenize}[stage](root, p)
-        metrics["stage_seconds"] = round(time.perf_counter() - t0, 3)
-        metrics["mlflow_run_id"] = run.info.run_id
+        # run bookkeeping stays out of the metrics file, so the same seed gives the same file
+        _write_json(root / layout.run_record(stage), {"stage": stage, "mlflow_run_id": run.info.run_id,
+                                                      "stage_seconds": round(time.perf_counter() - t0, 3)})
         target = root / (layout.EVAL_METRICS if stage == "evaluate" else layout.metrics_file(stage))
         _write_json(target, metrics)
         try:

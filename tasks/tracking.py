@@ -27,8 +27,22 @@ ATTEMPTS = int(os.environ.get("RLHF_TRACKING_ATTEMPTS", "4"))
 SECRET_WORDS = ("token", "password", "secret", "api_key", "apikey", "credential", "private_key")
 
 
+# The user's choice, read before MLflow's own `set_tracking_uri` writes this variable.
+USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+
+
 def tracking_uri(root: Path) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+    return USER_TRACKING_URI or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+def child_env(env: dict) -> dict:
+    """Environment for a stage process: the project's own store unless the user chose one."""
+    env = dict(env)
+    if USER_TRACKING_URI:
+        env["MLFLOW_TRACKING_URI"] = USER_TRACKING_URI
+    else:
+        env.pop("MLFLOW_TRACKING_URI", None)
+    return env
 
 
 def retry(fn, *args, attempts: int | None = None, base_delay: float = 1.0, **kwargs):
@@ -51,10 +65,11 @@ def setup(root: Path, experiment: str) -> str:
     """Point MLflow at the project's store and experiment; returns the experiment id."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(root))
+    uri = tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
     exp = retry(mlflow.get_experiment_by_name, experiment)
-    if exp is None:
-        artifacts = None if os.environ.get("MLFLOW_TRACKING_URI") else (root / "mlruns").resolve().as_uri()
+    if exp is None:  # a local database keeps its artifacts beside it; a server decides for itself
+        artifacts = (root / "mlruns").resolve().as_uri() if uri.startswith("sqlite:") else None
         exp_id = retry(mlflow.create_experiment, experiment, artifact_location=artifacts)
     else:
         exp_id = exp.experiment_id

@@ -47,9 +47,17 @@ def git(cwd, *args):
     return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout
 
 
+def clean_env(**extra) -> dict:
+    """The test process's environment minus what MLflow and the flow set in it for one project."""
+    env = {**os.environ, **extra}
+    for key in ("RLHF_PARENT_RUN_ID", "MLFLOW_TRACKING_URI", "RLHF_PREFECT_FLOW_RUN_ID"):
+        env.pop(key, None)
+    env.update({k: v for k, v in extra.items() if k == "MLFLOW_TRACKING_URI"})
+    return env
+
+
 def dvc(cwd, *args) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("RLHF_PARENT_RUN_ID", None)
+    env = clean_env(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout

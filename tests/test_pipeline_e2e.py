@@ -109,3 +109,12 @@ def test_bad_data_stops_the_flow_at_validate_and_leaves_earlier_outputs_alone(e2
     assert (e2e_project / "dvc.lock").read_text() == lock_before
     assert (e2e_project / "reports/validation.json").exists()
     set_params(e2e_project / "params.yaml", {"data": {"sft": "data/demo/sft.jsonl"}})
+
+
+def test_evaluate_twice_gives_the_identical_metrics_file(e2e_project, e2e_flow_run):
+    from tasks.stages import run_stage
+
+    _dvc(e2e_project, "repro")
+    before = (e2e_project / "metrics/eval.json").read_bytes()
+    run_stage("evaluate", e2e_project)
+    assert (e2e_project / "metrics/eval.json").read_bytes() == before

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import dvc
+from conftest import clean_env, dvc
 
 pytestmark = pytest.mark.slow
 COMPARED = ("train/loss", "eval/loss", "train/accuracy", "eval/accuracy", "train/rewards/accuracies",
@@ -22,9 +22,7 @@ def stage_cmd(stage):
 
 
 def env(**extra):
-    e = {**os.environ, **extra}
-    e.pop("RLHF_PARENT_RUN_ID", None)
-    return e
+    return clean_env(**extra)
 
 
 def kill_after_first_checkpoint(project: Path, stage: str) -> int:
