@@ -2,6 +2,7 @@
 outputs and metrics, record everything in MLflow. Paths come from tasks/layout.py."""
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -37,7 +38,6 @@ def _dvc_deps_hash(root: Path, stage: str) -> str:
     data = yaml.safe_load(lock.read_text()) or {}
     md5s = {o["path"]: o.get("md5", "") for s in (data.get("stages") or {}).values() for o in s.get("outs", [])}
     deps = [f"{d}:{md5s[d]}" for d in layout.SPECS[stage].deps if d in md5s]
-    import hashlib
     return hashlib.sha256("|".join(deps).encode()).hexdigest()[:16]
 
 

@@ -37,7 +37,9 @@ def test_missing_model_path_is_named(tmp_path, capsys):
     assert str(tmp_path / "nope") in capsys.readouterr().err
 
 
-def test_deploy_registers_the_flow_on_a_work_pool_with_a_schedule(prefect_server, capsys):
+def test_deploy_registers_the_flow_on_a_work_pool_with_a_schedule(prefect_server):
+    # no capsys here: Prefect's log console binds to the stdout of the test that starts the
+    # session's server, and capsys closes its stream when the test ends
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
 
