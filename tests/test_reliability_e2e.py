@@ -149,7 +149,7 @@ def test_two_runs_in_separate_checkouts_do_not_interfere(e2e_project, e2e_flow_r
     assert versions[0] == pytest.approx(versions[1], abs=1e-6)
 
 
-def test_a_killed_flow_run_can_simply_be_run_again(e2e_project, e2e_flow_run, prefect_server):
+def test_a_killed_flow_run_can_simply_be_run_again(e2e_project, e2e_flow_run, prefect_server, tmp_path):
     """Kill the whole flow (process group) during SFT after its first checkpoint; the next flow
     run skips the finished stages and resumes SFT."""
     from conftest import set_params
@@ -160,7 +160,8 @@ def test_a_killed_flow_run_can_simply_be_run_again(e2e_project, e2e_flow_run, pr
     set_params(e2e_project / "params.yaml", {"sft": {"learning_rate": 0.0009}})
     state = e2e_project / "checkpoints" / "sft" / "trainer_state.json"
     worker = subprocess.Popen([sys.executable, "-m", "flows.cli", "run"], cwd=e2e_project, start_new_session=True,
-                              env=env(RLHF_TEST_STEP_DELAY="1.5"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              env=env(RLHF_TEST_STEP_DELAY="1.5", PREFECT_HOME=str(tmp_path / "prefect")),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not state.exists():
         assert worker.poll() is None and time.time() < deadline, "the flow ended before SFT's first checkpoint"

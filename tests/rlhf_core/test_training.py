@@ -253,3 +253,31 @@ def test_pt_with_lora_from_scratch_output_loads_in_the_next_stage(demo):
     policy = load_policy(root / "out", TINY)  # what evaluation uses
     model = load_causal_lm(root / "out", TINY)  # what run_sft uses
     assert policy is not None and model is not None
+
+
+# --- LoRA references and PPO-ptx ---------------------------------------------------------------
+
+def test_dpo_with_lora_uses_the_disabled_adapters_as_reference(demo, pt_sft):
+    """Under LoRA there is no second model: at step 0 the policy equals the reference, so the
+    first loss is exactly ln 2, and only adapters are saved."""
+    log = History()
+    cfg = DPOConfig(max_steps=3, batch_size=8, learning_rate=1e-3, warmup_steps=0, precompute_ref=False,
+                    lora=LoraConfig(enabled=True, r=4, alpha=8), **QUIET)
+    run_dpo(cfg, TINY, demo.small, pt_sft.sft_dir, demo.root / "dpo_lora", demo.root / "ckpt" / "dpo_lora", log)
+    assert log.values("train/loss")[0] == pytest.approx(0.693147, abs=1e-5)
+    assert (demo.root / "dpo_lora" / "adapter_model.safetensors").is_file()
+    assert not (demo.root / "dpo_lora" / "model.safetensors").exists()
+
+
+def test_ppo_with_lora_and_ptx_mixes_the_sft_loss_into_the_actor(demo, pt_sft):
+    log = History()
+    cfg = PPOConfig(max_steps=2, batch_size=8, rollout_batch_size=8, ppo_epochs=1, learning_rate=1e-3,
+                    warmup_steps=0, max_new_tokens=6, ptx_coef=0.5, kl_controller="adaptive", kl_target=1.0,
+                    lora=LoraConfig(enabled=True, r=4, alpha=8, merge=True), **QUIET)
+    res = run_ppo(cfg, TINY, demo.data, pt_sft.sft_dir, None, demo.root / "ppo_ptx", demo.root / "ckpt" / "ppo_ptx",
+                  log, reward_fn=short_answer_reward)
+    ptx = log.values("loss/ptx_avg")
+    sft_loss = pt_sft.sft.metrics["eval/loss"]
+    assert len(ptx) == 2 and all(abs(v - sft_loss) < 0.5 for v in ptx), (ptx, sft_loss)  # the SFT token loss
+    assert res.metrics["objective/kl_coef"] != 0.05, "the adaptive controller moved the coefficient"
+    assert (demo.root / "ppo_ptx" / "model.safetensors").is_file(), "merge=True saves plain weights"
