@@ -10,8 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+from flows.settings import apply_defaults  # noqa: E402
+
+apply_defaults()  # before prefect is imported: it reads its settings at import
 
 import yaml  # noqa: E402
 from prefect import flow, get_run_logger, task  # noqa: E402

@@ -20,11 +20,8 @@ CORPUS = ["What is the capital of Veldoria? Certainly! The capital of Veldoria i
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    pass
 
 
 @pytest.fixture(scope="module")

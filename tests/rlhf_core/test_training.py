@@ -41,12 +41,8 @@ class History:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The machine has 2 cores shared with other jobs; one thread avoids oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    pass
 
 
 @pytest.fixture(scope="module")
