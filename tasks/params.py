@@ -2,6 +2,7 @@
 keys and out-of-range values are rejected before any work starts, naming the key."""
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,13 +37,6 @@ class TrackingConfig:
     """Registered models are named `<prefix>-<stage>`."""
 
 
-GROUPS = {
-    "demo": DemoDataConfig, "data": DataConfig, "validate": ValidationLimits, "model": ModelConfig,
-    "tokenize": TokenizeConfig, "pt": PTConfig, "sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig,
-    "ppo": PPOConfig, "evaluate": EvalConfig, "tracking": TrackingConfig,
-}
-
-
 @dataclass(frozen=True)
 class Params:
     demo: DemoDataConfig = field(default_factory=DemoDataConfig)
@@ -57,6 +51,10 @@ class Params:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+GROUPS: dict[str, type] = typing.get_type_hints(Params)
+"""params.yaml group -> its config dataclass, in file order (derived from `Params`)."""
 
 
 def _build(group: str, cls, data, source: str):
