@@ -5,7 +5,7 @@ from typing import Iterator, NamedTuple
 
 import torch
 
-IGNORE = -100
+from rlhf_core.encoding import IGNORE
 
 
 class LMBatch(NamedTuple):

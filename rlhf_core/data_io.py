@@ -1,13 +1,97 @@
-"""Read the tokenised Arrow splits written by `encoding.tokenize_datasets`."""
+"""Read the tokenised Arrow splits written by `encoding.tokenize_datasets`, and check their shape.
+
+The same check is the tokenize stage's post-condition (a bad split never replaces good data) and
+every training stage's pre-condition (a split edited or produced elsewhere fails with the path,
+row and rule, not with an index error from inside torch)."""
 from __future__ import annotations
 
 from pathlib import Path
 
+from rlhf_core.encoding import IGNORE
 from rlhf_core.errors import TrainingError
 
+COLUMNS = {
+    "pt": ("input_ids",),
+    "sft": ("input_ids", "labels"),
+    "preference": ("prompt_ids", "chosen_ids", "rejected_ids", "weight"),
+    "prompts": ("prompt_ids",),
+}
 
-def load_split(data_dir: Path, kind: str, split: str, required: bool | None = None):
-    """The `kind/split` dataset, or None for a missing eval split; a missing train split raises."""
+
+def _first(mask) -> int:
+    import numpy as np
+
+    return int(np.flatnonzero(mask)[0])
+
+
+def check_split(ds, kind: str, where: str | Path, vocab_size: int | None = None,
+                block_size: int | None = None) -> None:
+    """Raise TrainingError unless `ds` has exactly the columns of `kind`, token-id lists that are
+    non-empty and within `[0, vocab_size)`, labels aligned with input_ids (-100 or the input id),
+    equal-length PT blocks (`block_size` if given) and finite positive preference weights."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    expected = COLUMNS[kind]
+    if sorted(ds.column_names) != sorted(expected):
+        raise TrainingError(f"{where}: has columns {sorted(ds.column_names)}, but '{kind}' data needs exactly "
+                            f"{list(expected)} [columns]")
+    if len(ds) == 0:
+        return
+    table = ds.data.table
+
+    def fail(row: int, message: str, rule: str):
+        raise TrainingError(f"{where}: row {row}: {message} [{rule}]")
+
+    lengths = {}
+    for col in (c for c in expected if c != "weight"):
+        arr = table[col].combine_chunks()
+        is_list = pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)
+        if not is_list or not pa.types.is_integer(arr.type.value_type):
+            raise TrainingError(f"{where}: column '{col}' is {arr.type}, expected a list of integer token ids [dtype]")
+        lengths[col] = n = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
+        if (n == 0).any():
+            fail(_first(n == 0), f"'{col}' is empty", "non_empty")
+        ids = pc.list_flatten(arr).to_numpy(zero_copy_only=False)
+        row_of = np.repeat(np.arange(len(n)), n)
+        bad = (ids < 0) & ~((ids == IGNORE) & (col == "labels"))
+        if vocab_size is not None:
+            bad |= ids >= vocab_size
+        if bad.any():
+            i = _first(bad)
+            limit = f"[0, {vocab_size})" if vocab_size is not None else "non-negative ids"
+            fail(int(row_of[i]), f"'{col}' holds token id {int(ids[i])}, outside the tokenizer's {limit}",
+                 "token_range")
+        if col == "labels":
+            inputs = pc.list_flatten(table["input_ids"].combine_chunks()).to_numpy(zero_copy_only=False)
+            if len(inputs) == len(ids):
+                wrong = (ids != IGNORE) & (ids != inputs)
+                if wrong.any():
+                    fail(int(row_of[_first(wrong)]), "'labels' differs from 'input_ids' at an unmasked position",
+                         "labels_aligned")
+                trained = np.add.reduceat(ids != IGNORE, np.concatenate([[0], np.cumsum(n)[:-1]]))
+                if (trained == 0).any():
+                    fail(_first(trained == 0), "every label is masked (-100): nothing to train on", "labels_aligned")
+    if kind == "sft" and (lengths["labels"] != lengths["input_ids"]).any():
+        i = _first(lengths["labels"] != lengths["input_ids"])
+        fail(i, f"'labels' has {lengths['labels'][i]} tokens but 'input_ids' has {lengths['input_ids'][i]}",
+             "labels_aligned")
+    if kind == "pt":
+        size = block_size if block_size is not None else int(lengths["input_ids"][0])
+        if (lengths["input_ids"] != size).any():
+            i = _first(lengths["input_ids"] != size)
+            fail(i, f"block has {lengths['input_ids'][i]} tokens, expected block_size {size}", "block_size")
+    if kind == "preference":
+        w = table["weight"].to_numpy()
+        bad = ~np.isfinite(w) | (w <= 0)
+        if bad.any():
+            fail(_first(bad), f"'weight' is {w[_first(bad)]}, must be finite and > 0", "weight")
+
+
+def load_split(data_dir: Path, kind: str, split: str, required: bool | None = None,
+               vocab_size: int | None = None):
+    """The checked `kind/split` dataset, or None for a missing eval split; a missing train split raises."""
     from datasets import load_from_disk
 
     path = Path(data_dir) / kind / split
@@ -16,7 +100,23 @@ def load_split(data_dir: Path, kind: str, split: str, required: bool | None = No
         if required:
             raise TrainingError(f"{path}: tokenised '{kind}' data is missing; run the tokenize stage first")
         return None
-    ds = load_from_disk(str(path))
+    try:
+        ds = load_from_disk(str(path))
+    except Exception as e:  # a truncated or foreign folder: name it instead of showing Arrow's traceback
+        raise TrainingError(f"{path}: cannot read the tokenised '{kind}' data ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}); run the tokenize stage again") from None
     if required and len(ds) == 0:
         raise TrainingError(f"{path}: tokenised '{kind}' data has no records")
+    check_split(ds, kind, path, vocab_size)
     return ds
+
+
+def check_tokenized(out_dir: Path, vocab_size: int, block_size: int) -> None:
+    """Post-condition of the tokenize stage: every split written under `out_dir` passes `check_split`."""
+    from datasets import load_from_disk
+
+    for kind in COLUMNS:
+        for split in ("train", "eval"):
+            path = Path(out_dir) / kind / split
+            if (path / "dataset_info.json").exists():
+                check_split(load_from_disk(str(path)), kind, path, vocab_size, block_size if kind == "pt" else None)

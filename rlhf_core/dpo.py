@@ -97,7 +97,7 @@ def run_dpo(cfg: DPOConfig, model_cfg: ModelConfig, data_dir: Path, init_dir: Pa
     policy = load_causal_lm(init_dir, model_cfg)
     check_tokenizer_fits(policy, tokenizer, init_dir)
     policy = apply_lora(policy, cfg.lora)
-    train_ds, eval_ds = load_split(data_dir, "preference", "train"), load_split(data_dir, "preference", "eval")
+    train_ds, eval_ds = (load_split(data_dir, "preference", s, vocab_size=len(tokenizer)) for s in ("train", "eval"))
     fp = fingerprint({"stage": "dpo", **to_dict(cfg)}, data_dir / "preference", init_dir)
     run = prepare(policy, cfg, ckpt_dir, fp)
     acc, policy, opt, sched, params, state, start = (run.accelerator, run.model, run.optimizer, run.scheduler,

@@ -192,5 +192,8 @@ def tokenize_datasets(tokenizer, cfg: TokenizeConfig, out_dir: Path, *, pt_docs:
             return {"prompt_ids": ids}, truncated
         write_split("prompts", prompts, enc_prompt, split_indices(len(prompts), cfg.eval_fraction, cfg.seed), out_dir, manifest,
                     ("prompt_ids",))
+    from rlhf_core.data_io import check_tokenized
+
+    check_tokenized(out_dir, len(tokenizer), cfg.block_size)  # post-condition: nothing malformed goes downstream
     atomic_write_text(out_dir / "manifest.json", json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n")
     return manifest

@@ -87,7 +87,7 @@ def run_pt(cfg: TrainConfig, model_cfg: ModelConfig, data_dir: Path, tokenizer_d
         check_tokenizer_fits(model, tokenizer, model_cfg.name_or_path)
     else:
         model = build_tiny_causal_lm(model_cfg, tokenizer, cfg.seed)
-    train_ds, eval_ds = load_split(data_dir, "pt", "train"), load_split(data_dir, "pt", "eval")
+    train_ds, eval_ds = (load_split(data_dir, "pt", s, vocab_size=len(tokenizer)) for s in ("train", "eval"))
     fp = fingerprint({"stage": "pt", **to_dict(cfg), "model": to_dict(model_cfg)}, data_dir / "pt", tokenizer_dir)
     return train_lm("pt", cfg, model, tokenizer, train_ds, eval_ds, out_dir, ckpt_dir, fp, log)
 
@@ -99,6 +99,6 @@ def run_sft(cfg: TrainConfig, model_cfg: ModelConfig, data_dir: Path, init_dir: 
     tokenizer = load_tokenizer(init_dir, model_cfg.trust_remote_code)
     model = load_causal_lm(init_dir, model_cfg)
     check_tokenizer_fits(model, tokenizer, init_dir)
-    train_ds, eval_ds = load_split(data_dir, "sft", "train"), load_split(data_dir, "sft", "eval")
+    train_ds, eval_ds = (load_split(data_dir, "sft", s, vocab_size=len(tokenizer)) for s in ("train", "eval"))
     fp = fingerprint({"stage": "sft", **to_dict(cfg)}, data_dir / "sft", init_dir)
     return train_lm("sft", cfg, model, tokenizer, train_ds, eval_ds, out_dir, ckpt_dir, fp, log)

@@ -122,11 +122,12 @@ def save_model(model, tokenizer, out_dir: str | Path, merge_lora: bool = False) 
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        verify_saved(tmp, out_dir)  # a broken save never replaces the previous good output
+        verify_saved(tmp, out_dir, model)  # a broken save never replaces the previous good output
 
 
-def verify_saved(path: Path, name: str | Path) -> None:
-    """Post-condition of a saved model: config, safetensors weights and a tokenizer are there."""
+def verify_saved(path: Path, name: str | Path, model=None) -> None:
+    """Post-condition of a saved model: config, safetensors weights and a tokenizer are there and,
+    given the model that was saved, every tensor it must hold is there with the model's shape."""
     path = Path(path)
     missing = [what for what, ok in (
         ("config.json or adapter_config.json", (path / "config.json").exists() or (path / "adapter_config.json").exists()),
@@ -135,6 +136,33 @@ def verify_saved(path: Path, name: str | Path) -> None:
     ) if not ok]
     if missing:
         raise TrainingError(f"{name}: saved model is incomplete (missing {', '.join(missing)})")
+    if model is not None:
+        _check_saved_shapes(path, name, model)
+
+
+def _check_saved_shapes(path: Path, name: str | Path, model) -> None:
+    from safetensors import safe_open
+
+    if is_peft(model):
+        from peft import get_peft_model_state_dict
+
+        expected = get_peft_model_state_dict(model)
+    else:
+        expected = model.state_dict()
+    saved = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            saved.update({k: tuple(h.get_slice(k).get_shape()) for k in h.keys()})
+    for k, shape in saved.items():
+        if k not in expected:
+            raise TrainingError(f"{name}: saved weights hold tensor '{k}', which the model does not have [shape]")
+        if shape != tuple(expected[k].shape):
+            raise TrainingError(f"{name}: saved tensor '{k}' has shape {list(shape)}, the model's has "
+                                f"{list(expected[k].shape)} [shape]")
+    saved_storage = {expected[k].data_ptr() for k in saved}
+    for k, t in expected.items():  # a tied weight (lm_head = embeddings) is saved once under one name
+        if k not in saved and t.data_ptr() not in saved_storage:
+            raise TrainingError(f"{name}: saved weights are missing tensor '{k}' [shape]")
 
 
 def check_tokenizer_fits(model, tokenizer, where: str | Path) -> None:

@@ -138,8 +138,8 @@ def run_ppo(cfg: PPOConfig, model_cfg: ModelConfig, data_dir: Path, init_dir: Pa
     critic_src = reward_dir if reward_dir is not None else init_dir
     critic = load_scalar_model(critic_src, model_cfg, pad)
     reward_model = None if reward_fn is not None else load_scalar_model(reward_dir, model_cfg, pad).to(acc.device).eval().requires_grad_(False)
-    prompts = load_split(data_dir, "prompts", "train")
-    sft = load_split(data_dir, "sft", "train") if cfg.ptx_coef > 0 else None
+    prompts = load_split(data_dir, "prompts", "train", vocab_size=len(tokenizer))
+    sft = load_split(data_dir, "sft", "train", vocab_size=len(tokenizer)) if cfg.ptx_coef > 0 else None
     minibatch = cfg.batch_size * cfg.grad_accum
     updates_per_iter = cfg.ppo_epochs * max(1, cfg.rollout_batch_size // minibatch)
     opt_a = make_optimizer(actor.parameters(), cfg.learning_rate, cfg.weight_decay)

@@ -48,7 +48,7 @@ def run_rm(cfg: RMConfig, model_cfg: ModelConfig, data_dir: Path, init_dir: Path
     pad = tokenizer.pad_token_id
     model = apply_lora(load_scalar_model(init_dir, model_cfg, pad), cfg.lora, "SEQ_CLS")
     check_tokenizer_fits(model, tokenizer, init_dir)
-    train_ds, eval_ds = load_split(data_dir, "preference", "train"), load_split(data_dir, "preference", "eval")
+    train_ds, eval_ds = (load_split(data_dir, "preference", s, vocab_size=len(tokenizer)) for s in ("train", "eval"))
     fp = fingerprint({"stage": "rm", **to_dict(cfg)}, data_dir / "preference", init_dir)
     run = prepare(model, cfg, ckpt_dir, fp)
     acc, model, opt, sched, params, state, start = (run.accelerator, run.model, run.optimizer, run.scheduler,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import clean_env, dvc
+from conftest import clean_env, dvc, set_params
 
 pytestmark = pytest.mark.slow
 COMPARED = ("train/loss", "eval/loss", "train/accuracy", "eval/accuracy", "train/rewards/accuracies",
@@ -152,7 +152,6 @@ def test_two_runs_in_separate_checkouts_do_not_interfere(e2e_project, e2e_flow_r
 def test_a_killed_flow_run_can_simply_be_run_again(e2e_project, e2e_flow_run, prefect_server, tmp_path):
     """Kill the whole flow (process group) during SFT after its first checkpoint; the next flow
     run skips the finished stages and resumes SFT."""
-    from conftest import set_params
 
     from flows.pipeline import pipeline
 
@@ -173,4 +172,89 @@ def test_a_killed_flow_run_can_simply_be_run_again(e2e_project, e2e_flow_run, pr
     status = {r["stage"]: r["status"] for r in records}
     assert [s for s, v in status.items() if v == "skipped"] == ["generate", "validate", "tokenize", "pt"]
     assert json.loads((e2e_project / "metrics/sft.json").read_text())["resumed_from_step"] == step
+    assert "up to date" in dvc(e2e_project, "status")
+
+
+PREFECT_RUNS = """
+import asyncio, json
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+async def main():
+    async with get_client() as client:
+        out = {}
+        for run in await client.read_flow_runs():
+            tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+            out[str(run.id)] = {"state": run.state_type.value, "tasks": {t.name: t.state_type.value for t in tasks}}
+        print(json.dumps(out))
+
+asyncio.run(main())
+"""
+
+
+def test_two_flow_runs_at_once_in_separate_checkouts_share_one_prefect_db(e2e_project, e2e_flow_run, tmp_path):
+    """Two Prefect flow runs at the same moment, in two checkouts, against one fresh Prefect
+    database (both race to create it): both complete, each is recorded whole, and each
+    checkout's DVC state and MLflow store hold only its own run."""
+    import shutil
+
+    import mlflow
+
+    betas = {"one": 0.2, "two": 0.3}
+    for name, beta in betas.items():
+        shutil.copytree(e2e_project, tmp_path / name, symlinks=True)
+        set_params(tmp_path / name / "params.yaml", {"dpo": {"beta": beta}})
+    prefect_env = env(PREFECT_HOME=str(tmp_path / "shared-prefect"))
+    procs = {name: subprocess.Popen([sys.executable, "-m", "flows.cli", "run"], cwd=tmp_path / name, env=prefect_env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for name in betas}
+    outs = {name: p.communicate(timeout=900)[0] for name, p in procs.items()}
+    assert {n: p.returncode for n, p in procs.items()} == {"one": 0, "two": 0}, {n: o[-1500:] for n, o in outs.items()}
+
+    query = subprocess.run([sys.executable, "-c", PREFECT_RUNS], env=prefect_env, capture_output=True, text=True)
+    assert query.returncode == 0, query.stderr[-2000:]
+    flow_runs = json.loads(query.stdout.strip().splitlines()[-1])
+    assert len(flow_runs) == 2
+    for run in flow_runs.values():
+        assert run["state"] == "COMPLETED"
+        assert run["tasks"] == {s: "COMPLETED" for s in
+                                ("generate", "validate", "tokenize", "pt", "sft", "rm", "dpo", "ppo", "evaluate")}
+
+    seen = set()
+    for name, beta in betas.items():
+        d = tmp_path / name
+        assert "up to date" in dvc(d, "status")
+        mlflow.set_tracking_uri(f"sqlite:///{d / 'mlflow.db'}")
+        client = mlflow.MlflowClient()
+        exp = client.get_experiment_by_name("rlhf-pipeline")
+        dpo_run = client.search_runs([exp.experiment_id], "tags.`rlhf.stage` = 'dpo'", order_by=["start_time DESC"],
+                                     max_results=1)[0]
+        assert float(dpo_run.data.params["dpo.beta"]) == beta
+        flow_run_id = dpo_run.data.tags["prefect.flow_run_id"]
+        assert flow_run_id in flow_runs
+        seen.add(flow_run_id)
+    assert len(seen) == 2, "each checkout's MLflow store names its own flow run"
+
+
+def test_tokenised_data_of_the_wrong_shape_stops_the_next_stage_by_name(e2e_project, e2e_flow_run):
+    """Edit a tokenised split behind DVC's back: `rlhf stage sft` names the path, row and rule,
+    prints no traceback and leaves the finished SFT model in place."""
+    import shutil
+
+    from datasets import Dataset, load_from_disk
+
+    split = e2e_project / "data" / "tokenized" / "sft" / "train"
+    rows = load_from_disk(str(split)).to_dict()
+    rows["labels"][2] = rows["labels"][2][:-1]
+    model_before = {p.name: p.read_bytes() for p in (e2e_project / "models" / "sft").glob("*.safetensors")}
+    shutil.rmtree(split)
+    Dataset.from_dict(rows).save_to_disk(str(split))
+    try:
+        proc = subprocess.run(stage_cmd("sft"), cwd=e2e_project, env=env(), capture_output=True, text=True)
+        assert proc.returncode != 0
+        assert "data/tokenized/sft/train: row 2: 'labels' has" in proc.stderr
+        assert "[labels_aligned]" in proc.stderr
+        assert "Traceback" not in proc.stdout + proc.stderr
+        assert {p.name: p.read_bytes() for p in (e2e_project / "models" / "sft").glob("*.safetensors")} == model_before
+    finally:
+        dvc(e2e_project, "checkout", "--force", "data/tokenized")
     assert "up to date" in dvc(e2e_project, "status")

@@ -97,3 +97,132 @@ def test_tokenizer_that_does_not_fit_the_model_is_refused(tiny):
     small.resize_token_embeddings(len(tok) - 5)
     with pytest.raises(TrainingError, match="tokenizer has .* tokens but the model embeds only"):
         check_tokenizer_fits(small, tok, "models/sft")
+
+
+# --- post-conditions on shapes: tokenised data and saved weights ---------------------------------
+
+def _ds(**cols):
+    from datasets import Dataset
+
+    return Dataset.from_dict(cols)
+
+
+GOOD = {
+    "pt": dict(input_ids=[[1, 2, 3, 4], [5, 6, 7, 8]]),
+    "sft": dict(input_ids=[[1, 2, 3], [4, 5, 6, 7]], labels=[[-100, 2, 3], [-100, -100, 6, 7]]),
+    "preference": dict(prompt_ids=[[1, 2]], chosen_ids=[[3]], rejected_ids=[[4, 5]], weight=[0.5]),
+    "prompts": dict(prompt_ids=[[1, 2], [3]]),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(GOOD))
+def test_well_formed_splits_pass_the_shape_check(kind):
+    from rlhf_core.data_io import check_split
+
+    check_split(_ds(**GOOD[kind]), kind, "tok", vocab_size=9, block_size=4 if kind == "pt" else None)
+
+
+BAD = [
+    ("sft", dict(input_ids=[[1, 2]]), r"tok: has columns \['input_ids'\], but 'sft' data needs exactly "
+                                      r"\['input_ids', 'labels'\] \[columns\]"),
+    ("prompts", dict(prompt_ids=[[1]], extra=[0]), r"\[columns\]"),
+    ("sft", dict(input_ids=[[1, 2, 3], [1, 2, 3, 4]], labels=[[-100, 2, 3], [-100, 2, 3]]),
+     r"tok: row 1: 'labels' has 3 tokens but 'input_ids' has 4 \[labels_aligned\]"),
+    ("sft", dict(input_ids=[[1, 2, 3]], labels=[[-100, 2, 4]]),
+     r"row 0: 'labels' differs from 'input_ids' at an unmasked position \[labels_aligned\]"),
+    ("sft", dict(input_ids=[[1, 2], [1, 2]], labels=[[-100, 2], [-100, -100]]), r"row 1: every label is masked"),
+    ("pt", dict(input_ids=[[1, 2, 3, 4], [1, 2, 3]]), r"row 1: block has 3 tokens, expected block_size 4 \[block_size\]"),
+    ("prompts", dict(prompt_ids=[[1], [2, 9]]), r"row 1: 'prompt_ids' holds token id 9, outside the tokenizer's "
+                                                r"\[0, 9\) \[token_range\]"),
+    ("prompts", dict(prompt_ids=[[1], [-3]]), r"row 1: .*token id -3.*\[token_range\]"),
+    ("prompts", dict(prompt_ids=[[1], []]), r"row 1: 'prompt_ids' is empty \[non_empty\]"),
+    ("preference", dict(prompt_ids=[[1]] * 2, chosen_ids=[[2]] * 2, rejected_ids=[[3]] * 2, weight=[1.0, float("nan")]),
+     r"row 1: 'weight' is nan, must be finite and > 0 \[weight\]"),
+    ("prompts", dict(prompt_ids=["hello"]), r"column 'prompt_ids' is string, expected a list of integer token ids \[dtype\]"),
+]
+
+
+@pytest.mark.parametrize("kind,cols,message", BAD, ids=[m.split("[")[-1].rstrip("]\\") + f"-{i}"
+                                                          for i, (_, _, m) in enumerate(BAD)])
+def test_malformed_splits_are_named_with_row_and_rule(kind, cols, message):
+    from rlhf_core.data_io import check_split
+
+    with pytest.raises(TrainingError, match=message):
+        check_split(_ds(**cols), kind, "tok", vocab_size=9, block_size=4 if kind == "pt" else None)
+
+
+def test_tokenize_whose_output_is_malformed_fails_and_keeps_the_good_data(tiny, monkeypatch):
+    from rlhf_core import encoding
+
+    convs = formats.read_conversations(tiny / "raw" / "sft.jsonl")
+    tok = train_tokenizer([t.content for c in convs for t in c.turns], TINY.vocab_size)
+    out = tiny / "tok"
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    real = encoding.encode_sft
+
+    def off_by_one(tokenizer, conv, max_length):
+        ids, labels, truncated = real(tokenizer, conv, max_length)
+        return ids, labels[:-1], truncated
+
+    monkeypatch.setattr(encoding, "encode_sft", off_by_one)
+    with pytest.raises(TrainingError, match=r"sft/train: row 0: 'labels' has \d+ tokens but 'input_ids' has \d+"):
+        with atomic_dir(out) as tmp:  # as the tokenize stage writes it
+            tokenize_datasets(tok, TokenizeConfig(max_length=64, block_size=32, max_prompt_length=32), tmp,
+                              conversations=convs)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_training_refuses_tokenised_data_of_the_wrong_shape_before_touching_torch(tiny, tmp_path):
+    import shutil
+
+    from datasets import load_from_disk
+
+    data = tmp_path / "tok"
+    shutil.copytree(tiny / "tok", data)
+    train = load_from_disk(str(tiny / "tok" / "sft" / "train")).remove_columns("labels")
+    shutil.rmtree(data / "sft" / "train")
+    train.save_to_disk(str(data / "sft" / "train"))
+    cfg = SFTConfig(max_steps=2, batch_size=8, save_every=0, eval_every=0, warmup_steps=1)
+    with pytest.raises(TrainingError, match=r"sft/train: has columns \['input_ids'\], but 'sft' data needs"):
+        lm.run_sft(cfg, TINY, data, tiny / "base", tmp_path / "out", tmp_path / "ckpt")
+    # ids from another tokenizer: caught by range, not by an IndexError inside the embedding
+    big = load_from_disk(str(tiny / "tok" / "sft" / "train")).map(lambda r: {"input_ids": [r["input_ids"][0] + 10_000] + r["input_ids"][1:]})
+    shutil.rmtree(data / "sft" / "train")
+    big.save_to_disk(str(data / "sft" / "train"))
+    with pytest.raises(TrainingError, match=r"row 0: 'input_ids' holds token id \d+, outside the tokenizer's \[0, \d+\)"):
+        lm.run_sft(cfg, TINY, data, tiny / "base", tmp_path / "out", tmp_path / "ckpt")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_save_whose_weights_have_the_wrong_shape_never_replaces_the_good_model(tiny, monkeypatch):
+    from rlhf_core.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny / "base")
+    model = build_tiny_causal_lm(TINY, tok)
+    before = (tiny / "base" / "model.safetensors").read_bytes()
+    other = build_tiny_causal_lm(ModelConfig(hidden_size=16, num_layers=2, num_heads=2, intermediate_size=64,
+                                             vocab_size=TINY.vocab_size), tok)
+    real_save = type(model).save_pretrained
+    monkeypatch.setattr(type(model), "save_pretrained", lambda self, path, **kw: real_save(other, path, **kw))
+    with pytest.raises(TrainingError, match=r"base: saved tensor '[^']+' has shape \[.*16.*\], the model's has "
+                                            r"\[.*32.*\] \[shape\]"):
+        save_model(model, tok, tiny / "base")
+    assert (tiny / "base" / "model.safetensors").read_bytes() == before
+
+
+def test_a_good_save_passes_the_shape_check_with_tied_weights_and_lora(tiny, tmp_path):
+    from rlhf_core.config import LoraConfig
+    from rlhf_core.modeling import apply_lora, verify_saved
+    from rlhf_core.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny / "base")
+    model = build_tiny_causal_lm(TINY, tok)
+    assert model.config.tie_word_embeddings
+    save_model(model, tok, tmp_path / "full")
+    peft_model = apply_lora(build_tiny_causal_lm(TINY, tok), LoraConfig(enabled=True, r=4))
+    peft_model.save_pretrained(tmp_path / "adapters")
+    tok.save_pretrained(tmp_path / "adapters")
+    verify_saved(tmp_path / "adapters", "adapters", peft_model)
+    with pytest.raises(TrainingError, match=r"adapters: saved weights are missing tensor '.*up_proj.lora_[AB].*' \[shape\]"):
+        verify_saved(tmp_path / "adapters", "adapters",
+                     apply_lora(build_tiny_causal_lm(TINY, tok), LoraConfig(enabled=True, r=4, target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "up_proj"))))
