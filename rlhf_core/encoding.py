@@ -68,7 +68,7 @@ def encode_sft(tokenizer, conv: Conversation, max_length: int) -> tuple[list[int
 def pack_blocks(tokenizer, docs: list[str], block_size: int) -> tuple[list[list[int]], int]:
     """Join documents with EOS and cut into full blocks; returns (blocks, dropped tail tokens)."""
     stream: list[int] = []
-    for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]:
+    for ids in (tokenizer(docs, add_special_tokens=False)["input_ids"] if docs else []):  # HF fails on []
         stream += ids + [tokenizer.eos_token_id]
     n = len(stream) // block_size
     return [stream[i * block_size:(i + 1) * block_size] for i in range(n)], len(stream) - n * block_size

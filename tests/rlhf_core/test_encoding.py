@@ -79,6 +79,7 @@ def test_pack_blocks_real_tokenizer_puts_eos_after_each_doc(tok):
     assert sum(blocks, []) == stream[: len(stream) // 2 * 2]
     assert dropped == len(stream) % 2
     assert all(len(b) == 2 for b in blocks)
+    assert pack_blocks(tok, [], 2) == ([], 0), "no documents (eval_fraction 0) is no blocks, not an IndexError"
 
 
 # --- SFT masks -------------------------------------------------------------------------------
