@@ -26,13 +26,6 @@ class StageFailed(RuntimeError):
     pass
 
 
-def lock_entry(root: Path, stage: str) -> dict:
-    lock = root / "dvc.lock"
-    if not lock.exists():
-        return {}
-    return ((yaml.safe_load(lock.read_text()) or {}).get("stages") or {}).get(stage, {})
-
-
 def stage_version(entry: dict) -> str:
     """Short hash of what DVC recorded for the stage: its deps, params and outs."""
     return hashlib.sha256(yaml.safe_dump(entry, sort_keys=True).encode()).hexdigest()[:12] if entry else "-"
@@ -73,7 +66,7 @@ def run_stage(stage: str, project_dir: str, parent_run_id: str | None, force: bo
     run_path = root / layout.run_record(stage)
     run = yaml.safe_load(run_path.read_text()) if run_path.exists() else {}
     record = {"stage": stage, "status": "ran" if ran else "skipped",
-              "version": stage_version(lock_entry(root, stage)), "seconds": round(seconds, 2),
+              "version": stage_version(layout.read_lock(root).get(stage, {})), "seconds": round(seconds, 2),
               "train_seconds": round(metrics.get("wall_seconds", 0.0), 2), "mlflow_run": run.get("mlflow_run_id", "")}
     logger.info("stage %s %s in %.1fs (version %s)", stage, record["status"], seconds, record["version"])
     return record

@@ -98,6 +98,14 @@ def upstream(stage: str) -> list[str]:
     return [produced[d] for d in SPECS[stage].deps if d in produced]
 
 
+def read_lock(root: str | Path) -> dict[str, dict]:
+    """The stages DVC recorded in `dvc.lock` (stage name -> its cmd, deps, params, outs); {} before any run."""
+    lock = Path(root) / "dvc.lock"
+    if not lock.exists():
+        return {}
+    return (yaml.safe_load(lock.read_text()) or {}).get("stages") or {}
+
+
 def render_dvc_yaml() -> str:
     stages = {}
     for s in STAGES:

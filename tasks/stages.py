@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
 
 from rlhf_core.atomic import atomic_dir, atomic_write_text
 from rlhf_core.config import to_dict
@@ -32,11 +31,10 @@ def _group_params(p: Params, stage: str) -> dict:
 
 def _dvc_deps_hash(root: Path, stage: str) -> str:
     """Hash of the md5s DVC recorded for this stage's upstream outputs (from dvc.lock)."""
-    lock = root / "dvc.lock"
-    if not lock.exists():
+    stages = layout.read_lock(root)
+    if not stages:
         return "none"
-    data = yaml.safe_load(lock.read_text()) or {}
-    md5s = {o["path"]: o.get("md5", "") for s in (data.get("stages") or {}).values() for o in s.get("outs", [])}
+    md5s = {o["path"]: o.get("md5", "") for s in stages.values() for o in s.get("outs", [])}
     deps = [f"{d}:{md5s[d]}" for d in layout.SPECS[stage].deps if d in md5s]
     return hashlib.sha256("|".join(deps).encode()).hexdigest()[:16]
 

@@ -44,3 +44,21 @@ def test_stage_list_has_the_designed_dag():
     assert layout.upstream("dpo") == ["tokenize", "sft"]
     assert set(layout.upstream("ppo")) == {"tokenize", "sft", "rm"}
     assert set(layout.upstream("evaluate")) == {"tokenize", "sft", "rm", "dpo", "ppo"}
+
+
+def test_dvc_lock_reader_and_the_stage_version_and_deps_hash_built_on_it(tmp_path):
+    from flows.pipeline import stage_version
+    from tasks.stages import _dvc_deps_hash
+
+    assert layout.read_lock(tmp_path) == {} and _dvc_deps_hash(tmp_path, "sft") == "none"
+    lock = {"schema": "2.0", "stages": {
+        "tokenize": {"cmd": "rlhf stage tokenize", "outs": [{"path": "data/tokenized", "md5": "aaa.dir"},
+                                                             {"path": "models/tokenizer", "md5": "bbb.dir"}]},
+        "pt": {"cmd": "rlhf stage pt", "outs": [{"path": "models/pt", "md5": "ccc.dir"}]}}}
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+    assert layout.read_lock(tmp_path) == lock["stages"]
+    before = _dvc_deps_hash(tmp_path, "sft")
+    lock["stages"]["pt"]["outs"][0]["md5"] = "ddd.dir"  # sft's upstream model changed
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+    assert _dvc_deps_hash(tmp_path, "sft") != before
+    assert stage_version({}) == "-" and stage_version(lock["stages"]["pt"]) != stage_version(lock["stages"]["tokenize"])
