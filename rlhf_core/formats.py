@@ -71,6 +71,25 @@ class RecordError(ValueError):
 
 # --- raw lines -------------------------------------------------------------------------------
 
+def decode_json_lines(raw: bytes) -> Iterator[tuple[int, Any, str | None]]:
+    """(line number, object, None) for each non-blank line that decodes, (line number, None, why)
+    for each that does not; callers choose to stop at the first error or to collect them all."""
+    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield lineno, None, f"not valid UTF-8 (byte {e.start})"
+            continue
+        try:
+            yield lineno, json.loads(text), None
+        except json.JSONDecodeError as e:
+            yield lineno, None, f"malformed JSON ({e.msg} at column {e.colno})"
+        except (ValueError, RecursionError) as e:  # e.g. nesting too deep, integer too long
+            yield lineno, None, f"malformed JSON ({type(e).__name__}: {e})"
+
+
 def iter_json_lines(path: str | Path) -> Iterator[tuple[int, Any]]:
     """Yield (line number, parsed JSON) for each non-blank line; bad bytes or JSON raise."""
     path = Path(path)
@@ -79,17 +98,10 @@ def iter_json_lines(path: str | Path) -> Iterator[tuple[int, Any]]:
     raw = path.read_bytes()
     if not raw.strip():
         raise DataError(path, 0, None, "file is empty")
-    for lineno, line in enumerate(raw.split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(path, lineno, None, f"not valid UTF-8 (byte {e.start})") from None
-        try:
-            yield lineno, json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(path, lineno, None, f"malformed JSON ({e.msg} at column {e.colno})") from None
+    for lineno, obj, error in decode_json_lines(raw):
+        if error:
+            raise DataError(path, lineno, None, error)
+        yield lineno, obj
 
 
 def _text(obj: dict, key: str, field: str | None = None) -> str:

@@ -27,7 +27,6 @@ import os
 os.environ["GX_ANALYTICS_ENABLED"] = "false"
 
 import functools
-import json
 import math
 import threading
 from dataclasses import asdict, dataclass, field
@@ -39,6 +38,7 @@ import pandas as pd
 from rlhf_core.errors import ConfigError, DataError
 from rlhf_core.formats import (
     KINDS,
+    decode_json_lines,
     RecordError,
     Turn,
     parse_preference,
@@ -398,20 +398,11 @@ def _check_kind(kind: str) -> None:
 def _json_lines(raw: bytes) -> tuple[list[tuple[int, Any]], list[Failure]]:
     """(line, object) for each non-blank line that decodes; a Failure for each that does not."""
     objects, failures = [], []
-    for lineno, line in enumerate(raw.split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            failures.append(Failure(lineno, None, RECORD_FORMAT, f"not valid UTF-8 (byte {e.start})"))
-            continue
-        try:
-            objects.append((lineno, json.loads(text)))
-        except json.JSONDecodeError as e:
-            failures.append(Failure(lineno, None, RECORD_FORMAT, f"malformed JSON ({e.msg} at column {e.colno})"))
-        except (ValueError, RecursionError) as e:  # e.g. nesting too deep, integer too long
-            failures.append(Failure(lineno, None, RECORD_FORMAT, f"malformed JSON ({type(e).__name__}: {e})"))
+    for lineno, obj, error in decode_json_lines(raw):
+        if error:
+            failures.append(Failure(lineno, None, RECORD_FORMAT, error))
+        else:
+            objects.append((lineno, obj))
     return objects, failures
 
 

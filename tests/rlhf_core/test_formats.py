@@ -254,3 +254,10 @@ def test_pt_txt_paragraphs_separated_by_a_whitespace_only_line(tmp_path):
     path = tmp_path / "pt.txt"
     path.write_text("p1 line1\np1 line2\n   \np2 line1\n", encoding="utf-8")
     assert formats.read_pt_documents(path) == ["p1 line1\np1 line2", "p2 line1"]
+
+
+def test_json_nested_too_deep_is_a_named_error_not_a_recursion_traceback(tmp_path):
+    f = tmp_path / "deep.jsonl"
+    f.write_text('{"prompt": "ok"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(DataError, match=r"deep.jsonl:2: malformed JSON \(RecursionError"):
+        list(formats.read_prompts(f))
