@@ -107,6 +107,9 @@ class TokenizeConfig:
     """Prompts longer than this keep their last tokens (the question sits at the end)."""
     max_response_length: int = 64
     """Preference responses are cut to this many tokens before the prompt is shortened."""
+    overlong: str = "truncate"
+    """A record over its token limit: 'truncate' (keep what fits), 'drop' (skip it) — both counted
+    in the manifest — or 'error' (stop the tokenize stage, naming the file and line)."""
     eval_fraction: float = 0.1
     """Share of each dataset held out for evaluation."""
     seed: int = 0
@@ -115,6 +118,7 @@ class TokenizeConfig:
     def __post_init__(self):
         for k in ("max_length", "block_size", "max_prompt_length", "max_response_length"):
             _check(getattr(self, k) > 0, k, "must be > 0")
+        _check(self.overlong in ("truncate", "drop", "error"), "overlong", "must be truncate, drop or error")
         _check(0.0 <= self.eval_fraction < 1.0, "eval_fraction", "must be in [0, 1)")
         _check(self.max_prompt_length < self.max_length, "max_prompt_length", "must be < max_length")
 

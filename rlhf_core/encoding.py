@@ -10,6 +10,8 @@ Rules (all counted in the manifest):
 - Preferences: responses are cut to `max_response_length` tokens, then the prompt keeps its last
   tokens so that prompt + longer response fits `max_length`. A response is never cut to nothing.
 - Prompts: rendered with the generation prompt; longer than `max_prompt_length` keeps the end.
+- Over-long records (any of the cuts above) are kept cut with `overlong: truncate` (the default),
+  skipped with `overlong: drop`, or stop tokenisation with `overlong: error`, naming file and line.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from pathlib import Path
 
 from rlhf_core.atomic import atomic_dir, atomic_write_text
 from rlhf_core.config import TokenizeConfig
+from rlhf_core.errors import DataError
 from rlhf_core.formats import Conversation, PreferencePair, Prompt, Turn
 
 IGNORE = -100
@@ -142,13 +145,18 @@ def _save(rows: list[dict], path: Path, columns: tuple[str, ...]) -> None:
 
 
 def write_split(name: str, items: list, encode, split: tuple[list[int], list[int]], out_dir: Path, manifest: Manifest,
-                columns: tuple[str, ...]) -> None:
-    """Encode items per split with `encode(item) -> (row | None, truncated)`; save Arrow folders."""
+                columns: tuple[str, ...], overlong: str = "truncate", limit: str = "", source: str | Path = "") -> None:
+    """Encode items per split with `encode(item) -> (row | None, truncated)`; save Arrow folders.
+    A truncated record is kept, dropped or reported according to `overlong` (see TokenizeConfig)."""
     manifest.datasets[name] = {}
+    too_long: list[int] = []
     for split_name, idx in zip(("train", "eval"), split):
         counts, rows = SplitCounts(records_in=len(idx)), []
         for i in idx:
             row, truncated = encode(items[i])
+            if row is not None and truncated and overlong != "truncate":
+                too_long.append(_line(items[i]))
+                row = None
             if row is None:
                 counts.dropped += 1
                 continue
@@ -158,14 +166,28 @@ def write_split(name: str, items: list, encode, split: tuple[list[int], list[int
         counts.records_out = len(rows)
         manifest.datasets[name][split_name] = counts
         _save(rows, out_dir / name / split_name, columns)
+    if too_long and overlong == "error":
+        lines = sorted(set(too_long))
+        more = f" ({len(lines)} records in all, lines {', '.join(map(str, lines[:10]))}{', ...' if len(lines) > 10 else ''})"
+        raise DataError(source or f"<{name}>", lines[0], None,
+                        f"longer than {limit} tokens and tokenize.overlong is 'error'{more if len(lines) > 1 else ''} "
+                        "[overlong]")
+
+
+def _line(item) -> int:
+    """The source line of a parsed record (a preference pair's group is its line)."""
+    return getattr(item, "line", 0) or getattr(item, "group", 0)
 
 
 def tokenize_datasets(tokenizer, cfg: TokenizeConfig, out_dir: Path, *, pt_docs: list[str] | None = None,
                       conversations: list[Conversation] | None = None,
                       preferences: list[PreferencePair] | None = None,
-                      prompts: list[Prompt] | None = None) -> Manifest:
-    """Tokenise whichever inputs are given into `out_dir/<kind>/<split>` plus `manifest.json`."""
+                      prompts: list[Prompt] | None = None, sources: dict[str, str | Path] | None = None) -> Manifest:
+    """Tokenise whichever inputs are given into `out_dir/<kind>/<split>` plus `manifest.json`.
+    `sources` names the file of each kind for error messages."""
     out_dir = Path(out_dir)
+    sources = sources or {}
+    policy = {"overlong": cfg.overlong}
     manifest = Manifest()
     if pt_docs is not None:
         split = split_indices(len(pt_docs), cfg.eval_fraction, cfg.seed)
@@ -181,17 +203,21 @@ def tokenize_datasets(tokenizer, cfg: TokenizeConfig, out_dir: Path, *, pt_docs:
                 return None, truncated
             return {"input_ids": ids, "labels": labels}, truncated
         write_split("sft", conversations, enc_sft, split_indices(len(conversations), cfg.eval_fraction, cfg.seed), out_dir, manifest,
-                    ("input_ids", "labels"))
+                    ("input_ids", "labels"), **policy, limit=f"tokenize.max_length={cfg.max_length}",
+                    source=sources.get("sft", ""))
     if preferences is not None:
         write_split("preference", preferences, lambda p: encode_preference(tokenizer, p, cfg),
                     _group_split([p.group for p in preferences], cfg), out_dir, manifest,
-                    ("prompt_ids", "chosen_ids", "rejected_ids", "weight"))
+                    ("prompt_ids", "chosen_ids", "rejected_ids", "weight"), **policy,
+                    limit=f"tokenize.max_response_length={cfg.max_response_length} or max_length={cfg.max_length}",
+                    source=sources.get("preference", ""))
     if prompts is not None:
         def enc_prompt(p):
             ids, truncated = encode_prompt(tokenizer, p, cfg.max_prompt_length)
             return {"prompt_ids": ids}, truncated
         write_split("prompts", prompts, enc_prompt, split_indices(len(prompts), cfg.eval_fraction, cfg.seed), out_dir, manifest,
-                    ("prompt_ids",))
+                    ("prompt_ids",), **policy, limit=f"tokenize.max_prompt_length={cfg.max_prompt_length}",
+                    source=sources.get("prompts", ""))
     from rlhf_core.data_io import check_tokenized
 
     check_tokenized(out_dir, len(tokenizer), cfg.block_size)  # post-condition: nothing malformed goes downstream

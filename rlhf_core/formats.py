@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from itertools import combinations
 from pathlib import Path
 from typing import Any, Iterator
@@ -39,6 +39,7 @@ class Turn:
 class Conversation:
     """A chat that ends with an assistant turn; every assistant turn is a training target."""
     turns: tuple[Turn, ...]
+    line: int = field(default=0, compare=False)  # source line, set by the reader
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class PreferencePair:
 class Prompt:
     """Messages ending with a user turn, to be answered by the policy."""
     messages: tuple[Turn, ...]
+    line: int = field(default=0, compare=False)  # source line, set by the reader
 
 
 class RecordError(ValueError):
@@ -269,7 +271,7 @@ def read_pt_documents(path: str | Path) -> list[str]:
 
 
 def read_conversations(path: str | Path) -> list[Conversation]:
-    return [c for _, c in _records(path, parse_sft)]
+    return [replace(c, line=n) for n, c in _records(path, parse_sft)]
 
 
 def read_preferences(path: str | Path) -> list[PreferencePair]:
@@ -283,4 +285,4 @@ def read_preferences(path: str | Path) -> list[PreferencePair]:
 
 
 def read_prompts(path: str | Path) -> list[Prompt]:
-    return [p for _, p in _records(path, parse_prompt)]
+    return [replace(p, line=n) for n, p in _records(path, parse_prompt)]

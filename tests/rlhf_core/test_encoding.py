@@ -141,6 +141,35 @@ def test_sft_truncation(tok):
     assert encode_sft(tok, MULTI_TURN, len(ids_full))[2] is False  # exactly fitting is not truncated
 
 
+def test_overlong_records_are_truncated_dropped_or_refused_as_configured(tok, tmp_path):
+    import json
+
+    from rlhf_core import formats
+    from rlhf_core.errors import DataError
+
+    chat = lambda answer: json.dumps({"messages": [{"role": "user", "content": "Hi"},  # noqa: E731
+                                                   {"role": "assistant", "content": answer}]})
+    f = tmp_path / "sft.jsonl"
+    f.write_text(f"{chat('Hello!')}\n\n{chat('Marrowick ' * 40)}\n{chat('Fine.')}\n")  # the long one is line 3
+    convs = formats.read_conversations(f)
+    assert [c.line for c in convs] == [1, 3, 4]
+    counts = {}
+    for mode in ("truncate", "drop"):
+        cfg = TokenizeConfig(max_length=32, max_prompt_length=8, eval_fraction=0.0, overlong=mode)
+        counts[mode] = tokenize_datasets(tok, cfg, tmp_path / mode, conversations=convs).to_dict()["sft"]["train"]
+    assert (counts["truncate"]["records_out"], counts["truncate"]["truncated"], counts["truncate"]["dropped"]) == (3, 1, 0)
+    assert (counts["drop"]["records_out"], counts["drop"]["truncated"], counts["drop"]["dropped"]) == (2, 0, 1)
+    cfg = TokenizeConfig(max_length=32, max_prompt_length=8, eval_fraction=0.0, overlong="error")
+    with pytest.raises(DataError, match=r"sft.jsonl:3: longer than tokenize.max_length=32 tokens and "
+                                        r"tokenize.overlong is 'error' \[overlong\]"):
+        tokenize_datasets(tok, cfg, tmp_path / "error", conversations=convs, sources={"sft": f})
+    p = tmp_path / "prompts.jsonl"
+    p.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in ("Hi", "Veldoria " * 30, "Ok", "Marrowick " * 30)))
+    with pytest.raises(DataError, match=r"prompts.jsonl:2: longer than tokenize.max_prompt_length=8 tokens .*"
+                                        r"\(2 records in all, lines 2, 4\) \[overlong\]"):
+        tokenize_datasets(tok, cfg, tmp_path / "error", prompts=formats.read_prompts(p), sources={"prompts": p})
+
+
 def test_tokenize_drops_chat_without_trainable_tokens_and_counts_truncation(tok, tmp_path):
     cfg = TokenizeConfig(max_length=32, max_prompt_length=8, eval_fraction=0.0)
     fits = Conversation((Turn("user", "Hi"), Turn("assistant", "Hello!")))
