@@ -106,6 +106,10 @@ def read_lock(root: str | Path) -> dict[str, dict]:
     return (yaml.safe_load(lock.read_text()) or {}).get("stages") or {}
 
 
+def _uncached() -> dict:  # a fresh dict each time, or yaml writes anchors (&id001) into dvc.yaml
+    return {"cache": False, "persist": True}
+
+
 def render_dvc_yaml() -> str:
     stages = {}
     for s in STAGES:
@@ -113,11 +117,13 @@ def render_dvc_yaml() -> str:
             "cmd": f"rlhf stage {s.name}",
             "deps": [*s.deps, *s.code, "tasks/stages.py"],
             "params": list(s.params),
+            # persist: DVC would otherwise delete these before the command runs, so a failing run
+            # would destroy the last good outputs; the stages replace them atomically themselves
             "outs": [{o: {"persist": True}} for o in s.outs],
-            "metrics": [{metrics_file(s.name) if s.name != "evaluate" else EVAL_METRICS: {"cache": False}}],
+            "metrics": [{metrics_file(s.name) if s.name != "evaluate" else EVAL_METRICS: _uncached()}],
         }
         if s.plot_y:
-            entry["plots"] = [{history_file(s.name): {"cache": False}}, {f"plots/{s.name}.png": {"cache": False}}]
+            entry["plots"] = [{f: _uncached()} for f in (history_file(s.name), f"plots/{s.name}.png")]
         stages[s.name] = entry
     plots = [{history_file(s.name): {"x": "step", "y": list(s.plot_y)}} for s in STAGES if s.plot_y]
     plots.append({"plots/eval/comparison.png": None})

@@ -93,8 +93,19 @@ def test_bad_data_stops_the_flow_at_validate_and_leaves_earlier_outputs_alone(e2
     from flows.pipeline import StageFailed, pipeline
     from tasks.layout import STAGE_NAMES
 
+    import mlflow
+
+    def outputs():
+        files = [p for d in ("models", "data/tokenized", "metrics", "plots") for p in (e2e_project / d).rglob("*") if p.is_file()]
+        return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files}
+
+    def registry():
+        mlflow.set_tracking_uri(f"sqlite:///{e2e_project / 'mlflow.db'}")
+        return sorted((v.name, v.version, tuple(sorted(v.aliases))) for v in mlflow.MlflowClient().search_model_versions())
+
     _dvc(e2e_project, "repro")
-    before = {p: p.stat().st_mtime_ns for p in (e2e_project / "models").rglob("*") if p.is_file()}
+    before, registry_before = outputs(), registry()
+    assert registry_before and any(p.parts[-2] == "metrics" for p in before)
     lock_before = (e2e_project / "dvc.lock").read_text()
     bad = e2e_project / "data" / "bad_sft.jsonl"
     bad.write_text('{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "ok"}]}\n'
@@ -104,8 +115,8 @@ def test_bad_data_stops_the_flow_at_validate_and_leaves_earlier_outputs_alone(e2
         pipeline(project_dir=str(e2e_project), stages=list(STAGE_NAMES))
     msg = str(err.value)
     assert "validate" in msg and "data/bad_sft.jsonl:2" in msg and "robot" in msg
-    after = {p: p.stat().st_mtime_ns for p in (e2e_project / "models").rglob("*") if p.is_file()}
-    assert after == before, "no model may be touched by a run that failed validation"
+    assert outputs() == before, "no model, tokenised data, metrics or plot may be touched by a failed validation"
+    assert registry() == registry_before, "nothing is registered and no alias moves"
     assert (e2e_project / "dvc.lock").read_text() == lock_before
     assert (e2e_project / "reports/validation.json").exists()
     set_params(e2e_project / "params.yaml", {"data": {"sft": "data/demo/sft.jsonl"}})

@@ -57,6 +57,8 @@ def test_killed_stage_resumes_and_ends_with_the_uninterrupted_metrics(e2e_projec
     keys = [k for k in COMPARED if k in reference["metrics"]]
     assert keys
     for k in keys:
+        print(f"RESUME {stage} killed_at_step={step} {k}: uninterrupted={reference['metrics'][k]!r} "
+              f"resumed={resumed['metrics'][k]!r}")  # read with `pytest -s`; the numbers of the closing note
         assert resumed["metrics"][k] == pytest.approx(reference["metrics"][k], abs=1e-5), k
     assert not (e2e_project / "checkpoints" / stage).exists()
     resumed_files = {p.name: p.read_bytes() for p in (e2e_project / "models" / stage).glob("*.safetensors")}

@@ -231,6 +231,36 @@ def test_interrupted_sft_resumes_to_the_same_result(demo, pt_sft):
     assert resumed.metrics["train/lr"] == pytest.approx(straight.metrics["train/lr"])
 
 
+def test_interrupted_ppo_resumes_with_its_adaptive_kl_coefficient(demo, pt_sft):
+    """The adaptive controller's coefficient lives only in the checkpoint's extra state: a resume
+    that forgot it would restart from kl_coef and drift from the uninterrupted run."""
+    root = demo.root / "resume_ppo"
+    cfg = PPOConfig(max_steps=4, batch_size=8, rollout_batch_size=8, ppo_epochs=1, learning_rate=1e-3,
+                    warmup_steps=0, max_new_tokens=6, kl_coef=0.2, kl_controller="adaptive", kl_target=0.01,
+                    kl_horizon=50, save_every=2, eval_every=0, log_every=1)
+
+    def run(name, log):
+        return run_ppo(cfg, TINY, demo.data, pt_sft.sft_dir, None, root / name / "out", root / name / "ckpt", log,
+                       reward_fn=short_answer_reward)
+
+    straight_log = History()
+    straight = run("straight", straight_log)
+
+    def crash_after_checkpoint(metrics, step):
+        if step == 3:  # the checkpoint of iteration 2 is on disk
+            raise Crash
+    with pytest.raises(Crash):
+        run("resumed", crash_after_checkpoint)
+    resumed_log = History()
+    resumed = run("resumed", resumed_log)
+    coefs = straight_log.values("objective/kl_coef")
+    assert coefs[2] != coefs[0], "the controller moved the coefficient before the checkpoint"
+    assert resumed.resumed_from_step == 2
+    assert resumed_log.values("objective/kl_coef") == pytest.approx(coefs[2:], abs=1e-9)
+    for key in ("objective/scores", "objective/kl", "loss/value_avg"):
+        assert resumed.metrics[key] == pytest.approx(straight.metrics[key], abs=1e-5), key
+
+
 # --- LoRA on the from-scratch tiny model -----------------------------------------------------
 
 def test_pt_with_lora_from_scratch_output_loads_in_the_next_stage(demo):

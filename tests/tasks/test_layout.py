@@ -62,3 +62,14 @@ def test_dvc_lock_reader_and_the_stage_version_and_deps_hash_built_on_it(tmp_pat
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
     assert _dvc_deps_hash(tmp_path, "sft") != before
     assert stage_version({}) == "-" and stage_version(lock["stages"]["pt"]) != stage_version(lock["stages"]["tokenize"])
+
+
+def test_dvc_never_deletes_an_output_before_its_stage_runs():
+    """Without `persist`, `dvc repro` deletes a stage's outputs before running it, so a run that
+    fails (bad data, NaN, Ctrl-C) would destroy the last good model, metrics or plots."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, st in stages.items():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in st.get(kind, []):
+                (path, opts), = entry.items()
+                assert (opts or {}).get("persist") is True, f"{name}: {kind} {path} is not persisted"
