@@ -202,7 +202,10 @@ def test_two_flow_runs_at_once_in_separate_checkouts_share_one_prefect_db(e2e_pr
 
     import mlflow
 
-    betas = {"one": 0.2, "two": 0.3}
+    import yaml
+
+    current = yaml.safe_load((e2e_project / "params.yaml").read_text())["dpo"]["beta"]
+    betas = {"one": round(current * 1.5, 6), "two": round(current * 2.5, 6)}  # both differ from the last dpo run
     for name, beta in betas.items():
         shutil.copytree(e2e_project, tmp_path / name, symlinks=True)
         set_params(tmp_path / name / "params.yaml", {"dpo": {"beta": beta}})
