@@ -26,8 +26,13 @@ def cmd_run(a) -> int:
 
 
 def cmd_stage(a) -> int:
+    import signal
+
+    from rlhf_core.loop import request_stop
     from tasks.stages import run_stage
 
+    # a preempted worker gets SIGTERM: finish the step, checkpoint it, exit (the next run resumes)
+    signal.signal(signal.SIGTERM, lambda signum, frame: request_stop(signum))
     run_stage(a.name, Path(a.project_dir), a.params)
     return 0
 
@@ -140,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except RLHFError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 128 + e.signum if getattr(e, "signum", None) else 2  # loop.Stopped: 143 after SIGTERM
     except KeyboardInterrupt:
         return 130
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 
 from rlhf_core.batching import PairBatch, collate_pairs, index_batches
-from rlhf_core.checkpoint import save_checkpoint
 from rlhf_core.config import DPOConfig, ModelConfig, to_dict
 from rlhf_core.data_io import load_split
 from rlhf_core.logprobs import sequence_logprobs
-from rlhf_core.loop import LogFn, StageResult, Throughput, fingerprint, no_log, optimizer_step, prepare, progress, scalars
+from rlhf_core.loop import (LogFn, StageResult, Throughput, end_of_step, fingerprint, no_log, optimizer_step, prepare,
+                            progress, scalars)
 from rlhf_core.losses import dpo_loss
 from rlhf_core.modeling import apply_lora, check_tokenizer_fits, forward_logits, is_peft, load_causal_lm, save_model
 from rlhf_core.optim import seed_everything
@@ -130,8 +130,7 @@ def run_dpo(cfg: DPOConfig, model_cfg: ModelConfig, data_dir: Path, init_dir: Pa
             metrics.update(evaluate_dpo(policy, ref, eval_ds, pad, cfg, acc.device))
         if done % max(1, cfg.log_every) == 0 or done == cfg.max_steps or "eval/loss" in metrics:
             log(metrics, done)
-        if cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps:
-            save_checkpoint(ckpt_dir, fp, done, **state)
+        end_of_step("dpo", cfg, done, ckpt_dir, fp, state)
     bar.close()
     metrics.update(evaluate_dpo(policy, ref, eval_ds, pad, cfg, acc.device))
     log(metrics, cfg.max_steps)

@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 
 from rlhf_core.batching import collate_lm, index_batches
-from rlhf_core.checkpoint import save_checkpoint
 from rlhf_core.config import ModelConfig, TrainConfig, to_dict
 from rlhf_core.data_io import load_split
-from rlhf_core.loop import LogFn, StageResult, Throughput, fingerprint, no_log, optimizer_step, prepare, progress, scalars
+from rlhf_core.loop import (LogFn, StageResult, Throughput, end_of_step, fingerprint, no_log, optimizer_step, prepare,
+                            progress, scalars)
 from rlhf_core.losses import lm_loss
 from rlhf_core.modeling import (apply_lora, build_tiny_causal_lm, check_tokenizer_fits, forward_logits, load_causal_lm,
                                 save_model)
@@ -68,8 +68,7 @@ def train_lm(stage: str, cfg: TrainConfig, model, tokenizer, train_ds, eval_ds, 
             metrics.update(evaluate_lm(model, eval_ds, pad, cfg.batch_size, acc.device))
         if done % max(1, cfg.log_every) == 0 or done == cfg.max_steps or "eval/loss" in metrics:
             log(metrics, done)
-        if cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps:
-            save_checkpoint(ckpt_dir, fp, done, **state)
+        end_of_step(stage, cfg, done, ckpt_dir, fp, state)
     bar.close()
     metrics.update(evaluate_lm(model, eval_ds, pad, cfg.batch_size, acc.device))
     log(metrics, cfg.max_steps)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -11,8 +12,9 @@ from typing import Callable
 
 import torch
 
-from rlhf_core.checkpoint import load_checkpoint
+from rlhf_core.checkpoint import load_checkpoint, save_checkpoint
 from rlhf_core.config import TrainConfig
+from rlhf_core.errors import RLHFError
 from rlhf_core.optim import check_finite, make_accelerator, make_optimizer, make_scheduler
 
 LogFn = Callable[[dict, int], None]
@@ -21,6 +23,36 @@ LogFn = Callable[[dict, int], None]
 
 def no_log(metrics: dict, step: int) -> None:
     pass
+
+
+class Stopped(RLHFError):
+    """A stop was requested (SIGTERM): the loop wrote a checkpoint of its last step and stopped."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+_stop_signal: int | None = None
+
+
+def request_stop(signum: int | None) -> None:
+    """Ask the running loop to stop after its current step (None withdraws the request). The CLI
+    calls this from its SIGTERM handler, so a preempted worker keeps all the steps it finished."""
+    global _stop_signal
+    _stop_signal = signum
+
+
+def end_of_step(stage: str, cfg: TrainConfig, done: int, ckpt_dir: Path, fp: str, state: dict,
+                extra: dict | None = None) -> None:
+    """Checkpoint every `save_every` steps, and at once when a stop was requested (then raise Stopped)."""
+    stop = _stop_signal is not None and done < cfg.max_steps
+    if stop or (cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps):
+        save_checkpoint(ckpt_dir, fp, done, **state, extra=extra)
+    if stop:
+        name = signal.Signals(_stop_signal).name
+        raise Stopped(f"{stage}: stopped by {name} after step {done}; its checkpoint is in {ckpt_dir}; "
+                      "run the same command again to resume from it", _stop_signal)
 
 
 @dataclass

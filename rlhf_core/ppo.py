@@ -16,14 +16,14 @@ from typing import Callable
 import torch
 
 from rlhf_core.batching import collate_lm, collate_prompts, index_batches
-from rlhf_core.checkpoint import load_checkpoint, save_checkpoint
+from rlhf_core.checkpoint import load_checkpoint
 from rlhf_core.config import ModelConfig, PPOConfig, to_dict
 from rlhf_core.data_io import load_split
 from rlhf_core.gae import compute_token_rewards, gae_advantages
 from rlhf_core.generation import Rollout, decode_responses, sample
 from rlhf_core.kl import kl_penalty, make_kl_controller
 from rlhf_core.logprobs import entropy_from_logits, gather_last, selective_log_softmax
-from rlhf_core.loop import LogFn, StageResult, Throughput, fingerprint, no_log, progress, scalars
+from rlhf_core.loop import LogFn, StageResult, Throughput, end_of_step, fingerprint, no_log, progress, scalars
 from rlhf_core.losses import lm_loss, ppo_policy_loss, ppo_value_loss
 from rlhf_core.masked import masked_mean, masked_whiten
 from rlhf_core.modeling import (apply_lora, check_tokenizer_fits, forward_logits, is_peft, load_causal_lm, load_scalar_model,
@@ -205,8 +205,7 @@ def run_ppo(cfg: PPOConfig, model_cfg: ModelConfig, data_dir: Path, init_dir: Pa
         done = it + 1
         if done % max(1, cfg.log_every) == 0 or done == cfg.max_steps:
             log(metrics, done)
-        if cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps:
-            save_checkpoint(ckpt_dir, fp, done, **state, extra={"kl_controller": kl_ctl.state_dict()})
+        end_of_step("ppo", cfg, done, ckpt_dir, fp, state, extra={"kl_controller": kl_ctl.state_dict()})
     bar.close()
     save_model(acc.unwrap_model(actor), tokenizer, out_dir, merge_lora=cfg.lora.merge)
     return StageResult("ppo", cfg.max_steps, scalars(metrics), speed.seconds, metrics.get("train/tokens_per_second", 0.0), start)

@@ -65,6 +65,35 @@ def test_killed_stage_resumes_and_ends_with_the_uninterrupted_metrics(e2e_projec
     assert resumed_files == model_files, "the resumed run must end with bit-identical weights"
 
 
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_sigterm_checkpoints_the_step_in_progress_and_the_rerun_resumes_there(e2e_project, e2e_flow_run, stage):
+    """A preempted worker gets SIGTERM: the stage finishes the step it is in, checkpoints it (not
+    only the last `save_every` step), exits 143 with a message, and the next run resumes there."""
+    reference = json.loads((e2e_project / f"metrics/{stage}.json").read_text())
+    model_files = {p.name: p.read_bytes() for p in (e2e_project / "models" / stage).glob("*.safetensors")}
+    state = e2e_project / "checkpoints" / stage / "trainer_state.json"
+    proc = subprocess.Popen(stage_cmd(stage), cwd=e2e_project, env=env(RLHF_TEST_STEP_DELAY="1.5"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not state.exists():
+        assert proc.poll() is None and time.time() < deadline, f"{stage}: no checkpoint in time"
+        time.sleep(0.1)
+    periodic = json.loads(state.read_text())["step"]  # save_every; the next step is now in progress
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    stopped_at = json.loads(state.read_text())["step"]
+    assert stopped_at == periodic + 1, "the step in progress was finished and checkpointed"
+    assert f"{stage}: stopped by SIGTERM after step {stopped_at}" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in (e2e_project / "models" / stage).glob("*.safetensors")} == model_files
+    rerun = subprocess.run(stage_cmd(stage), cwd=e2e_project, env=env(), capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    resumed = json.loads((e2e_project / f"metrics/{stage}.json").read_text())
+    assert resumed["resumed_from_step"] == stopped_at
+    assert resumed["metrics"]["train/loss"] == pytest.approx(reference["metrics"]["train/loss"], abs=1e-5)
+    assert {p.name: p.read_bytes() for p in (e2e_project / "models" / stage).glob("*.safetensors")} == model_files
+
+
 def test_tracking_outage_after_training_keeps_the_work_and_a_rerun_only_logs_it(e2e_project, e2e_flow_run):
     down = env(MLFLOW_TRACKING_URI="http://127.0.0.1:9", RLHF_TRACKING_ATTEMPTS="2",
                MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="2")

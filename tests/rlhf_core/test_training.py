@@ -231,6 +231,38 @@ def test_interrupted_sft_resumes_to_the_same_result(demo, pt_sft):
     assert resumed.metrics["train/lr"] == pytest.approx(straight.metrics["train/lr"])
 
 
+def test_a_requested_stop_checkpoints_the_current_step_and_resumes_from_it(demo, pt_sft):
+    """What SIGTERM does through the CLI: the step in progress is finished and checkpointed even
+    between `save_every` checkpoints, the loop raises Stopped, and the next run resumes there."""
+    import signal
+
+    from rlhf_core.loop import Stopped, request_stop
+
+    root = demo.root / "stop"
+    cfg = SFTConfig(max_steps=6, batch_size=8, learning_rate=1e-3, warmup_steps=2, save_every=4, eval_every=0,
+                    log_every=1)
+
+    def run(name, log):
+        return run_sft(cfg, TINY, demo.data, pt_sft.pt_dir, root / name / "out", root / name / "ckpt", log)
+
+    straight = run("straight", History())
+
+    def preempt_during_step_3(metrics, step):
+        if step == 3:
+            request_stop(signal.SIGTERM)
+    try:
+        with pytest.raises(Stopped, match=r"sft: stopped by SIGTERM after step 3; its checkpoint is in .*ckpt"):
+            run("stopped", preempt_during_step_3)
+    finally:
+        request_stop(None)
+    assert json.loads((root / "stopped" / "ckpt" / "trainer_state.json").read_text())["step"] == 3
+    assert not (root / "stopped" / "out").exists()
+    resumed = run("stopped", History())
+    assert resumed.resumed_from_step == 3
+    assert resumed.metrics["train/loss"] == pytest.approx(straight.metrics["train/loss"], abs=1e-5)
+    assert resumed.metrics["eval/loss"] == pytest.approx(straight.metrics["eval/loss"], abs=1e-5)
+
+
 def test_interrupted_ppo_resumes_with_its_adaptive_kl_coefficient(demo, pt_sft):
     """The adaptive controller's coefficient lives only in the checkpoint's extra state: a resume
     that forgot it would restart from kl_coef and drift from the uninterrupted run."""
