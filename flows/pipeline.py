@@ -51,11 +51,15 @@ def run_stage(stage: str, project_dir: str, parent_run_id: str | None, force: bo
     proc = subprocess.Popen(cmd, cwd=root, env=dvc_env(parent_run_id), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     lines = []
-    for line in proc.stdout:
-        lines.append(line.rstrip("\n"))
-        if not line.lstrip().startswith(("pt:", "sft:", "rm:", "dpo:", "ppo:")) or "100%" in line:
-            print(line, end="", flush=True)  # training progress bars are printed at their end only
-    proc.wait()
+    try:
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if not line.lstrip().startswith(("pt:", "sft:", "rm:", "dpo:", "ppo:")) or "100%" in line:
+                print(line, end="", flush=True)  # training progress bars are printed at their end only
+        proc.wait()
+    except BaseException:  # Prefect raises SIGTERM (cancellation, a stopping worker) here as TerminationSignal
+        stop_stage(proc)
+        raise
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         tail = "\n".join(lines[-30:])
@@ -70,6 +74,46 @@ def run_stage(stage: str, project_dir: str, parent_run_id: str | None, force: bo
               "train_seconds": round(metrics.get("wall_seconds", 0.0), 2), "mlflow_run": run.get("mlflow_run_id", "")}
     logger.info("stage %s %s in %.1fs (version %s)", stage, record["status"], seconds, record["version"])
     return record
+
+
+def stop_stage(proc: subprocess.Popen, grace: float | None = None) -> None:
+    """Pass a stop on to the `rlhf stage` process under `dvc repro`: SIGTERM makes it checkpoint the
+    step in progress and exit, then DVC exits and frees its lock. Without this the training would go
+    on, orphaned, holding the lock. After `grace` seconds (RLHF_STOP_GRACE_SECONDS) it is killed."""
+    import signal
+
+    import psutil
+
+    grace = float(os.environ.get("RLHF_STOP_GRACE_SECONDS", "120")) if grace is None else grace
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        tree = []
+    stages = [p for p in tree if _is_stage(p)]  # not the shell DVC may run it in: that would orphan it
+    for p in stages:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
+    try:
+        proc.communicate(timeout=grace)  # drains its output so it cannot block on a full pipe
+    except subprocess.TimeoutExpired:
+        for p in [*stages, psutil.Process(proc.pid)]:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        proc.wait()
+
+
+def _is_stage(p) -> bool:
+    import psutil
+
+    try:
+        argv = p.cmdline()
+    except psutil.Error:
+        return False
+    return "stage" in argv and any(a.endswith(("rlhf", "flows.cli")) for a in argv)
 
 
 def _key_metric(root: Path, stage: str) -> str:

@@ -277,6 +277,40 @@ def test_two_flow_runs_at_once_in_separate_checkouts_share_one_prefect_db(e2e_pr
     assert len(seen) == 2, "each checkout's MLflow store names its own flow run"
 
 
+def test_sigterm_to_the_flow_is_passed_on_to_the_stage_and_the_next_flow_resumes(e2e_project, e2e_flow_run,
+                                                                                 prefect_server, tmp_path):
+    """Cancelling a flow run (SIGTERM to the flow process only, as a stopping worker does): the
+    stage under `dvc repro` checkpoints the step in progress and exits, no training is left running
+    orphaned with DVC's lock, and the next flow run resumes from that step."""
+    import psutil
+
+    from flows.pipeline import pipeline
+
+    dvc(e2e_project, "repro")
+    set_params(e2e_project / "params.yaml", {"sft": {"learning_rate": 0.0008}})
+    state = e2e_project / "checkpoints" / "sft" / "trainer_state.json"
+    flow_proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run"], cwd=e2e_project,
+                                 env=env(RLHF_TEST_STEP_DELAY="1.5", PREFECT_HOME=str(tmp_path / "prefect")),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not state.exists():
+        assert flow_proc.poll() is None and time.time() < deadline, "the flow ended before SFT's first checkpoint"
+        time.sleep(0.1)
+    periodic = json.loads(state.read_text())["step"]
+    tree = [p for p in psutil.Process(flow_proc.pid).children(recursive=True)
+            if {"dvc", "stage"} & set(p.cmdline())]  # `python -m dvc repro`, then `rlhf stage sft`
+    assert any("stage" in p.cmdline() for p in tree), "the stage runs under the flow"
+    flow_proc.send_signal(signal.SIGTERM)
+    assert flow_proc.wait(timeout=180) != 0
+    gone, alive = psutil.wait_procs(tree, timeout=60)
+    assert not alive, f"left running: {[p.cmdline() for p in alive]}"
+    assert json.loads(state.read_text())["step"] == periodic + 1, "the step in progress was checkpointed"
+    records = pipeline(project_dir=str(e2e_project))
+    assert {r["stage"]: r["status"] for r in records}["sft"] == "ran"
+    assert json.loads((e2e_project / "metrics/sft.json").read_text())["resumed_from_step"] == periodic + 1
+    assert "up to date" in dvc(e2e_project, "status")
+
+
 def test_tokenised_data_of_the_wrong_shape_stops_the_next_stage_by_name(e2e_project, e2e_flow_run):
     """Edit a tokenised split behind DVC's back: `rlhf stage sft` names the path, row and rule,
     prints no traceback and leaves the finished SFT model in place."""
