@@ -44,7 +44,7 @@ def check_split(ds, kind: str, where: str | Path, vocab_size: int | None = None,
     def fail(row: int, message: str, rule: str):
         raise TrainingError(f"{where}: row {row}: {message} [{rule}]")
 
-    lengths = {}
+    lengths, flat = {}, {}
     for col in (c for c in expected if c != "weight"):
         arr = table[col].combine_chunks()
         is_list = pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)
@@ -53,30 +53,28 @@ def check_split(ds, kind: str, where: str | Path, vocab_size: int | None = None,
         lengths[col] = n = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
         if (n == 0).any():
             fail(_first(n == 0), f"'{col}' is empty", "non_empty")
-        ids = pc.list_flatten(arr).to_numpy(zero_copy_only=False)
-        row_of = np.repeat(np.arange(len(n)), n)
+        flat[col] = ids = pc.list_flatten(arr).to_numpy(zero_copy_only=False)
         bad = (ids < 0) & ~((ids == IGNORE) & (col == "labels"))
         if vocab_size is not None:
             bad |= ids >= vocab_size
         if bad.any():
             i = _first(bad)
             limit = f"[0, {vocab_size})" if vocab_size is not None else "non-negative ids"
-            fail(int(row_of[i]), f"'{col}' holds token id {int(ids[i])}, outside the tokenizer's {limit}",
-                 "token_range")
-        if col == "labels":
-            inputs = pc.list_flatten(table["input_ids"].combine_chunks()).to_numpy(zero_copy_only=False)
-            if len(inputs) == len(ids):
-                wrong = (ids != IGNORE) & (ids != inputs)
-                if wrong.any():
-                    fail(int(row_of[_first(wrong)]), "'labels' differs from 'input_ids' at an unmasked position",
-                         "labels_aligned")
-                trained = np.add.reduceat(ids != IGNORE, np.concatenate([[0], np.cumsum(n)[:-1]]))
-                if (trained == 0).any():
-                    fail(_first(trained == 0), "every label is masked (-100): nothing to train on", "labels_aligned")
-    if kind == "sft" and (lengths["labels"] != lengths["input_ids"]).any():
-        i = _first(lengths["labels"] != lengths["input_ids"])
-        fail(i, f"'labels' has {lengths['labels'][i]} tokens but 'input_ids' has {lengths['input_ids'][i]}",
-             "labels_aligned")
+            fail(int(np.repeat(np.arange(len(n)), n)[i]),
+                 f"'{col}' holds token id {int(ids[i])}, outside the tokenizer's {limit}", "token_range")
+    if kind == "sft":  # per-row lengths first: only then do the flattened columns line up position by position
+        n_in, n_lab = lengths["input_ids"], lengths["labels"]
+        if (n_lab != n_in).any():
+            i = _first(n_lab != n_in)
+            fail(i, f"'labels' has {n_lab[i]} tokens but 'input_ids' has {n_in[i]}", "labels_aligned")
+        labels = flat["labels"]
+        wrong = (labels != IGNORE) & (labels != flat["input_ids"])
+        if wrong.any():
+            fail(int(np.repeat(np.arange(len(n_lab)), n_lab)[_first(wrong)]),
+                 "'labels' differs from 'input_ids' at an unmasked position", "labels_aligned")
+        trained = np.add.reduceat(labels != IGNORE, np.concatenate([[0], np.cumsum(n_lab)[:-1]]))
+        if (trained == 0).any():
+            fail(_first(trained == 0), "every label is masked (-100): nothing to train on", "labels_aligned")
     if kind == "pt":
         size = block_size if block_size is not None else int(lengths["input_ids"][0])
         if (lengths["input_ids"] != size).any():

@@ -128,6 +128,8 @@ BAD = [
     ("prompts", dict(prompt_ids=[[1]], extra=[0]), r"\[columns\]"),
     ("sft", dict(input_ids=[[1, 2, 3], [1, 2, 3, 4]], labels=[[-100, 2, 3], [-100, 2, 3]]),
      r"tok: row 1: 'labels' has 3 tokens but 'input_ids' has 4 \[labels_aligned\]"),
+    ("sft", dict(input_ids=[[1, 2, 3], [4, 5]], labels=[[-100, 2], [-100, 5, 6]]),  # same total, rows differ
+     r"tok: row 0: 'labels' has 2 tokens but 'input_ids' has 3 \[labels_aligned\]"),
     ("sft", dict(input_ids=[[1, 2, 3]], labels=[[-100, 2, 4]]),
      r"row 0: 'labels' differs from 'input_ids' at an unmasked position \[labels_aligned\]"),
     ("sft", dict(input_ids=[[1, 2], [1, 2]], labels=[[-100, 2], [-100, -100]]), r"row 1: every label is masked"),
