@@ -98,11 +98,12 @@ def stop_stage(proc: subprocess.Popen, grace: float | None = None) -> None:
     try:
         proc.communicate(timeout=grace)  # drains its output so it cannot block on a full pipe
     except subprocess.TimeoutExpired:
-        for p in [*stages, psutil.Process(proc.pid)]:
+        for p in stages:
             try:
                 p.kill()
             except psutil.Error:
                 pass
+        proc.kill()
         proc.wait()
 
 

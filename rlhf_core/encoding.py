@@ -187,7 +187,6 @@ def tokenize_datasets(tokenizer, cfg: TokenizeConfig, out_dir: Path, *, pt_docs:
     `sources` names the file of each kind for error messages."""
     out_dir = Path(out_dir)
     sources = sources or {}
-    policy = {"overlong": cfg.overlong}
     manifest = Manifest()
     if pt_docs is not None:
         split = split_indices(len(pt_docs), cfg.eval_fraction, cfg.seed)
@@ -203,12 +202,12 @@ def tokenize_datasets(tokenizer, cfg: TokenizeConfig, out_dir: Path, *, pt_docs:
                 return None, truncated
             return {"input_ids": ids, "labels": labels}, truncated
         write_split("sft", conversations, enc_sft, split_indices(len(conversations), cfg.eval_fraction, cfg.seed), out_dir, manifest,
-                    ("input_ids", "labels"), **policy, limit=f"tokenize.max_length={cfg.max_length}",
+                    ("input_ids", "labels"), overlong=cfg.overlong, limit=f"tokenize.max_length={cfg.max_length}",
                     source=sources.get("sft", ""))
     if preferences is not None:
         write_split("preference", preferences, lambda p: encode_preference(tokenizer, p, cfg),
                     _group_split([p.group for p in preferences], cfg), out_dir, manifest,
-                    ("prompt_ids", "chosen_ids", "rejected_ids", "weight"), **policy,
+                    ("prompt_ids", "chosen_ids", "rejected_ids", "weight"), overlong=cfg.overlong,
                     limit=f"tokenize.max_response_length={cfg.max_response_length} or max_length={cfg.max_length}",
                     source=sources.get("preference", ""))
     if prompts is not None:
@@ -216,7 +215,7 @@ def tokenize_datasets(tokenizer, cfg: TokenizeConfig, out_dir: Path, *, pt_docs:
             ids, truncated = encode_prompt(tokenizer, p, cfg.max_prompt_length)
             return {"prompt_ids": ids}, truncated
         write_split("prompts", prompts, enc_prompt, split_indices(len(prompts), cfg.eval_fraction, cfg.seed), out_dir, manifest,
-                    ("prompt_ids",), **policy, limit=f"tokenize.max_prompt_length={cfg.max_prompt_length}",
+                    ("prompt_ids",), overlong=cfg.overlong, limit=f"tokenize.max_prompt_length={cfg.max_prompt_length}",
                     source=sources.get("prompts", ""))
     from rlhf_core.data_io import check_tokenized
 

@@ -125,9 +125,9 @@ def save_model(model, tokenizer, out_dir: str | Path, merge_lora: bool = False) 
         verify_saved(tmp, out_dir, model)  # a broken save never replaces the previous good output
 
 
-def verify_saved(path: Path, name: str | Path, model=None) -> None:
-    """Post-condition of a saved model: config, safetensors weights and a tokenizer are there and,
-    given the model that was saved, every tensor it must hold is there with the model's shape."""
+def verify_saved(path: Path, name: str | Path, model) -> None:
+    """Post-condition of a saved model: config, safetensors weights and a tokenizer are there, and
+    every tensor of the model that was saved is there with the model's shape."""
     path = Path(path)
     missing = [what for what, ok in (
         ("config.json or adapter_config.json", (path / "config.json").exists() or (path / "adapter_config.json").exists()),
@@ -136,11 +136,6 @@ def verify_saved(path: Path, name: str | Path, model=None) -> None:
     ) if not ok]
     if missing:
         raise TrainingError(f"{name}: saved model is incomplete (missing {', '.join(missing)})")
-    if model is not None:
-        _check_saved_shapes(path, name, model)
-
-
-def _check_saved_shapes(path: Path, name: str | Path, model) -> None:
     from safetensors import safe_open
 
     if is_peft(model):

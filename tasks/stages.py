@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-
 from rlhf_core.atomic import atomic_dir, atomic_write_text
 from rlhf_core.config import to_dict
 from rlhf_core.errors import RLHFError

@@ -38,9 +38,9 @@ import pandas as pd
 from rlhf_core.errors import ConfigError, DataError
 from rlhf_core.formats import (
     KINDS,
-    decode_json_lines,
     RecordError,
     Turn,
+    decode_json_lines,
     parse_preference,
     parse_prompt,
     parse_pt,
