@@ -25,16 +25,21 @@ def env(**extra):
     return clean_env(**extra)
 
 
+def wait_for_first_checkpoint(proc: subprocess.Popen, state: Path, what: str, timeout: float) -> None:
+    """Wait, while `proc` is still running, until its first checkpoint (`state`) is on disk."""
+    deadline = time.time() + timeout
+    while not state.exists():
+        assert proc.poll() is None, f"{what} ended before its first checkpoint"
+        assert time.time() < deadline, f"{what}: no checkpoint in time"
+        time.sleep(0.1)
+
+
 def kill_after_first_checkpoint(project: Path, stage: str) -> int:
     """Start the stage slowed down, SIGKILL it as soon as a checkpoint exists; return its step."""
     state = project / "checkpoints" / stage / "trainer_state.json"
     proc = subprocess.Popen(stage_cmd(stage), cwd=project, env=env(RLHF_TEST_STEP_DELAY="1.5"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not state.exists():
-        assert proc.poll() is None, f"{stage} ended before its first checkpoint"
-        assert time.time() < deadline, f"{stage}: no checkpoint in time"
-        time.sleep(0.1)
+    wait_for_first_checkpoint(proc, state, stage, timeout=240)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
@@ -74,10 +79,7 @@ def test_sigterm_checkpoints_the_step_in_progress_and_the_rerun_resumes_there(e2
     state = e2e_project / "checkpoints" / stage / "trainer_state.json"
     proc = subprocess.Popen(stage_cmd(stage), cwd=e2e_project, env=env(RLHF_TEST_STEP_DELAY="1.5"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while not state.exists():
-        assert proc.poll() is None and time.time() < deadline, f"{stage}: no checkpoint in time"
-        time.sleep(0.1)
+    wait_for_first_checkpoint(proc, state, stage, timeout=240)
     periodic = json.loads(state.read_text())["step"]  # save_every; the next step is now in progress
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -192,10 +194,7 @@ def test_a_killed_flow_run_can_simply_be_run_again(e2e_project, e2e_flow_run, pr
     worker = subprocess.Popen([sys.executable, "-m", "flows.cli", "run"], cwd=e2e_project, start_new_session=True,
                               env=env(RLHF_TEST_STEP_DELAY="1.5", PREFECT_HOME=str(tmp_path / "prefect")),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not state.exists():
-        assert worker.poll() is None and time.time() < deadline, "the flow ended before SFT's first checkpoint"
-        time.sleep(0.1)
+    wait_for_first_checkpoint(worker, state, "the flow (SFT)", timeout=300)
     os.killpg(worker.pid, signal.SIGKILL)  # the worker and everything it started die at once
     worker.wait()
     gone_by = time.time() + 60  # its grandchildren (dvc, the stage) are reaped by init a moment later;
@@ -292,10 +291,7 @@ def test_sigterm_to_the_flow_is_passed_on_to_the_stage_and_the_next_flow_resumes
     flow_proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run"], cwd=e2e_project,
                                  env=env(RLHF_TEST_STEP_DELAY="1.5", PREFECT_HOME=str(tmp_path / "prefect")),
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not state.exists():
-        assert flow_proc.poll() is None and time.time() < deadline, "the flow ended before SFT's first checkpoint"
-        time.sleep(0.1)
+    wait_for_first_checkpoint(flow_proc, state, "the flow (SFT)", timeout=300)
     periodic = json.loads(state.read_text())["step"]
     tree = [p for p in psutil.Process(flow_proc.pid).children(recursive=True)
             if {"dvc", "stage"} & set(p.cmdline())]  # `python -m dvc repro`, then `rlhf stage sft`
