@@ -26,21 +26,29 @@ from pathlib import Path
 from rlhf_core.atomic import atomic_dir, atomic_write_text
 from rlhf_core.config import TokenizeConfig
 from rlhf_core.errors import DataError
-from rlhf_core.formats import Conversation, PreferencePair, Prompt, Turn
+from rlhf_core.formats import TRAINED_ROLES, Conversation, PreferencePair, Prompt, Turn
 
 IGNORE = -100
 
 
+# Chat-template roles of the turns: a function call is the assistant speaking (trained, see
+# formats.TRAINED_ROLES), a function's result is a `tool` message, as HF chat templates expect.
+TEMPLATE_ROLES = {"function_call": "assistant", "observation": "tool"}
+
+
 def _messages(turns) -> list[dict]:
-    return [{"role": t.role, "content": t.content} for t in turns]
+    return [{"role": TEMPLATE_ROLES.get(t.role, t.role), "content": t.content} for t in turns]
 
 
 class TemplateError(ValueError):
     """The chat template renders a conversation so that token-level masking would be wrong."""
 
 
-def render_ids(tokenizer, turns, add_generation_prompt: bool = False) -> list[int]:
-    text = tokenizer.apply_chat_template(_messages(turns), tokenize=False, add_generation_prompt=add_generation_prompt)
+def render_ids(tokenizer, turns, add_generation_prompt: bool = False, tools: str | None = None) -> list[int]:
+    """Token ids of the template's rendering; `tools` (a JSON list) reaches the template as `tools=`."""
+    extra = {"tools": json.loads(tools)} if tools else {}
+    text = tokenizer.apply_chat_template(_messages(turns), tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         **extra)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -69,17 +77,19 @@ def split_reply(tokenizer, reply: list[int]) -> tuple[list[int], list[int]]:
     return reply + [eos], []
 
 
-def response_ids(tokenizer, prompt: tuple[Turn, ...], response: str, prompt_ids: list[int] | None = None) -> list[int]:
+def response_ids(tokenizer, prompt: tuple[Turn, ...], response: str, prompt_ids: list[int] | None = None,
+                 tools: str | None = None) -> list[int]:
     """Token ids of one assistant reply after `prompt`, through the end-of-turn token: exactly
     what a rollout that stops at EOS produces."""
-    prompt_ids = render_ids(tokenizer, prompt, True) if prompt_ids is None else prompt_ids
-    full = render_ids(tokenizer, (*prompt, Turn("assistant", response)))
+    prompt_ids = render_ids(tokenizer, prompt, True, tools) if prompt_ids is None else prompt_ids
+    full = render_ids(tokenizer, (*prompt, Turn("assistant", response)), tools=tools)
     _extends(prompt_ids, full, "the prompt with the generation prompt")
     return split_reply(tokenizer, full[len(prompt_ids):])[0]
 
 
 def encode_sft(tokenizer, conv: Conversation, max_length: int) -> tuple[list[int], list[int], bool]:
-    """(input_ids, labels, truncated) for one chat; labels are -100 outside assistant turns.
+    """(input_ids, labels, truncated) for one chat; labels are -100 outside trained turns
+    (`formats.TRAINED_ROLES`: assistant replies and function calls).
 
     input_ids are the template's rendering of the whole chat (plus EOS after a turn the template
     leaves unclosed); labels keep each assistant reply through its end-of-turn token."""
@@ -87,10 +97,10 @@ def encode_sft(tokenizer, conv: Conversation, max_length: int) -> tuple[list[int
     labels: list[int] = []
     rendered: list[int] = []  # template tokens of the chat so far
     for i, turn in enumerate(conv.turns):
-        if turn.role != "assistant":
+        if turn.role not in TRAINED_ROLES:
             continue
-        prefix = render_ids(tokenizer, conv.turns[:i], add_generation_prompt=True)
-        full = render_ids(tokenizer, conv.turns[: i + 1])
+        prefix = render_ids(tokenizer, conv.turns[:i], add_generation_prompt=True, tools=conv.tools)
+        full = render_ids(tokenizer, conv.turns[: i + 1], tools=conv.tools)
         _extends(rendered, prefix, f"turns 1-{i}")
         _extends(prefix, full, f"turns 1-{i} with the generation prompt")
         trained, tail = split_reply(tokenizer, full[len(prefix):])
@@ -115,9 +125,9 @@ def pack_blocks(tokenizer, docs: list[str], block_size: int) -> tuple[list[list[
 
 
 def encode_preference(tokenizer, pair: PreferencePair, cfg: TokenizeConfig) -> tuple[dict, bool]:
-    prompt = render_ids(tokenizer, pair.prompt, add_generation_prompt=True)
-    chosen = response_ids(tokenizer, pair.prompt, pair.chosen, prompt)
-    rejected = response_ids(tokenizer, pair.prompt, pair.rejected, prompt)
+    prompt = render_ids(tokenizer, pair.prompt, add_generation_prompt=True, tools=pair.tools)
+    chosen = response_ids(tokenizer, pair.prompt, pair.chosen, prompt, pair.tools)
+    rejected = response_ids(tokenizer, pair.prompt, pair.rejected, prompt, pair.tools)
     truncated = False
     cap = min(cfg.max_response_length, cfg.max_length - 1)
     if max(len(chosen), len(rejected)) > cap:
@@ -131,7 +141,7 @@ def encode_preference(tokenizer, pair: PreferencePair, cfg: TokenizeConfig) -> t
 
 
 def encode_prompt(tokenizer, prompt: Prompt, max_prompt_length: int) -> tuple[list[int], bool]:
-    ids = render_ids(tokenizer, prompt.messages, add_generation_prompt=True)
+    ids = render_ids(tokenizer, prompt.messages, add_generation_prompt=True, tools=prompt.tools)
     return ids[-max_prompt_length:], len(ids) > max_prompt_length
 
 

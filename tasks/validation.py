@@ -3,10 +3,11 @@
 `validate_file(path, kind)` checks one file in three passes and returns a `ValidationReport`; it
 never raises for bad data, it reports it:
 
-1. Structural pass. Every line is read on its own, so one bad line does not hide the next: bad
-   UTF-8, malformed JSON and records the `rlhf_core.formats` parser rejects each become a
-   `Failure` with the 1-based line (expectation `record_format`). A missing or empty file is one
-   `Failure` at line 0 (expectation `file_readable`).
+1. Structural pass. Every record is read on its own, so one bad record does not hide the next:
+   bad UTF-8, malformed JSON, duplicate keys, records the `rlhf_core.formats` parser rejects and
+   records whose shape differs from the file's first shape each become a `Failure` with the
+   1-based line (expectation `record_format`). A missing, empty or unreadable file, a directory or
+   a symlink loop is one `Failure` at line 0 (expectation `file_readable`).
 2. Great Expectations pass. The records that parsed are flattened into a pandas DataFrame whose
    index is the source line number, and the kind's expectation suite (`rlhf_pt`, `rlhf_sft`,
    `rlhf_preference`, `rlhf_prompts`) runs on it. Each unexpected index maps back to a file line.
@@ -14,6 +15,10 @@ never raises for bad data, it reports it:
    suite per kind serves every configuration.
 3. Duplicates. Records equal to an earlier record are counted and their lines listed; they fail
    the file only when their fraction exceeds `max_duplicate_fraction`.
+
+The bad-row policy: the records with a failure are set aside (`report.invalid_lines`); the file
+passes when they are at most `max_invalid_fraction` of its records and nothing failed at line 0
+(the file as a whole). 0 restores all-or-nothing.
 
 The parser already rejects most broken records, so on real files the suite mostly catches what
 the parser does not know about (limits: text length, number of turns, number of rows); the
@@ -38,14 +43,19 @@ import pandas as pd
 from rlhf_core.errors import ConfigError, DataError
 from rlhf_core.formats import (
     KINDS,
+    given,
     RecordError,
     Turn,
-    decode_json_lines,
+    check_text,
+    detect_shape,
+    iter_objects,
+    open_source,
     parse_preference,
     parse_prompt,
     parse_pt,
     parse_sft,
-    read_pt_documents,
+    rename_columns,
+    text_documents,
 )
 
 __all__ = [
@@ -83,31 +93,41 @@ class ValidationLimits:
     """Fewest valid records a file may hold."""
     max_rows: int = 1_000_000
     """Most valid records a file may hold."""
-    max_chars: int = 20_000
-    """Most characters in any one text field (a document, a turn, a prompt message, a response)."""
-    max_turns: int = 64
-    """Most turns in one conversation or prompt (a preference pair counts its prompt and one reply)."""
+    max_chars: int | None = None
+    """Most characters in any one chat text field (a turn, a prompt message, a response); None: no
+    limit, since the tokenize stage's `overlong` policy handles length. PT documents are never
+    rejected for length (PT cuts them into blocks)."""
+    max_turns: int | None = None
+    """Most turns in one conversation or prompt (a preference pair counts its prompt and one reply);
+    None: no limit."""
     max_duplicate_fraction: float = 1.0
     """Duplicates are always reported; they fail the file only above this fraction of its records."""
+    max_invalid_fraction: float = 0.02
+    """Invalid records up to this fraction of a file's records are set aside (written to
+    `reports/rejected/`) and the run goes on with the rest; above it the file fails. 0: any
+    invalid record fails the file."""
 
     def __post_init__(self) -> None:
         for key in ("min_rows", "max_rows", "max_chars", "max_turns"):
             value = getattr(self, key)
+            if value is None and key in ("max_chars", "max_turns"):
+                continue
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(key, f"must be an integer, got {type(value).__name__}")
         if self.min_rows < 0:
             raise ConfigError("min_rows", f"must be >= 0, got {self.min_rows}")
         if self.max_rows < max(1, self.min_rows):
             raise ConfigError("max_rows", f"must be >= 1 and >= min_rows ({self.min_rows}), got {self.max_rows}")
-        if self.max_chars < 1:
+        if self.max_chars is not None and self.max_chars < 1:
             raise ConfigError("max_chars", f"must be >= 1, got {self.max_chars}")
-        if self.max_turns < 1:
+        if self.max_turns is not None and self.max_turns < 1:
             raise ConfigError("max_turns", f"must be >= 1, got {self.max_turns}")
-        frac = self.max_duplicate_fraction
-        if isinstance(frac, bool) or not isinstance(frac, (int, float)):
-            raise ConfigError("max_duplicate_fraction", f"must be a number, got {type(frac).__name__}")
-        if not (math.isfinite(frac) and 0.0 <= frac <= 1.0):
-            raise ConfigError("max_duplicate_fraction", f"must be between 0 and 1, got {frac}")
+        for key in ("max_duplicate_fraction", "max_invalid_fraction"):
+            frac = getattr(self, key)
+            if isinstance(frac, bool) or not isinstance(frac, (int, float)):
+                raise ConfigError(key, f"must be a number, got {type(frac).__name__}")
+            if not (math.isfinite(frac) and 0.0 <= frac <= 1.0):
+                raise ConfigError(key, f"must be between 0 and 1, got {frac}")
 
 
 @dataclass(frozen=True)
@@ -139,6 +159,14 @@ class ValidationReport:
     """Records that parsed and went through the GX suite."""
     success: bool
     failures: list[Failure] = field(default_factory=list)
+    records: int = 0
+    """Records read (valid or not): the denominator of the invalid fraction."""
+    invalid_lines: list[int] = field(default_factory=list)
+    """Lines of the records set aside (every line with a failure)."""
+    max_invalid_fraction: float = 0.0
+    shape: str | None = None
+    """The file's shape (`rlhf_core.formats.SHAPES`), from its first record that has one."""
+    bom_stripped: bool = False
     duplicates: int = 0
     duplicate_lines: list[int] = field(default_factory=list)
     expectations: list[dict] = field(default_factory=list)
@@ -148,6 +176,28 @@ class ValidationReport:
     def to_dict(self) -> dict:
         """A JSON-serialisable dict (for MLflow artifacts and DVC metrics)."""
         return asdict(self)
+
+    @property
+    def invalid(self) -> int:
+        return len(self.invalid_lines)
+
+    @property
+    def valid(self) -> int:
+        return self.records - self.invalid
+
+    def policy(self) -> str:
+        """What the bad-row policy made of the file: shape, records, how many were set aside."""
+        text = f"{self.shape or 'no shape'}, {self.records} record(s)"
+        if self.bom_stripped:
+            text += ", UTF-8 BOM stripped"
+        if self.records:
+            share = self.invalid / self.records
+            over = share > self.max_invalid_fraction
+            text += (f", {self.invalid} invalid ({share:.1%}, {'over' if over else 'within'} "
+                     f"max_invalid_fraction={self.max_invalid_fraction})")
+            if self.invalid and not over:
+                text += f", {self.invalid} set aside"
+        return text
 
     def format(self, limit: int = 20) -> str:
         """One line per failure (at most `limit`), then a summary line."""
@@ -163,7 +213,7 @@ class ValidationReport:
         lines.append(
             f"{self.path}: {self.kind}: {'OK' if self.success else 'FAILED'}: {self.rows} valid record(s), "
             f"{len(self.failures)} failure(s), {self.duplicates} duplicate(s){dup}, "
-            f"{met}/{len(self.expectations)} expectations met"
+            f"{met}/{len(self.expectations)} expectations met; {self.policy()}"
         )
         return "\n".join(lines)
 
@@ -192,13 +242,6 @@ def _required_text(*columns: str) -> list:
     return [e for c in columns for e in (_not_null(c), _not_blank(c))]
 
 
-def _text_length_at_most_max_chars(column: str):
-    import great_expectations.expectations as gxe
-    return gxe.ExpectColumnValueLengthsToBeBetween(
-        column=column, min_value=1, max_value=_p("max_chars"),
-        meta={"rule": "has {length} characters, more than max_chars={max_chars}"})
-
-
 def _longest_text_at_most_max_chars(column: str):
     import great_expectations.expectations as gxe
     return gxe.ExpectColumnValuesToBeBetween(
@@ -217,16 +260,17 @@ def _turns_at_most_max_turns(column: str = "n_turns"):
 def _ends_with_assistant(column: str = "last_role"):
     import great_expectations.expectations as gxe
     return gxe.ExpectColumnValuesToBeInSet(
-        column=column, value_set=["assistant"],
+        column=column, value_set=["assistant", "function_call"],
         meta={"rule": "conversation must end with the assistant turn, ends with {value}"})
 
 
 def _roles_alternate(column: str = "roles"):
     import great_expectations.expectations as gxe
     return gxe.ExpectColumnValuesToMatchRegex(
-        column=column, regex=r"^(?:system,)?user,assistant(?:,user,assistant)*$",
-        meta={"rule": "roles must be an optional system turn, then user and assistant alternating; "
-                      "got {value}"})
+        column=column,
+        regex=r"^(?:system,)?user,(?:assistant|function_call)(?:,(?:user|observation),(?:assistant|function_call))*$",
+        meta={"rule": "roles must be an optional system turn, then user (or observation) and assistant (or "
+                      "function_call) alternating; got {value}"})
 
 
 def _responses_differ(chosen: str = "chosen", rejected: str = "rejected"):
@@ -245,8 +289,8 @@ def _row_count_bounds() -> list:
     ]
 
 
-def _pt_suite() -> list:
-    return [*_required_text("text"), _text_length_at_most_max_chars("text"), *_row_count_bounds()]
+def _pt_suite() -> list:  # no length rule: PT cuts documents into blocks
+    return [*_required_text("text"), *_row_count_bounds()]
 
 
 def _sft_suite() -> list:
@@ -395,55 +439,49 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"unknown kind {kind!r}; allowed kinds: {', '.join(KINDS)}")
 
 
-def _json_lines(raw: bytes) -> tuple[list[tuple[int, Any]], list[Failure]]:
-    """(line, object) for each non-blank line that decodes; a Failure for each that does not."""
-    objects, failures = [], []
-    for lineno, obj, error in decode_json_lines(raw):
-        if error:
-            failures.append(Failure(lineno, None, RECORD_FORMAT, error))
-        else:
-            objects.append((lineno, obj))
-    return objects, failures
-
-
 def _longest(texts: list[tuple[str, str]]) -> tuple[int, str]:
     """(length, label) of the longest (label, text)."""
     return max(((len(t), label) for label, t in texts), key=lambda x: x[0])
 
 
 def _chat_key(obj: dict) -> str:
-    return "conversations" if "conversations" in obj else "messages"
+    return "conversations" if obj.get("conversations") is not None else "messages"
 
 
-def _prompt_labels(obj: dict, turns: tuple[Turn, ...], chat: bool) -> list[tuple[str, str]]:
-    """(field label, text) for each prompt turn, named after where it came from in the record."""
-    n = len(turns)
-    if chat and ("conversations" in obj or "messages" in obj):
-        labels = [f"{_chat_key(obj)}[{i}]" for i in range(n)]
-    elif "question" in obj:
-        labels = ["system"] if obj.get("system") is not None else []
+def _turn_labels(obj: dict, shape: str, n: int) -> list[str]:
+    """A field label for each of the first `n` turns a record of `shape` yields, named after where
+    the text came from in the record (so a failure points at the right field)."""
+    system = ["system"] if given(obj, "system") else []
+    if shape in ("sharegpt", "messages", "sharegpt_pair", "messages_pair"):
+        key = _chat_key(obj)
+        labels = system + [f"{key}[{i}]" for i in range(len(obj.get(key) or []))]
+    elif shape in ("question", "alpaca", "alpaca_pair"):
+        labels = list(system)
         for i in range(len(obj.get("history") or [])):
             labels += [f"history[{i}][0]", f"history[{i}][1]"]
-        labels.append("question")
+        labels += ["question"] if shape == "question" else ["instruction", "output"]
+    elif shape == "implicit_prompt":
+        labels = [f"chosen turn {i}" for i in range(n)]
     elif isinstance(obj.get("prompt"), list):
-        labels = [f"prompt[{i}]" for i in range(n)]
+        labels = [f"prompt[{i}]" for i in range(len(obj["prompt"]))]
     else:
-        labels = ["prompt"]
+        labels = system + ["prompt"]
+    labels = labels[:n]
     if len(labels) != n:  # never expected; keep the report usable anyway
-        labels = [f"prompt turn {i}" for i in range(n)]
-    return [(label, t.content) for label, t in zip(labels, turns)]
+        labels = [f"turn {i}" for i in range(n)]
+    return labels
 
 
-def _flatten_pt(obj: Any, lineno: int) -> tuple[dict, Any]:
+def _flatten_pt(obj: Any, shape: str) -> tuple[dict, Any]:
     text = parse_pt(obj)
     return {"text": text}, text
 
 
-def _flatten_sft(obj: Any, lineno: int) -> tuple[dict, Any]:
+def _flatten_sft(obj: Any, shape: str) -> tuple[dict, Any]:
     conv = parse_sft(obj)
     turns = conv.turns
-    key = _chat_key(obj)
-    chars, label = _longest([(f"{key}[{i}]", t.content) for i, t in enumerate(turns)])
+    labels = _turn_labels(obj, shape, len(turns))
+    chars, label = _longest([(lab, t.content) for lab, t in zip(labels, turns)])
     row = {
         "first_user": next((t.content for t in turns if t.role == "user"), None),
         "last_role": turns[-1].role,
@@ -455,20 +493,20 @@ def _flatten_sft(obj: Any, lineno: int) -> tuple[dict, Any]:
     return row, conv
 
 
-def _flatten_preference(obj: Any, lineno: int) -> tuple[dict, Any]:
-    pairs = parse_preference(obj, group=lineno)
+def _flatten_preference(obj: Any, shape: str) -> tuple[dict, Any]:
+    pairs = parse_preference(obj, group=0)
     first = pairs[0]
     # A ranking expands best-first into (0,1), (0,2), ..., so the pairs led by the best response
     # hold every other response once; the last pair's rejected is the worst response.
     responses = [first.chosen] + [p.rejected for p in pairs if p.chosen == first.chosen]
-    if "responses" in obj:
+    if shape == "ranking":
         response_labels = [f"responses[{i}]" for i in range(len(responses))]
-    elif "question" in obj:
+    elif shape == "question":
         response_labels = ["response_chosen", "response_rejected"]
     else:
         response_labels = ["chosen", "rejected"]
-    texts = _prompt_labels(obj, first.prompt, chat=False) + list(zip(response_labels, responses))
-    chars, label = _longest(texts)
+    texts = list(zip(_turn_labels(obj, shape, len(first.prompt)), (t.content for t in first.prompt)))
+    chars, label = _longest(texts + list(zip(response_labels, responses)))
     row = {
         "prompt": first.prompt[-1].content,
         "chosen": first.chosen,
@@ -477,13 +515,14 @@ def _flatten_preference(obj: Any, lineno: int) -> tuple[dict, Any]:
         "max_chars": chars,
         "longest_field": label,
     }
-    return row, tuple((p.prompt, p.chosen, p.rejected) for p in pairs)
+    return row, tuple((p.prompt, p.chosen, p.rejected, p.tools) for p in pairs)
 
 
-def _flatten_prompts(obj: Any, lineno: int) -> tuple[dict, Any]:
+def _flatten_prompts(obj: Any, shape: str) -> tuple[dict, Any]:
     prompt = parse_prompt(obj)
     msgs = prompt.messages
-    chars, label = _longest(_prompt_labels(obj, msgs, chat=True))
+    labels = _turn_labels(obj, shape, len(msgs))
+    chars, label = _longest([(lab, t.content) for lab, t in zip(labels, msgs)])
     row = {"prompt": msgs[-1].content, "n_turns": len(msgs), "max_chars": chars, "longest_field": label}
     return row, prompt
 
@@ -492,53 +531,106 @@ _FLATTEN = {"pt": _flatten_pt, "sft": _flatten_sft, "preference": _flatten_prefe
             "prompts": _flatten_prompts}
 
 
-def _structural_pass(path: Path, kind: str) -> tuple[list[tuple[int, dict, Any]], list[Failure], bool]:
-    """(records as (line, row, content key), failures, readable)."""
-    if not path.is_file():
-        return [], [Failure(0, None, FILE_READABLE, "file does not exist")], False
-    if kind == "pt" and path.suffix == ".txt":
-        return _pt_text_pass(path)
+@dataclass
+class _Read:
+    """What the structural pass found in one file."""
+    records: list[tuple[int, dict, Any]] = field(default_factory=list)  # (line, row, content key)
+    failures: list[Failure] = field(default_factory=list)
+    readable: bool = True
+    count: int = 0  # records read, valid or not
+    shape: str | None = None
+    bom: bool = False
+
+
+def _token_pattern(tokens: Iterable[str]):
+    import re
+
+    tokens = sorted({t for t in tokens if t}, key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, tokens))) if tokens else None
+
+
+def find_token(value: Any, pattern, where: str = "") -> tuple[str, str] | None:
+    """(field, token) of the first string in a raw record holding one of the tokenizer's own
+    special or added tokens, or None."""
+    if isinstance(value, str):
+        found = pattern.search(value)
+        return (where or "<record>", found.group()) if found else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        hit = find_token(item, pattern, f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}" if where else key)
+        if hit:
+            return hit
+    return None
+
+
+def _structural_pass(path: Path, kind: str, columns: dict[str, str] | None = None,
+                     special_tokens: Iterable[str] = ()) -> _Read:
+    read = _Read()
     try:
-        raw = path.read_bytes()
-    except OSError as e:
-        return [], [Failure(0, None, FILE_READABLE, f"cannot be read ({e.strerror or e})")], False
-    if not raw.strip():
-        return [], [Failure(0, None, FILE_READABLE, "file is empty")], False
-    objects, failures = _json_lines(raw)
-    records = []
+        src = open_source(path)
+    except DataError as e:
+        return _Read(failures=[Failure(0, None, FILE_READABLE, e.rule)], readable=False)
+    read.bom = src.bom
+    if src.layout == "txt":
+        if kind != "pt":
+            return _Read(failures=[Failure(0, None, FILE_READABLE, f"a .txt file holds PT text; {kind} data must be "
+                                            "JSON lines, a JSON array, a datasets folder or Parquet")], readable=False)
+        return _pt_text_pass(src.path)
+    pattern = _token_pattern(special_tokens)
     flatten = _FLATTEN[kind]
-    for lineno, obj in objects:
-        try:
-            row, key = flatten(obj, lineno)
-        except RecordError as e:
-            failures.append(Failure(lineno, e.field, RECORD_FORMAT, e.rule))
-            continue
-        except Exception as e:  # the parser tripped on something it did not foresee
-            failures.append(Failure(lineno, None, RECORD_FORMAT,
-                                    f"record could not be parsed ({type(e).__name__}: {e})"))
-            continue
-        records.append((lineno, row, key))
-    return records, failures, True
-
-
-def _pt_text_pass(path: Path) -> tuple[list[tuple[int, dict, Any]], list[Failure], bool]:
+    first: tuple[str, int] | None = None
     try:
-        docs = read_pt_documents(path)
+        for lineno, obj, fld, error in iter_objects(src):
+            read.count += 1
+            if error:
+                read.failures.append(Failure(lineno, fld, RECORD_FORMAT, error))
+                continue
+            obj = rename_columns(obj, columns)
+            try:
+                shape = detect_shape(kind, obj)
+                if first is None:
+                    first = (shape, lineno)
+                elif shape != first[0]:
+                    raise RecordError("<record>", f"has the shape '{shape}', but the file's records have the shape "
+                                                  f"'{first[0]}' (line {first[1]}); a file holds one shape")
+                hit = find_token(obj, pattern) if pattern else None
+                if hit:
+                    raise RecordError(hit[0], f"contains {hit[1]!r}, a special token of the model's tokenizer, which "
+                                              "it would read as a control token (data-side prompt injection)")
+                row, key = flatten(obj, shape)
+            except RecordError as e:
+                read.failures.append(Failure(lineno, e.field, RECORD_FORMAT, e.rule))
+                continue
+            except Exception as e:  # the parser tripped on something it did not foresee
+                read.failures.append(Failure(lineno, None, RECORD_FORMAT,
+                                             f"record could not be parsed ({type(e).__name__}: {e})"))
+                continue
+            read.records.append((lineno, row, key))
+    except DataError as e:  # the file cannot be read on from here
+        read.failures.append(Failure(e.line, e.field, FILE_READABLE if e.line == 0 else RECORD_FORMAT, e.rule))
+        read.readable = e.line != 0
+    if read.count == 0 and read.readable:
+        return _Read(failures=[Failure(0, None, FILE_READABLE, "file is empty")], readable=False, bom=src.bom)
+    read.shape = first[0] if first else None
+    return read
+
+
+def _pt_text_pass(path: Path) -> _Read:
+    try:
+        docs, bom = text_documents(path)
     except DataError as e:
         # The file is read as a whole, so nothing of it is usable: report and skip the GX pass.
-        return [], [Failure(e.line, e.field, FILE_READABLE if e.line == 0 else RECORD_FORMAT, e.rule)], False
+        return _Read(failures=[Failure(e.line, e.field, FILE_READABLE if e.line == 0 else RECORD_FORMAT, e.rule)],
+                     readable=False)
     except OSError as e:
-        return [], [Failure(0, None, FILE_READABLE, f"cannot be read ({e.strerror or e})")], False
-    # Documents are stripped pieces of the text, in order: find each to recover its first line.
-    text = path.read_bytes().decode("utf-8")
-    records, pos = [], 0
-    for doc in docs:
-        at = text.find(doc, pos)
-        if at < 0:  # cannot happen for stripped substrings; keep going rather than raise
-            at = pos
-        records.append((text.count("\n", 0, at) + 1, {"text": doc}, doc))
-        pos = at + len(doc)
-    return records, [], True
+        return _Read(failures=[Failure(0, None, FILE_READABLE, f"cannot be read ({e.strerror or e})")], readable=False)
+    read = _Read(count=len(docs), shape="txt", bom=bom)
+    for line, doc in docs:
+        try:
+            read.records.append((line, {"text": check_text(doc, "text")}, doc))
+        except RecordError as e:
+            read.failures.append(Failure(line, e.field, RECORD_FORMAT, e.rule))
+    return read
 
 
 def _frame(kind: str, records: list[tuple[int, dict, Any]]) -> pd.DataFrame:
@@ -564,36 +656,53 @@ def _duplicates(records: Iterable[tuple[int, dict, Any]]) -> list[int]:
 
 # --- public entry points ---------------------------------------------------------------------
 
-def validate_file(path: str | Path, kind: str, limits: ValidationLimits = ValidationLimits()) -> ValidationReport:
+def validate_file(path: str | Path, kind: str, limits: ValidationLimits = ValidationLimits(),
+                  columns: dict[str, str] | None = None, special_tokens: Iterable[str] = ()) -> ValidationReport:
     """Validate one input file of `kind` ("pt", "sft", "preference" or "prompts").
 
+    `columns` renames the file's own keys (params.yaml `data.columns.<kind>`); `special_tokens`
+    are the model tokenizer's own control tokens, refused in any text on top of the usual ones.
     Raises ValueError only for an unknown kind; bad data is reported, never raised.
     """
     _check_kind(kind)
     path = Path(path)
-    records, failures, readable = _structural_pass(path, kind)
-    report = ValidationReport(path=str(path), kind=kind, rows=len(records), success=False)
-    if readable:
-        frame = _frame(kind, records)
+    read = _structural_pass(path, kind, columns, special_tokens)
+    failures = read.failures
+    report = ValidationReport(path=str(path), kind=kind, rows=len(read.records), success=False, records=read.count,
+                              max_invalid_fraction=limits.max_invalid_fraction, shape=read.shape, bom_stripped=read.bom)
+    if read.readable:
+        frame = _frame(kind, read.records)
         gx_failures, report.expectations = check_frame(kind, frame, limits)
         failures += gx_failures
-        report.duplicate_lines = _duplicates(records)
+        report.duplicate_lines = _duplicates(read.records)
         report.duplicates = len(report.duplicate_lines)
-        if records and report.duplicates / len(records) > limits.max_duplicate_fraction:
+        if read.records and report.duplicates / len(read.records) > limits.max_duplicate_fraction:
             failures.append(Failure(
                 0, None, DUPLICATE_FRACTION,
-                f"{report.duplicates} of {len(records)} records repeat an earlier record "
-                f"({report.duplicates / len(records):.1%}), more than max_duplicate_fraction="
+                f"{report.duplicates} of {len(read.records)} records repeat an earlier record "
+                f"({report.duplicates / len(read.records):.1%}), more than max_duplicate_fraction="
                 f"{limits.max_duplicate_fraction}"))
     report.failures = sorted(failures, key=lambda f: f.line)
-    report.success = not report.failures
+    report.invalid_lines = sorted({f.line for f in failures if f.line > 0})
+    whole_file = not read.readable or any(f.line == 0 for f in failures)
+    share = report.invalid / report.records if report.records else 0.0
+    report.success = not whole_file and share <= limits.max_invalid_fraction
     return report
 
 
 def validate_files(paths_and_kinds: list[tuple[str | Path, str]],
-                   limits: ValidationLimits = ValidationLimits()) -> list[ValidationReport]:
-    """Validate several files; every kind is checked before any file is read."""
+                   limits: ValidationLimits = ValidationLimits(), columns: dict[str, dict] | None = None,
+                   special_tokens: Iterable[str] = ()) -> list[ValidationReport]:
+    """Validate several files; every kind is checked before any file is read. `columns` maps a
+    kind to its column renaming."""
     pairs = list(paths_and_kinds)
     for _, kind in pairs:
         _check_kind(kind)
-    return [validate_file(path, kind, limits) for path, kind in pairs]
+    columns = columns or {}
+    return [validate_file(path, kind, limits, columns.get(kind), special_tokens) for path, kind in pairs]
+
+
+def rejected_records(report: ValidationReport) -> list[dict]:
+    """One JSON-able entry per failure of a set-aside record: line, field, rule, expectation."""
+    return [{"line": f.line, "field": f.field, "rule": f.rule, "expectation": f.expectation}
+            for f in report.failures if f.line > 0]

@@ -56,12 +56,16 @@ TRL_CHAT = {"prompt": [{"role": "system", "content": "Be nice."}, {"role": "user
 RANKING = {"prompt": "Rank me.", "responses": ["best", "middle", "worst"]}
 
 GOOD = [
-    ("sft", "sharegpt.jsonl", [SHAREGPT, MESSAGES]),
+    ("sft", "sharegpt.jsonl", [SHAREGPT, {"conversations": SHAREGPT["conversations"][1:]}]),
     ("sft", "messages.jsonl", [MESSAGES]),
     ("preference", "question.jsonl", [QUESTION, {"question": "Q?", "response_chosen": "A", "response_rejected": "B"}]),
     ("preference", "trl.jsonl", [TRL, TRL_CHAT]),
     ("preference", "ranking.jsonl", [RANKING]),
-    ("prompts", "prompts.jsonl", [{"prompt": "Tell a joke."}, MESSAGES, SHAREGPT, QUESTION, TRL]),
+    ("prompts", "prompts.jsonl", [{"prompt": "Tell a joke."}, {"prompt": "Name a colour."}]),
+    ("prompts", "prompts_trl.jsonl", [TRL]),
+    ("prompts", "prompts_messages.jsonl", [MESSAGES]),
+    ("prompts", "prompts_sharegpt.jsonl", [SHAREGPT]),
+    ("prompts", "prompts_question.jsonl", [QUESTION]),
     ("pt", "docs.jsonl", [{"text": "A document."}, {"text": "Another one."}]),
     ("pt", "lines.txt", ["First document.", "Second document."]),
     ("pt", "paragraphs.txt", ["Para one,", "still one.", "", "Para two."]),
@@ -78,7 +82,7 @@ def test_good_files_pass(tmp_path, kind, name, lines):
     assert {"expect_column_values_to_not_be_null", "expect_table_row_count_to_be_between",
             "expect_column_values_to_match_regex"} <= names
     assert all(e["success"] for e in report.expectations)
-    assert report.format().endswith("expectations met") and ": OK:" in report.format()
+    assert "expectations met; " in report.format() and ": OK:" in report.format()
 
 
 def test_every_kind_lists_its_named_expectations(tmp_path):
@@ -122,20 +126,16 @@ BAD = [
      (2, None, "record_format", "not valid UTF-8")),
     ("non_utf8_txt", "pt", "a.txt", ["one", "two", b"thr\xffee"], None,
      (3, None, "record_format", "not valid UTF-8")),
-    ("too_long_pt", "pt", "a.jsonl", [{"text": "short"}, {"text": "x" * 11}], ValidationLimits(max_chars=10),
-     (2, "text", "expect_column_value_lengths_to_be_between", "has 11 characters, more than max_chars=10")),
     ("too_long_sft_turn", "sft", "a.jsonl", [_msgs(("user", "hi"), ("assistant", "y" * 30))],
      ValidationLimits(max_chars=10),
      (1, "messages[1]", "expect_column_values_to_be_between", "has 30 characters, more than max_chars=10")),
-    ("too_long_ranked_response", "preference", "a.jsonl", [TRL, dict(RANKING, responses=["a", "b" * 30, "c"])],
+    ("too_long_ranked_response", "preference", "a.jsonl", [RANKING, dict(RANKING, responses=["a", "b" * 30, "c"])],
      ValidationLimits(max_chars=10), (2, "responses[1]", "expect_column_values_to_be_between", "max_chars=10")),
     ("too_long_history", "prompts", "a.jsonl", [dict(QUESTION, history=[["hi", "z" * 30]])],
      ValidationLimits(max_chars=10), (1, "history[0][1]", "expect_column_values_to_be_between", "max_chars=10")),
-    ("too_long_txt_paragraph", "pt", "a.txt", ["one", "", "two", "", "three", "x" * 40], ValidationLimits(max_chars=20),
-     (5, "text", "expect_column_value_lengths_to_be_between", "more than max_chars=20")),
     ("too_many_turns", "sft", "a.jsonl", [_msgs(("user", "a"), ("assistant", "b")), MESSAGES],
      ValidationLimits(max_turns=3), (2, "n_turns", "expect_column_values_to_be_between", "has 4 turns, more than max_turns=3")),
-    ("too_few_rows", "preference", "a.jsonl", [TRL, QUESTION], ValidationLimits(min_rows=3),
+    ("too_few_rows", "preference", "a.jsonl", [TRL, dict(TRL, prompt="Another.")], ValidationLimits(min_rows=3),
      (0, None, "expect_table_row_count_to_be_between", "has 2 valid records, fewer than min_rows=3")),
     ("too_many_rows", "pt", "a.txt", ["one", "two", "three"], ValidationLimits(max_rows=2),
      (0, None, "expect_table_row_count_to_be_between", "more than max_rows=2")),
@@ -258,9 +258,25 @@ def test_duplicates_in_text_and_ranking_files(tmp_path):
 
 
 def test_limits_are_per_call_not_baked_into_the_suite(tmp_path):
-    path = _write(tmp_path, "t.jsonl", [{"text": "x" * 30}])
-    assert not validate_file(path, "pt", ValidationLimits(max_chars=10)).success
-    assert validate_file(path, "pt").success
+    path = _write(tmp_path, "t.jsonl", [{"prompt": "x" * 30}])
+    assert not validate_file(path, "prompts", ValidationLimits(max_chars=10)).success
+    assert validate_file(path, "prompts").success
+
+
+@pytest.mark.parametrize("name,lines", [("a.jsonl", [{"text": "short"}, {"text": "x" * 30_000}]),
+                                        ("a.txt", ["one", "", "two", "", "x" * 40])])
+def test_pt_documents_are_never_rejected_for_length(tmp_path, name, lines):
+    """PT cuts documents into blocks, so a long web page or article is not an invalid record."""
+    report = validate_file(_write(tmp_path, name, lines), "pt", ValidationLimits(max_chars=20))
+    assert report.success and report.failures == [], report.format()
+
+
+def test_long_chats_pass_by_default(tmp_path):
+    """Length is the tokenize stage's `overlong` policy's business unless a limit is set."""
+    long = _msgs(*[(r, "w " * 15_000) for r in ("user", "assistant")] * 40)  # 80 turns of 30,000 characters
+    path = _write(tmp_path, "long.jsonl", [long, MESSAGES])
+    assert validate_file(path, "sft").success
+    assert not validate_file(path, "sft", ValidationLimits(max_turns=64)).success
 
 
 def test_report_is_json_serialisable(tmp_path):
@@ -318,7 +334,7 @@ def test_columns_cover_every_kind():
 
 def test_ranking_is_flattened_best_versus_worst():
     from tasks.validation import _flatten_preference
-    row, key = _flatten_preference(dict(RANKING, responses=["best", "a much longer middle one", "worst"]), 7)
+    row, key = _flatten_preference(dict(RANKING, responses=["best", "a much longer middle one", "worst"]), "ranking")
     assert (row["prompt"], row["chosen"], row["rejected"]) == ("Rank me.", "best", "worst")
     assert (row["n_turns"], row["max_chars"], row["longest_field"]) == (2, 24, "responses[1]")
     assert len(key) == 3  # all three pairs are part of the content compared for duplicates
@@ -326,7 +342,7 @@ def test_ranking_is_flattened_best_versus_worst():
 
 def test_more_than_200_failing_rows_are_all_reported(tmp_path):
     # GX caps its `unexpected_list` at 200 values; every failing line must still be reported.
-    lines = [{"text": f"doc {i} " + "x" * (20 if i % 2 else 0)} for i in range(600)]
-    report = validate_file(_write(tmp_path, "many.jsonl", lines), "pt", ValidationLimits(max_chars=15))
+    lines = [{"prompt": f"doc {i} " + "x" * (20 if i % 2 else 0)} for i in range(600)]
+    report = validate_file(_write(tmp_path, "many.jsonl", lines), "prompts", ValidationLimits(max_chars=15))
     assert [f.line for f in report.failures] == list(range(2, 601, 2))
     assert report.failures[-1].rule.startswith("has 28 characters")
