@@ -38,9 +38,14 @@ def cmd_stage(a) -> int:
 
 
 def cmd_validate(a) -> int:
-    from tasks.validation import validate_file
+    """What the validate stage would say about one file: the `validate` limits, the `data.columns`
+    of the kind and the model's special tokens come from params.yaml (or --params) when it exists."""
+    from tasks.params import Params, load_params
+    from tasks.validation import model_special_tokens, validate_file
 
-    report = validate_file(a.path, a.kind)
+    p = load_params(a.params) if a.params or Path("params.yaml").is_file() else Params()
+    report = validate_file(a.path, a.kind, p.validate, p.data.columns.get(a.kind),
+                           model_special_tokens(p.model.name_or_path))
     print(report.format())
     return 0 if report.success else 1
 
@@ -127,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="validate one data file with Great Expectations, run nothing else")
     v.add_argument("path")
     v.add_argument("--kind", required=True, choices=["pt", "sft", "preference", "prompts"])
+    v.add_argument("--params", default=None, help="params file with the validate settings (default: params.yaml if present)")
     v.set_defaults(fn=cmd_validate)
     d = sub.add_parser("deploy", help="register the flow as a deployment on a Prefect work pool")
     d.add_argument("--pool", required=True, help="work pool name (e.g. a process pool on GPU hosts)")

@@ -140,6 +140,8 @@ def pipeline(project_dir: str = ".", stages: list[str] | None = None, force: boo
     root = Path(project_dir).resolve()
     p = load_params(root / "params.yaml")  # a bad params.yaml fails here, before any stage
     names = [s for s in layout.STAGE_NAMES if stages is None or s in stages]
+    if "generate" in names and not p.data.uses_demo():  # every input is the user's own: no demo set to write
+        names.remove("generate")
     exp_id = tracking.setup(root, p.tracking.experiment)
     parent = tracking.retry(mlflow.MlflowClient().create_run, exp_id, run_name=f"pipeline-{flow_run.get_name() or 'local'}",
                             tags={"rlhf.kind": "pipeline", "rlhf.launcher": "prefect", "git_commit": tracking.git_commit(root),

@@ -14,6 +14,8 @@ TOKENIZED = "data/tokenized"
 TOKENIZER = "models/tokenizer"
 DEMO_DIR = "data/demo"
 VALIDATION_REPORT = "reports/validation.json"
+REJECTED_DIR = "reports/rejected"
+"""Records the validate stage set aside, one `<file>.jsonl` per input (git-ignored, not a DVC output)."""
 EVAL_METRICS = "metrics/eval.json"
 
 
@@ -70,7 +72,7 @@ TRAIN_CODE = _core("config", "loop", "optim", "checkpoint", "batching", "modelin
 STAGES: tuple[StageSpec, ...] = (
     StageSpec("generate", (), _core("demo_data", "oracle"), ("demo",), (DEMO_DIR,)),
     StageSpec("validate", DATA_FILES + ("${data.eval_prompts}",), ("tasks/validation.py", f"{CORE}/formats.py"),
-              ("data", "validate"), (VALIDATION_REPORT,)),
+              ("data", "validate", "model"), (VALIDATION_REPORT,)),
     StageSpec("tokenize", DATA_FILES + (VALIDATION_REPORT,), _core("formats", "encoding", "tokenizer"),
               ("data", "model", "tokenize"), (TOKENIZED, TOKENIZER)),
     StageSpec("pt", (TOKENIZED, TOKENIZER), TRAIN_CODE + _core("lm"), ("model", "pt"), (model_dir("pt"),),

@@ -12,7 +12,13 @@ from rlhf_core.config import (DPOConfig, EvalConfig, ModelConfig, PPOConfig, PTC
                               TokenizeConfig, from_dict)
 from rlhf_core.demo_data import DemoDataConfig
 from rlhf_core.errors import ConfigError
+from rlhf_core.formats import FIELDS
+from tasks.layout import DEMO_DIR
 from tasks.validation import ValidationLimits
+
+
+INPUTS = {"pt": "pt", "sft": "sft", "preference": "preference", "prompts": "prompts", "eval_prompts": "prompts"}
+"""Input name in the `data` group -> the kind of records it holds."""
 
 
 @dataclass(frozen=True)
@@ -27,6 +33,32 @@ class DataConfig:
     """PPO prompts."""
     eval_prompts: str = "data/demo/eval_prompts.jsonl"
     """Held-out prompts of the evaluate stage."""
+    columns: dict = field(default_factory=dict)
+    """Per input (`pt`, `sft`, `preference`, `prompts`, `eval_prompts`), the file's own key for
+    each field a shape reads, e.g. `{preference: {prompt: question, chosen: answer_good}}`."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.columns, dict):
+            raise ConfigError("columns", f"must be a mapping of inputs, got {type(self.columns).__name__}")
+        for name, mapping in self.columns.items():
+            if name not in INPUTS:
+                raise ConfigError(f"columns.{name}", f"unknown input (allowed: {', '.join(INPUTS)})")
+            if not isinstance(mapping, dict):
+                raise ConfigError(f"columns.{name}", "must map field names to the file's own column names")
+            for ours, theirs in mapping.items():
+                if ours not in FIELDS:
+                    raise ConfigError(f"columns.{name}.{ours}", f"unknown field (allowed: {', '.join(FIELDS)})")
+                if not isinstance(theirs, str) or not theirs:
+                    raise ConfigError(f"columns.{name}.{ours}", "must be the file's column name, a non-empty string")
+
+    def inputs(self) -> list[tuple[str, str, str]]:
+        """(input name, path, kind) of every input file, in stage order."""
+        return [(name, getattr(self, name), INPUTS[name]) for name in INPUTS]
+
+    def uses_demo(self) -> bool:
+        """Whether any input lies under the demo folder, so the `generate` stage must write it."""
+        demo = Path(DEMO_DIR)
+        return any(Path(path) == demo or demo in Path(path).parents for _, path, _ in self.inputs())
 
 
 @dataclass(frozen=True)

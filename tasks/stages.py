@@ -49,11 +49,14 @@ def generate(root: Path, p: Params) -> dict:
 
 
 def validate(root: Path, p: Params) -> dict:
-    from tasks.validation import validate_files
+    """Validate every input; set aside up to `validate.max_invalid_fraction` of a file's records
+    (listed in `reports/rejected/<file>.jsonl` and skipped by tokenize), or fail before training."""
+    from tasks.validation import model_special_tokens, rejected_records, validate_file
 
-    inputs = [(p.data.pt, "pt"), (p.data.sft, "sft"), (p.data.preference, "preference"),
-              (p.data.prompts, "prompts"), (p.data.eval_prompts, "prompts")]
-    reports = validate_files([(root / path, kind) for path, kind in inputs], p.validate)
+    tokens = model_special_tokens(p.model.name_or_path)
+    inputs = p.data.inputs()
+    reports = [validate_file(root / path, kind, p.validate, p.data.columns.get(name), tokens)
+               for name, path, kind in inputs]
     summary = {"files": [r.to_dict() for r in reports], "success": all(r.success for r in reports)}
     tracking.log_dict_artifact(summary, "validation.json")
     if not summary["success"]:
@@ -62,20 +65,53 @@ def validate(root: Path, p: Params) -> dict:
         text = "\n".join(r.format() for r in reports if not r.success)
         raise ValidationFailed(f"data validation failed; no training was started and earlier outputs are "
                                f"untouched (full report: {failed}):\n{text}")
+    names: dict[str, str] = {}
+    with atomic_dir(root / layout.REJECTED_DIR) as tmp:
+        for (name, path, _), r in zip(inputs, reports):
+            if r.invalid and path not in names:
+                names[path] = f"{Path(path).stem}.jsonl" if Path(path).stem + ".jsonl" not in names.values() \
+                    else f"{name}-{Path(path).stem}.jsonl"
+                (tmp / names[path]).write_text("".join(json.dumps(e, ensure_ascii=False) + "\n"
+                                                       for e in rejected_records(r)))
+    for (name, path, _), r in zip(inputs, reports):
+        where = f" (listed in {layout.REJECTED_DIR}/{names[path]})" if path in names else ""
+        print(f"{Path(path).name}: {r.kind}: {r.policy()}{where}")
     _write_json(root / layout.VALIDATION_REPORT, summary)
+    counts = {name: {"records": r.records, "valid": r.valid, "set_aside": r.invalid, "duplicates": r.duplicates}
+              for (name, _, _), r in zip(inputs, reports)}
+    _log_metrics({f"validate/{name}/{k}": v for name, c in counts.items() for k, v in c.items()})
     return {"rows": {Path(r.path).name: r.rows for r in reports},
-            "duplicates": {Path(r.path).name: r.duplicates for r in reports}}
+            "duplicates": {Path(r.path).name: r.duplicates for r in reports},
+            "shapes": {name: r.shape for (name, _, _), r in zip(inputs, reports)},
+            "set_aside": sum(r.invalid for r in reports), "inputs": counts}
+
+
+def _log_metrics(metrics: dict) -> None:
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.log_metrics(metrics)
+
+
+def _set_aside(root: Path, p: Params) -> dict[str, set[int]]:
+    """Input name -> the lines the validate stage set aside (tokenize and evaluate skip them)."""
+    report = root / layout.VALIDATION_REPORT
+    files = json.loads(report.read_text()).get("files", []) if report.exists() else []
+    lines = {f["path"]: set(f.get("invalid_lines", [])) for f in files}
+    return {name: lines.get(str(root / path), set()) for name, path, _ in p.data.inputs()}
 
 
 def tokenize(root: Path, p: Params) -> dict:
     from rlhf_core import formats
     from rlhf_core.encoding import tokenize_datasets
     from rlhf_core.tokenizer import load_tokenizer, train_tokenizer
+    from tasks.validation import tokenized_checks
 
-    docs = formats.read_pt_documents(root / p.data.pt)
-    convs = formats.read_conversations(root / p.data.sft)
-    prefs = formats.read_preferences(root / p.data.preference)
-    prompts = formats.read_prompts(root / p.data.prompts)
+    skip, cols = _set_aside(root, p), p.data.columns
+    docs = formats.read_pt_documents(root / p.data.pt, cols.get("pt"), skip["pt"])
+    convs = formats.read_conversations(root / p.data.sft, cols.get("sft"), skip["sft"])
+    prefs = formats.read_preferences(root / p.data.preference, cols.get("preference"), skip["preference"])
+    prompts = formats.read_prompts(root / p.data.prompts, cols.get("prompts"), skip["prompts"])
     if p.model.name_or_path:
         tokenizer = load_tokenizer(p.model.name_or_path, p.model.trust_remote_code)
     else:  # the tiny model's tokenizer is trained on everything it will read
@@ -85,11 +121,15 @@ def tokenize(root: Path, p: Params) -> dict:
         manifest = tokenize_datasets(tokenizer, p.tokenize, tmp, pt_docs=docs, conversations=convs,
                                      preferences=prefs, prompts=prompts,
                                      sources={"sft": p.data.sft, "preference": p.data.preference, "prompts": p.data.prompts})
+        checks = tokenized_checks(tmp, {"pt": p.data.pt, "sft": p.data.sft, "preference": p.data.preference,
+                                        "prompts": p.data.prompts})
     with atomic_dir(root / layout.TOKENIZER) as tmp:
         tokenizer.save_pretrained(tmp)
     for kind, path in (("pt", p.data.pt), ("sft", p.data.sft), ("preference", p.data.preference), ("prompts", p.data.prompts)):
         tracking.log_dataset(root / path, kind, "training")
-    return {"vocab_size": len(tokenizer), "datasets": manifest.to_dict()}
+    for kind, c in checks.items():
+        print(f"{Path(c['source']).name}: {kind}: " + ", ".join(f"{k} {v}" for k, v in c.items() if k != "source"))
+    return {"vocab_size": len(tokenizer), "datasets": manifest.to_dict(), "checks": checks}
 
 
 # --- training stages -------------------------------------------------------------------------
@@ -179,7 +219,8 @@ def evaluate(root: Path, p: Params, run) -> dict:
     from rlhf_core.evaluation import evaluate_policies
 
     models = ["sft", "dpo", "ppo"]
-    prompts = formats.read_prompts(root / p.data.eval_prompts)
+    prompts = formats.read_prompts(root / p.data.eval_prompts, p.data.columns.get("eval_prompts"),
+                                   _set_aside(root, p)["eval_prompts"])
     results = evaluate_policies({m: root / layout.model_dir(m) for m in models}, "sft", root / layout.model_dir("rm"),
                                 prompts, p.evaluate, p.model, oracle.score,
                                 load_split(root / layout.TOKENIZED, "preference", "eval"),

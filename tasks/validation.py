@@ -706,3 +706,65 @@ def rejected_records(report: ValidationReport) -> list[dict]:
     """One JSON-able entry per failure of a set-aside record: line, field, rule, expectation."""
     return [{"line": f.line, "field": f.field, "rule": f.rule, "expectation": f.expectation}
             for f in report.failures if f.line > 0]
+
+
+def model_special_tokens(name_or_path: str) -> list[str]:
+    """The special and added tokens of a local model folder's tokenizer (read from its JSON files,
+    without loading it), or [] for the built-in tiny model or a hub id."""
+    import json
+
+    folder = Path(name_or_path) if name_or_path else None
+    if folder is None or not folder.is_dir():
+        return []
+    tokens: set[str] = set()
+
+    def content(t) -> str | None:
+        return t if isinstance(t, str) else t.get("content") if isinstance(t, dict) else None
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        try:
+            data = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        for t in data.get("added_tokens", []):
+            tokens.add(content(t))
+        for t in (data.get("added_tokens_decoder") or {}).values():
+            tokens.add(content(t))
+        for key in ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token"):
+            tokens.add(content(data.get(key)))
+        for t in data.get("additional_special_tokens") or []:
+            tokens.add(content(t))
+    return sorted(t for t in tokens if t and t.strip())
+
+
+def tokenized_checks(out_dir: Path, sources: dict[str, str]) -> dict[str, dict]:
+    """Per input file, what its tokenised train split holds: rows, labels aligned (checked by
+    `check_tokenized` before this runs), the share of trainable tokens, rows left with nothing to
+    train (dropped by tokenize) and preference pairs whose two sides are identical token for token."""
+    import json
+
+    from datasets import load_from_disk
+
+    from rlhf_core.encoding import IGNORE
+
+    manifest = json.loads((Path(out_dir) / "manifest.json").read_text()) if (Path(out_dir) / "manifest.json").exists() else {}
+    checks: dict[str, dict] = {}
+    for kind, source in sources.items():
+        path = Path(out_dir) / kind / "train"
+        if not (path / "dataset_info.json").exists():
+            continue
+        ds = load_from_disk(str(path))
+        splits = manifest.get(kind, {})
+        entry = {"source": str(source), "rows": len(ds),
+                 "records_dropped": sum(int(s.get("dropped", 0)) for s in splits.values()) if kind != "pt" else 0}
+        if kind == "sft":
+            total = trained = nothing = 0
+            for labels in ds["labels"]:
+                n = sum(1 for x in labels if x != IGNORE)
+                total, trained, nothing = total + len(labels), trained + n, nothing + (n == 0)
+            entry.update(labels_aligned=True, trainable_share=round(trained / total, 4) if total else 0.0,
+                         rows_nothing_to_train=nothing)
+        if kind == "preference":
+            entry["identical_pairs"] = sum(1 for c, r in zip(ds["chosen_ids"], ds["rejected_ids"]) if c == r)
+        checks[kind] = entry
+    return checks
