@@ -43,7 +43,7 @@ def cmd_validate(a) -> int:
     from tasks.params import Params, load_params
     from tasks.validation import model_special_tokens, validate_file
 
-    p = load_params(a.params) if a.params or Path("params.yaml").is_file() else Params()
+    p = load_params(a.params or "params.yaml") if a.params or Path("params.yaml").is_file() else Params()
     report = validate_file(a.path, a.kind, p.validate, p.data.columns.get(a.kind),
                            model_special_tokens(p.model.name_or_path))
     print(report.format())
