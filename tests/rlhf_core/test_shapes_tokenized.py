@@ -129,3 +129,24 @@ def test_prompts_from_sft_shapes(tmp_path, smollm2_tokenizer):
     assert tok.decode(encode_prompt(tok, p, 512)[0]) == (
         SYSTEM + "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n"
         "<|im_start|>user\nAdd the numbers.\n2 and 3<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_tokenized_checks_report_the_trainable_share_per_file(tmp_path, smollm2_tokenizer):
+    from rlhf_core.encoding import tokenize_datasets
+    from rlhf_core.formats import Conversation, PreferencePair, Turn
+    from tasks.validation import tokenized_checks
+
+    tok = smollm2_tokenizer
+    convs = [Conversation((Turn("user", "hi"), Turn("assistant", "hello")), line=n) for n in (1, 2)]
+    pairs = [PreferencePair((Turn("user", f"q{n}"),), "yes", "no", n) for n in (1, 2)]
+    cfg = TokenizeConfig(max_length=512, max_response_length=128, eval_fraction=0.5)
+    tokenize_datasets(tok, cfg, tmp_path / "tok", conversations=convs, preferences=pairs)
+    checks = tokenized_checks(tmp_path / "tok", {"sft": "data/mine/sft.json", "preference": "data/mine/dpo.json"})
+    # naive count: the whole rendered chat vs the reply and its end-of-turn token
+    total = len(tok(SYSTEM + "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n",
+                    add_special_tokens=False)["input_ids"])
+    reply = len(tok("hello<|im_end|>", add_special_tokens=False)["input_ids"])
+    assert checks["sft"] == {"source": "data/mine/sft.json", "rows": 1, "records_dropped": 0, "labels_aligned": True,
+                             "trainable_share": round(reply / total, 4), "rows_nothing_to_train": 0}
+    assert checks["preference"] == {"source": "data/mine/dpo.json", "rows": 1, "records_dropped": 0,
+                                    "identical_pairs": 0}

@@ -181,3 +181,14 @@ def test_demo_generator_runs_only_when_an_input_is_under_data_demo():
     assert not DataConfig(**mine).uses_demo()
     assert DataConfig(**dict(mine, eval_prompts="data/demo/eval_prompts.jsonl")).uses_demo()
     assert not DataConfig(**dict(mine, sft="data/demo_of_mine/sft.jsonl")).uses_demo()
+
+
+def test_rlhf_validate_uses_params_yaml_of_the_working_directory(tmp_path, monkeypatch, capsys):
+    from flows.cli import main
+
+    path = _write_lines(tmp_path / "sft.jsonl", [chat(1), BAD[7][0], chat(3)])
+    monkeypatch.chdir(tmp_path)
+    assert main(["validate", str(path), "--kind", "sft"]) == 1  # no params.yaml: the defaults (0.02)
+    (tmp_path / "params.yaml").write_text("validate:\n  max_invalid_fraction: 0.5\n")
+    assert main(["validate", str(path), "--kind", "sft"]) == 0
+    assert "1 set aside" in capsys.readouterr().out
