@@ -71,9 +71,9 @@ TRAIN_CODE = _core("config", "loop", "optim", "checkpoint", "batching", "modelin
 
 STAGES: tuple[StageSpec, ...] = (
     StageSpec("generate", (), _core("demo_data", "oracle"), ("demo",), (DEMO_DIR,)),
-    StageSpec("validate", DATA_FILES + ("${data.eval_prompts}",), ("tasks/validation.py", f"{CORE}/formats.py"),
+    StageSpec("validate", DATA_FILES + ("${data.eval_prompts}",), ("tasks/validation.py", f"{CORE}/formats.py", f"{CORE}/sources.py"),
               ("data", "validate", "model"), (VALIDATION_REPORT,)),
-    StageSpec("tokenize", DATA_FILES + (VALIDATION_REPORT,), _core("formats", "encoding", "tokenizer"),
+    StageSpec("tokenize", DATA_FILES + (VALIDATION_REPORT,), _core("formats", "sources", "encoding", "tokenizer"),
               ("data", "model", "tokenize"), (TOKENIZED, TOKENIZER)),
     StageSpec("pt", (TOKENIZED, TOKENIZER), TRAIN_CODE + _core("lm"), ("model", "pt"), (model_dir("pt"),),
               ("train/loss", "eval/loss")),

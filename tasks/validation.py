@@ -43,20 +43,17 @@ import pandas as pd
 from rlhf_core.errors import ConfigError, DataError
 from rlhf_core.formats import (
     KINDS,
-    given,
     RecordError,
-    Turn,
     check_text,
     detect_shape,
-    iter_objects,
-    open_source,
+    given,
     parse_preference,
     parse_prompt,
     parse_pt,
     parse_sft,
     rename_columns,
-    text_documents,
 )
+from rlhf_core.sources import iter_objects, open_source, text_documents
 
 __all__ = [
     "COLUMNS",

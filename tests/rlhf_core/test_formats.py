@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_core import formats
+from rlhf_core import formats, sources
 from rlhf_core.errors import DataError
 from rlhf_core.formats import Conversation, PreferencePair, Prompt, Turn
 
@@ -435,10 +435,10 @@ def test_txt_extension_in_any_case_and_bom_stripped(tmp_path):
     path = tmp_path / "CORPUS.TXT"
     path.write_bytes(b"\xef\xbb\xbffirst doc\nsecond doc\n")
     assert formats.read_pt_documents(path) == ["first doc", "second doc"]
-    assert formats.text_documents(path) == ([(1, "first doc"), (2, "second doc")], True)
+    assert sources.text_documents(path) == ([(1, "first doc"), (2, "second doc")], True)
     jsonl = tmp_path / "p.jsonl"
     jsonl.write_bytes(b'\xef\xbb\xbf{"prompt": "q"}\n')
-    assert formats.read_prompts(jsonl) == [Prompt((Turn("user", "q"),))] and formats.open_source(jsonl).bom
+    assert formats.read_prompts(jsonl) == [Prompt((Turn("user", "q"),))] and sources.open_source(jsonl).bom
 
 
 def test_directory_and_symlink_loop_are_named(tmp_path):
@@ -461,7 +461,7 @@ def test_json_array_records_carry_the_line_they_start_on(tmp_path):
     assert [c.line for c in convs] == [2, 7, 12] and convs[2].turns[-1] == Turn("assistant", "2")
     bad = tmp_path / "bad.json"
     bad.write_text('[\n{"prompt": "a"},\n{"prompt": "b", "prompt": "c"},\n{"prompt": }\n]', encoding="utf-8")
-    got = list(formats.iter_objects(formats.open_source(bad)))
+    got = list(sources.iter_objects(sources.open_source(bad)))
     assert got[0] == (2, {"prompt": "a"}, None, None)
     assert got[1][0] == 3 and "duplicate key 'prompt'" in got[1][3]
     assert got[2][0] == 4 and got[2][3].startswith("malformed JSON") and len(got) == 3
