@@ -57,7 +57,8 @@ def validate(root: Path, p: Params) -> dict:
     inputs = p.data.inputs()
     reports = [validate_file(root / path, kind, p.validate, p.data.columns.get(name), tokens)
                for name, path, kind in inputs]
-    summary = {"files": [r.to_dict() for r in reports], "success": all(r.success for r in reports)}
+    summary = {"files": [r.to_dict() for r in reports], "success": all(r.success for r in reports),
+               "set_aside": {path: r.invalid_lines for (_, path, _), r in zip(inputs, reports)}}
     tracking.log_dict_artifact(summary, "validation.json")
     if not summary["success"]:
         failed = root / "reports" / "validation_failed.json"
@@ -96,9 +97,8 @@ def _log_metrics(metrics: dict) -> None:
 def _set_aside(root: Path, p: Params) -> dict[str, set[int]]:
     """Input name -> the lines the validate stage set aside (tokenize and evaluate skip them)."""
     report = root / layout.VALIDATION_REPORT
-    files = json.loads(report.read_text()).get("files", []) if report.exists() else []
-    lines = {f["path"]: set(f.get("invalid_lines", [])) for f in files}
-    return {name: lines.get(str(root / path), set()) for name, path, _ in p.data.inputs()}
+    lines = json.loads(report.read_text()).get("set_aside", {}) if report.exists() else {}
+    return {name: set(lines.get(path, [])) for name, path, _ in p.data.inputs()}
 
 
 def tokenize(root: Path, p: Params) -> dict:
