@@ -114,8 +114,16 @@ class TokenizeConfig:
     """Share of each dataset held out for evaluation."""
     seed: int = 0
     """Seed of the train/eval split."""
+    max_dropped_fraction: float = 0.5
+    """Tokenize fails when more than this share of a kind's records (sft, preference, prompts) was
+    dropped (no trainable token left, or over its limit with `overlong: drop`)."""
+    min_prompt_tokens: int = 4
+    """Tokenize fails when truncation leaves a prompt (preference or PPO) shorter than this many tokens
+    (or than `max_prompt_length`, if that is smaller)."""
 
     def __post_init__(self):
+        _check(0.0 <= self.max_dropped_fraction <= 1.0, "max_dropped_fraction", "must be in [0, 1]")
+        _check(self.min_prompt_tokens > 0, "min_prompt_tokens", "must be > 0")
         for k in ("max_length", "block_size", "max_prompt_length", "max_response_length"):
             _check(getattr(self, k) > 0, k, "must be > 0")
         _check(self.overlong in ("truncate", "drop", "error"), "overlong", "must be truncate, drop or error")
@@ -282,6 +290,7 @@ class PPOConfig(TrainConfig):
         for k in ("rollout_batch_size", "ppo_epochs", "max_new_tokens", "kl_horizon"):
             _check(getattr(self, k) > 0, k, "must be > 0")
         _check(self.temperature > 0, "temperature", "must be > 0")
+        _check(self.top_k >= 0, "top_k", "must be >= 0 (0 = off)")
         _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         _check(self.kl_coef >= 0, "kl_coef", "must be >= 0")
         _check(self.kl_estimator in ("k1", "k3"), "kl_estimator", "must be k1 or k3")

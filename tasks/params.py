@@ -34,7 +34,26 @@ class TrackingConfig:
     experiment: str = "rlhf-pipeline"
     """MLflow experiment name."""
     registry_prefix: str = "rlhf"
-    """Registered models are named `<prefix>-<stage>`."""
+    """Registered models are named `<prefix>-<stage>`; MLflow refuses '/' and ':' in a model name,
+    and '@' would break `models:/name@alias` URIs."""
+
+    def __post_init__(self):
+        _check_mlflow_names(self.experiment, self.registry_prefix)
+
+
+def _check_mlflow_names(experiment: str, prefix: str) -> None:
+    """Names MLflow accepts, checked here so a bad one fails before anything trains."""
+    if not experiment.strip():
+        raise ConfigError("experiment", "must be a non-empty MLflow experiment name [mlflow_name]")
+    if len(experiment) > 500:
+        raise ConfigError("experiment", "is longer than MLflow's 500 characters [mlflow_name]")
+    if not prefix.strip() or prefix != prefix.strip():
+        raise ConfigError("registry_prefix", "must be non-empty, without leading or trailing spaces [mlflow_name]")
+    bad = sorted({c for c in prefix if c in "/:@%"})
+    if bad or prefix.startswith("."):
+        what = f"contains {', '.join(repr(c) for c in bad)}" if bad else "starts with '.'"
+        raise ConfigError("registry_prefix", f"{what}, which MLflow model names (models:/<prefix>-<stage>@alias) "
+                                             "cannot hold; use letters, digits, '-', '_' or '.' [mlflow_name]")
 
 
 @dataclass(frozen=True)
@@ -89,12 +108,43 @@ def _cross_checks(p: Params, source: str) -> None:
                                    f"(model.max_position_embeddings = {ctx})", source)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (DVC refuses such a file too)."""
+
+
+def _unique_mapping(loader, node, deep=False):
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key '{key}' (first on line {seen[key]})", key_node.start_mark)
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def read_yaml(path: Path):
+    """Parse a YAML file; a syntax error or duplicate key names its line: `path:LINE: ...`."""
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = f":{mark.line + 1}" if mark else ""
+        what = e.problem or e.context or "invalid YAML"
+        raise ConfigError("", f"is not valid YAML: {what} [yaml]", f"{path}{line}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError("", f"is not valid YAML ({str(e).splitlines()[0]}) [yaml]", str(path)) from None
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(str(path), "params file does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(str(path), f"is not valid YAML ({str(e).splitlines()[0]})") from None
+    raw = read_yaml(path)
+    if raw is None:
+        raise ConfigError("", "is empty; it must set at least one group (an empty file would silently "
+                              "run on built-in defaults) [empty]", str(path))
     return parse_params(raw, str(path))
