@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -31,8 +32,16 @@ def cmd_stage(a) -> int:
     from rlhf_core.loop import request_stop
     from tasks.stages import run_stage
 
-    # a preempted worker gets SIGTERM: finish the step, checkpoint it, exit (the next run resumes)
-    signal.signal(signal.SIGTERM, lambda signum, frame: request_stop(signum))
+    from rlhf_core.loop import Stopped
+    from tasks.layout import TRAINED
+
+    def on_sigterm(signum, frame):
+        if a.name in TRAINED:  # a preempted worker: finish the step, checkpoint it, exit (the next run resumes)
+            request_stop(signum)
+        else:  # nothing to checkpoint: stop now; outputs are renamed into place only when complete
+            raise Stopped(f"{a.name}: stopped by SIGTERM; its previous outputs are unchanged", signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     run_stage(a.name, Path(a.project_dir), a.params)
     return 0
 
@@ -58,14 +67,29 @@ def cmd_deploy(a) -> int:
 
 def resolve_model(ref: str) -> Path:
     """A local directory, or an MLflow `models:/name@alias` / `models:/name/version` URI."""
+    from rlhf_core.errors import ModelLoadError
+
     if ref.startswith(("models:/", "runs:/")):
         import mlflow
 
         from tasks import tracking
 
         mlflow.set_tracking_uri(tracking.tracking_uri(Path(".")))
-        return Path(mlflow.artifacts.download_artifacts(ref))
+        try:
+            return Path(mlflow.artifacts.download_artifacts(ref))
+        except mlflow.exceptions.MlflowException as e:
+            raise ModelLoadError(f"{ref}: no such model in the MLflow store {tracking.tracking_uri(Path('.'))} "
+                                 f"({e.message.splitlines()[0]}) [model_uri]") from None
     return Path(ref)
+
+
+def check_predict_args(a) -> None:
+    from rlhf_core.errors import ConfigError
+
+    if not a.temperature >= 0:  # also refuses nan
+        raise ConfigError("--temperature", f"is {a.temperature}, must be >= 0 (0 = greedy) [predict_args]")
+    if a.max_new_tokens <= 0:
+        raise ConfigError("--max-new-tokens", f"is {a.max_new_tokens}, must be > 0 [predict_args]")
 
 
 def cmd_predict(a) -> int:
@@ -79,6 +103,7 @@ def cmd_predict(a) -> int:
     from rlhf_core.modeling import load_policy
     from rlhf_core.tokenizer import load_tokenizer
 
+    check_predict_args(a)
     path = resolve_model(a.model)
     cfg = ModelConfig(trust_remote_code=a.trust_remote_code)
     tok, model = load_tokenizer(path, cfg.trust_remote_code), load_policy(path, cfg)
@@ -144,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except RLHFError as e:
+        if os.environ.get("RLHF_DEBUG") == "1":  # the full traceback, for a bug report
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 128 + e.signum if getattr(e, "signum", None) else 2  # loop.Stopped: 143 after SIGTERM
     except KeyboardInterrupt:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import yaml
 
+from rlhf_core.errors import RLHFError
+
 TOKENIZED = "data/tokenized"
 TOKENIZER = "models/tokenizer"
 DEMO_DIR = "data/demo"
@@ -103,7 +105,16 @@ def read_lock(root: str | Path) -> dict[str, dict]:
     lock = Path(root) / "dvc.lock"
     if not lock.exists():
         return {}
-    return (yaml.safe_load(lock.read_text()) or {}).get("stages") or {}
+    fix = "restore it (`git checkout dvc.lock`) or delete it so DVC records the stages again [dvc_lock]"
+    try:
+        data = yaml.safe_load(lock.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{lock}:{mark.line + 1}" if mark else str(lock)
+        raise RLHFError(f"{where}: is not valid YAML ({getattr(e, 'problem', None) or e}); {fix}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("stages") or {}, dict):
+        raise RLHFError(f"{lock}: is not a DVC lock file (no 'stages' mapping); {fix}")
+    return data.get("stages") or {}
 
 
 def _uncached() -> dict:  # a fresh dict each time, or yaml writes anchors (&id001) into dvc.yaml

@@ -147,4 +147,18 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if raw is None:
         raise ConfigError("", "is empty; it must set at least one group (an empty file would silently "
                               "run on built-in defaults) [empty]", str(path))
-    return parse_params(raw, str(path))
+    params = parse_params(raw, str(path))
+    check_environment(params, str(path))
+    return params
+
+
+def check_environment(p: Params, source: str) -> None:
+    """Settings this machine cannot run: fp16 needs CUDA (on a CPU accelerate would train in fp32
+    while the params, and so the logs, say fp16)."""
+    fp16 = [g for g, cls in GROUPS.items() if hasattr(cls, "mixed_precision") and getattr(p, g).mixed_precision == "fp16"]
+    if fp16:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{fp16[0]}.mixed_precision", "is fp16, which needs a CUDA GPU and none is visible "
+                                                            "here; use 'no' (or 'bf16') [precision]", source)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from rlhf_core.atomic import atomic_dir, atomic_write_text
 from rlhf_core.config import to_dict
-from rlhf_core.errors import RLHFError
+from rlhf_core.errors import ConfigError, RLHFError
 from tasks import layout, tracking
 from tasks.params import Params, load_params
 from tasks.plots import plot_comparison, plot_curves, write_history_csv
@@ -18,6 +21,10 @@ from tasks.plots import plot_comparison, plot_curves, write_history_csv
 
 class ValidationFailed(RLHFError):
     pass
+
+
+class StageLocked(RLHFError):
+    """Another process runs the same stage in this checkout."""
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -108,11 +115,19 @@ def _train_key(root: Path, p: Params, stage: str) -> str:
 
 def _fit(root: Path, p: Params, stage: str, logger) -> dict:
     """Run the stage's training loop (resuming from its last checkpoint if there is one)."""
-    from rlhf_core import dpo, lm, ppo, rm
-
     out, ckpt, data = root / layout.model_dir(stage), root / layout.checkpoint_dir(stage), root / layout.TOKENIZED
     cfg = getattr(p, stage)
     init = root / layout.model_dir(INIT[stage]) if stage in INIT else None
+    try:
+        return _run_loop(root, p, stage, logger, out, ckpt, data, cfg, init)
+    except ConfigError as e:  # raised at model load (e.g. lora.target_modules): name the params key
+        raise ConfigError(f"{stage}.{e.key}" if e.key.startswith("lora.") else e.key, e.rule,
+                          e.source or "params.yaml") from None
+
+
+def _run_loop(root: Path, p: Params, stage: str, logger, out: Path, ckpt: Path, data: Path, cfg, init) -> dict:
+    from rlhf_core import dpo, lm, ppo, rm
+
     if stage == "pt":
         result = lm.run_pt(cfg, p.model, data, root / layout.TOKENIZER, out, ckpt, logger)
     elif stage == "sft":
@@ -126,12 +141,27 @@ def _fit(root: Path, p: Params, stage: str, logger) -> dict:
     return result.to_dict()
 
 
+def _read_finished(finished: Path) -> dict | None:
+    """The finished-training record, or None (with a warning naming it) if it is corrupted."""
+    if not finished.exists():
+        return None
+    try:
+        saved = json.loads(finished.read_text(encoding="utf-8"))
+        if not (isinstance(saved, dict) and isinstance(saved.get("key"), str) and isinstance(saved.get("result"), dict)
+                and isinstance(saved.get("history"), list)):
+            raise ValueError("missing key, result or history")
+    except (ValueError, UnicodeDecodeError) as e:
+        print(f"warning: {finished}: corrupted ({e}); ignoring it, so the stage trains again", file=sys.stderr)
+        return None
+    return saved
+
+
 def train(root: Path, p: Params, stage: str, run) -> dict:
     out, ckpt = root / layout.model_dir(stage), root / layout.checkpoint_dir(stage)
     finished = ckpt / "finished.json"  # kept until tracking succeeded, so a tracking outage loses no training
     key = _train_key(root, p, stage)
     logger = tracking.MetricLogger()
-    saved = json.loads(finished.read_text()) if finished.exists() else None
+    saved = _read_finished(finished)
     if saved and saved["key"] == key and out.exists():
         result, logger.history = saved["result"], saved["history"]
         result["reused_finished_training"] = True
@@ -139,32 +169,39 @@ def train(root: Path, p: Params, stage: str, run) -> dict:
         for row in logger.history:
             logger({k: v for k, v in row.items() if k != "step"}, row["step"], record=False)
     else:
-        result = _fit(root, p, stage, logger)
-        _write_json(finished, {"key": key, "result": result, "history": logger.history})
+        result = _fit(root, p, stage, logger)  # writes the weights to models/<stage>
+        _write_json(finished, {"key": key, "result": result, "history": logger.history})  # first, whatever fails after
+    try:
+        return _publish(root, p, stage, run, logger, result)
+    except Exception as e:  # noqa: BLE001 - whatever broke, the finished training must not be lost
+        what = f"MLflow is unreachable ({e})" if isinstance(e, tracking.TrackingUnavailable) else \
+            f"a step after training failed ({type(e).__name__}: {e})"
+        kind = tracking.TrackingUnavailable if isinstance(e, tracking.TrackingUnavailable) else RLHFError
+        raise kind(f"{stage}: training finished and is kept ({layout.model_dir(stage)}, {finished}), but {what}. "
+                   f"Once that is fixed, run `rlhf stage {stage}` or `dvc repro`: the finished training is logged "
+                   "and registered without training again.") from e
+
+
+def _publish(root: Path, p: Params, stage: str, run, logger, result: dict) -> dict:
+    """After training: history, plots, lineage and the registered model."""
+    out = root / layout.model_dir(stage)
     write_history_csv(logger.history, root / layout.history_file(stage))
     png = plot_curves(logger.history, layout.SPECS[stage].plot_y, f"{stage} training", root / "plots" / f"{stage}.png")
     init = root / layout.model_dir(INIT[stage]) if stage in INIT else None
-    try:
-        for f in (root / layout.history_file(stage), png):
-            if f:
-                tracking.log_file(f, "plots")
-        data_hash = tracking.log_dataset(root / layout.TOKENIZED / TRAIN_DATA[stage], f"tokenized-{TRAIN_DATA[stage]}", "training")
-        upstream = tracking.upstream_version(init) if init else None
-        lineage = {"stage": stage, "run_id": run.info.run_id, "data_hash": data_hash,
-                   "dvc_deps_hash": _dvc_deps_hash(root, stage),
-                   "upstream_model": f"{upstream['name']}/{upstream['version']}" if upstream else "none",
-                   "upstream_run": upstream["run_id"] if upstream else "none",
-                   "git_commit": tracking.git_commit(root)}
-        registered = tracking.register(stage, out, p.tracking.registry_prefix, run,
-                                       {**lineage, "source_run": run.info.run_id})
-    except tracking.TrackingUnavailable as e:
-        raise tracking.TrackingUnavailable(
-            f"{stage}: training finished and is kept ({layout.model_dir(stage)}, {finished}), but MLflow is "
-            f"unreachable ({e}). Once it is back, run `rlhf stage {stage}` or `dvc repro`: the finished "
-            "training is logged and registered without training again.") from None
+    for f in (root / layout.history_file(stage), png):
+        if f:
+            tracking.log_file(f, "plots")
+    data_hash = tracking.log_dataset(root / layout.TOKENIZED / TRAIN_DATA[stage], f"tokenized-{TRAIN_DATA[stage]}", "training")
+    upstream = tracking.upstream_version(init) if init else None
+    lineage = {"stage": stage, "run_id": run.info.run_id, "data_hash": data_hash,
+               "dvc_deps_hash": _dvc_deps_hash(root, stage),
+               "upstream_model": f"{upstream['name']}/{upstream['version']}" if upstream else "none",
+               "upstream_run": upstream["run_id"] if upstream else "none",
+               "git_commit": tracking.git_commit(root)}
+    registered = tracking.register(stage, out, p.tracking.registry_prefix, run,
+                                   {**lineage, "source_run": run.info.run_id})
     _write_json(out / tracking.LINEAGE_FILE, {**lineage, **registered})
-    import shutil
-    shutil.rmtree(ckpt, ignore_errors=True)  # tracked: the resume point is no longer needed
+    # checkpoints/<stage> (with finished.json) is removed by run_stage once the metrics are written too
     if logger.error:
         print(f"warning: MLflow step metrics failed during {stage} ({logger.error}); they are kept in "
               f"{layout.history_file(stage)}", file=sys.stderr)
@@ -253,6 +290,15 @@ def run_stage(stage: str, root: Path = Path("."), params_file: str = "params.yam
         raise RLHFError(f"unknown stage '{stage}' (stages: {', '.join(layout.STAGE_NAMES)})")
     root = Path(root).resolve()
     p = load_params(root / params_file)
+    with stage_lock(root, stage):
+        preflight(root, stage)
+        metrics = _run_locked(root, p, stage)
+    if stage in layout.TRAINED:  # logged, registered and written: the resume point is no longer needed
+        shutil.rmtree(root / layout.checkpoint_dir(stage), ignore_errors=True)
+    return metrics
+
+
+def _run_locked(root: Path, p: Params, stage: str) -> dict:
     t0 = time.perf_counter()
     with tracking.stage_run(root, stage, p.tracking.experiment, _group_params(p, stage)) as run:
         if stage in layout.TRAINED:
@@ -271,3 +317,70 @@ def run_stage(stage: str, root: Path = Path("."), params_file: str = "params.yam
         except tracking.TrackingUnavailable as e:  # the stage's work is done and on disk
             print(f"warning: {target} was not logged to MLflow: {e}", file=sys.stderr)
     return metrics
+
+
+# --- before a stage starts -------------------------------------------------------------------
+
+def output_dirs(stage: str) -> list[str]:
+    """Folders a stage writes into (its outputs are renamed into place inside them)."""
+    spec = layout.SPECS[stage]
+    dirs = {str(Path(o).parent) for o in spec.outs} | {str(Path(layout.metrics_file(stage)).parent),
+                                                      str(Path(layout.run_record(stage)).parent)}
+    if stage in layout.TRAINED:
+        dirs |= {str(Path(layout.checkpoint_dir(stage)).parent), str(Path(layout.history_file(stage)).parent)}
+    return sorted(dirs)
+
+
+def check_writable(root: Path, rel: str) -> None:
+    """Create a file in `root/rel` and remove it: the only test that also holds for root and ACLs."""
+    import tempfile
+
+    try:
+        (root / rel).mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".write-test-", dir=root / rel)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise RLHFError(f"{rel}: output folder is not writable ({e.strerror or e}); nothing was started "
+                        "[writable]") from None
+
+
+def preflight(root: Path, stage: str) -> None:
+    """What can fail after training is checked before it: dvc.lock parses, outputs are writable."""
+    layout.read_lock(root)  # a corrupted dvc.lock raises here, naming its line
+    for rel in output_dirs(stage):
+        check_writable(root, rel)
+
+
+@contextmanager
+def stage_lock(root: Path, stage: str):
+    """One run of a stage at a time per checkout: an exclusive `flock` on `checkpoints/.<stage>.lock`,
+    released by the kernel when the process ends, so a killed run leaves no stale lock."""
+    import fcntl
+
+    path = root / "checkpoints" / f".{stage}.lock"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "a+")
+    except OSError as e:
+        raise RLHFError(f"{path.parent}: output folder is not writable ({e.strerror or e}); nothing was started "
+                        "[writable]") from None
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            raise StageLocked(f"{stage}: another run of this stage is in progress in this checkout (pid {holder}, "
+                              f"lock {path.relative_to(root)}); wait for it to finish or stop it, then run "
+                              "again [stage_lock]") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.seek(0)
+            fh.truncate()
+            fcntl.flock(fh, fcntl.LOCK_UN)
