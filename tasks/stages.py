@@ -115,19 +115,11 @@ def _train_key(root: Path, p: Params, stage: str) -> str:
 
 def _fit(root: Path, p: Params, stage: str, logger) -> dict:
     """Run the stage's training loop (resuming from its last checkpoint if there is one)."""
+    from rlhf_core import dpo, lm, ppo, rm
+
     out, ckpt, data = root / layout.model_dir(stage), root / layout.checkpoint_dir(stage), root / layout.TOKENIZED
     cfg = getattr(p, stage)
     init = root / layout.model_dir(INIT[stage]) if stage in INIT else None
-    try:
-        return _run_loop(root, p, stage, logger, out, ckpt, data, cfg, init)
-    except ConfigError as e:  # raised at model load (e.g. lora.target_modules): name the params key
-        raise ConfigError(f"{stage}.{e.key}" if e.key.startswith("lora.") else e.key, e.rule,
-                          e.source or "params.yaml") from None
-
-
-def _run_loop(root: Path, p: Params, stage: str, logger, out: Path, ckpt: Path, data: Path, cfg, init) -> dict:
-    from rlhf_core import dpo, lm, ppo, rm
-
     if stage == "pt":
         result = lm.run_pt(cfg, p.model, data, root / layout.TOKENIZER, out, ckpt, logger)
     elif stage == "sft":
@@ -169,7 +161,10 @@ def train(root: Path, p: Params, stage: str, run) -> dict:
         for row in logger.history:
             logger({k: v for k, v in row.items() if k != "step"}, row["step"], record=False)
     else:
-        result = _fit(root, p, stage, logger)  # writes the weights to models/<stage>
+        try:
+            result = _fit(root, p, stage, logger)  # writes the weights to models/<stage>
+        except ConfigError as e:  # found when the model is loaded (lora.target_modules): name the params key
+            raise ConfigError(f"{stage}.{e.key}" if e.key.startswith("lora.") else e.key, e.rule, "params.yaml") from None
         _write_json(finished, {"key": key, "result": result, "history": logger.history})  # first, whatever fails after
     try:
         return _publish(root, p, stage, run, logger, result)
