@@ -91,7 +91,8 @@ def tokenize(root: Path, p: Params) -> dict:
     with atomic_dir(root / layout.TOKENIZED) as tmp:
         manifest = tokenize_datasets(tokenizer, p.tokenize, tmp, pt_docs=docs, conversations=convs,
                                      preferences=prefs, prompts=prompts,
-                                     sources={"sft": p.data.sft, "preference": p.data.preference, "prompts": p.data.prompts})
+                                     sources={"pt": p.data.pt, "sft": p.data.sft, "preference": p.data.preference,
+                                              "prompts": p.data.prompts})
     with atomic_dir(root / layout.TOKENIZER) as tmp:
         tokenizer.save_pretrained(tmp)
     for kind, path in (("pt", p.data.pt), ("sft", p.data.sft), ("preference", p.data.preference), ("prompts", p.data.prompts)):
