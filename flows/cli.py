@@ -74,6 +74,9 @@ def resolve_model(ref: str) -> Path:
 
         from tasks import tracking
 
+        if not tracking.USER_TRACKING_URI and not Path("mlflow.db").exists():
+            raise ModelLoadError(f"{ref}: no MLflow store here (./mlflow.db does not exist); run from the project "
+                                 "folder or set MLFLOW_TRACKING_URI [model_uri]")
         mlflow.set_tracking_uri(tracking.tracking_uri(Path(".")))
         try:
             return Path(mlflow.artifacts.download_artifacts(ref))

@@ -66,7 +66,8 @@ def _plots_unwritable(*args, **kwargs):
 
 
 @pytest.mark.parametrize("fault, target, patch", [("registry", tracking, ("register", _registry_refuses)),
-                                                  ("unwritable", stages, ("write_history_csv", _plots_unwritable))])
+                                                  ("unwritable", stages, ("write_history_csv", _plots_unwritable))],
+                         ids=["registry_error", "unwritable_output"])
 def test_a_failure_after_training_keeps_it_and_the_rerun_registers_without_training(project, fits, monkeypatch,
                                                                                      fault, target, patch):
     monkeypatch.setattr(target, *patch)
