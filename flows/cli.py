@@ -29,11 +29,9 @@ def cmd_run(a) -> int:
 def cmd_stage(a) -> int:
     import signal
 
-    from rlhf_core.loop import request_stop
-    from tasks.stages import run_stage
-
-    from rlhf_core.loop import Stopped
+    from rlhf_core.loop import Stopped, request_stop
     from tasks.layout import TRAINED
+    from tasks.stages import run_stage
 
     def on_sigterm(signum, frame):
         if a.name in TRAINED:  # a preempted worker: finish the step, checkpoint it, exit (the next run resumes)

@@ -165,7 +165,9 @@ def train(root: Path, p: Params, stage: str, run) -> dict:
         try:
             result = _fit(root, p, stage, logger)  # writes the weights to models/<stage>
         except ConfigError as e:  # found when the model is loaded (lora.target_modules): name the params key
-            raise ConfigError(f"{stage}.{e.key}" if e.key.startswith("lora.") else e.key, e.rule, "params.yaml") from None
+            if not e.key.startswith("lora."):
+                raise
+            raise ConfigError(f"{stage}.{e.key}", e.rule, "params.yaml") from None
         _write_json(finished, {"key": key, "result": result, "history": logger.history})  # first, whatever fails after
     try:
         return _publish(root, p, stage, run, logger, result)
@@ -289,8 +291,8 @@ def run_stage(stage: str, root: Path = Path("."), params_file: str = "params.yam
     with stage_lock(root, stage):
         preflight(root, stage)
         metrics = _run_locked(root, p, stage)
-    if stage in layout.TRAINED:  # logged, registered and written: the resume point is no longer needed
-        shutil.rmtree(root / layout.checkpoint_dir(stage), ignore_errors=True)
+        if stage in layout.TRAINED:  # logged, registered and written: the resume point is no longer needed
+            shutil.rmtree(root / layout.checkpoint_dir(stage), ignore_errors=True)
     return metrics
 
 

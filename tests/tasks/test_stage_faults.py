@@ -17,7 +17,7 @@ import yaml
 
 from conftest import TINY, clean_env
 from flows.cli import main
-from rlhf_core.errors import DataError, RLHFError
+from rlhf_core.errors import ConfigError, DataError, RLHFError
 from tasks import stages, tracking
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -181,3 +181,14 @@ def test_the_same_stage_started_twice_in_one_checkout_runs_once(project, capsys)
     out, _ = first.communicate(timeout=300)
     assert first.returncode == 0, out[-2000:]
     assert stages.run_stage("pt", project)["steps"] == TINY["pt"]["max_steps"]  # the lock is free again
+
+
+def test_lora_targets_the_model_lacks_name_the_params_key_before_the_first_step(project):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["sft"]["lora"] = {"enabled": True, "target_modules": ["q_proj", "query_key_value"]}
+    (project / "lora_params.yaml").write_text(yaml.safe_dump(params))
+    before = _files(project / "models")
+    with pytest.raises(ConfigError, match=r"^params.yaml: 'sft.lora.target_modules': 'query_key_value' names no "
+                                          r"module of LlamaForCausalLM \(its linear layers: .*\) \[lora_targets\]$"):
+        stages.run_stage("sft", project, "lora_params.yaml")
+    assert _files(project / "models") == before and not (project / "checkpoints" / "sft").exists()
