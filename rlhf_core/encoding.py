@@ -161,13 +161,28 @@ def split_indices(n: int, eval_fraction: float, seed: int) -> tuple[list[int], l
     return sorted(order[n_eval:]), sorted(order[:n_eval])
 
 
-def _group_split(groups: list[int], cfg: TokenizeConfig) -> tuple[list[int], list[int]]:
-    """Split by source record, so pairs expanded from one ranking stay on one side."""
+def _group_split(groups: list[int], cfg: TokenizeConfig) -> dict[str, list[int]]:
+    """Split by source record, so pairs expanded from one ranking stay on one side. With
+    `judge_fraction` > 0 a seeded share of records is first set aside as `judge` (the judge RM's
+    data); the rest splits into train/eval exactly as it would without it."""
     uniq = sorted(set(groups))
+    judge: set[int] = set()
+    if cfg.judge_fraction > 0:
+        rest, held = split_indices(len(uniq), cfg.judge_fraction, cfg.seed + 1)
+        judge, uniq = {uniq[i] for i in held}, [uniq[i] for i in rest]
     tr, ev = split_indices(len(uniq), cfg.eval_fraction, cfg.seed)
     ev_groups = {uniq[i] for i in ev}
     idx = range(len(groups))
-    return [i for i in idx if groups[i] not in ev_groups], [i for i in idx if groups[i] in ev_groups]
+    out = {"train": [i for i in idx if groups[i] not in ev_groups and groups[i] not in judge],
+           "eval": [i for i in idx if groups[i] in ev_groups]}
+    if judge:
+        out["judge"] = [i for i in idx if groups[i] in judge]
+    return out
+
+
+def _train_eval(n: int, cfg: TokenizeConfig) -> dict[str, list[int]]:
+    train, eval_ = split_indices(n, cfg.eval_fraction, cfg.seed)
+    return {"train": train, "eval": eval_}
 
 
 def _save(rows: list[dict], path: Path, columns: tuple[str, ...]) -> None:
@@ -181,13 +196,13 @@ def _save(rows: list[dict], path: Path, columns: tuple[str, ...]) -> None:
             str(tmp), num_shards=None if rows else 1)
 
 
-def write_split(name: str, items: list, encode, split: tuple[list[int], list[int]], out_dir: Path, manifest: Manifest,
+def write_split(name: str, items: list, encode, split: dict[str, list[int]], out_dir: Path, manifest: Manifest,
                 columns: tuple[str, ...], overlong: str = "truncate", limit: str = "", source: str | Path = "") -> None:
     """Encode items per split with `encode(item) -> (row | None, truncated)`; save Arrow folders.
     A truncated record is kept, dropped or reported according to `overlong` (see TokenizeConfig)."""
     manifest.datasets[name] = {}
     too_long: list[int] = []
-    for split_name, idx in zip(("train", "eval"), split):
+    for split_name, idx in split.items():
         counts, rows = SplitCounts(records_in=len(idx)), []
         for i in idx:
             try:
@@ -241,7 +256,7 @@ def tokenize_datasets(tokenizer, cfg: TokenizeConfig, out_dir: Path, *, pt_docs:
             if all(l == IGNORE for l in labels):
                 return None, truncated
             return {"input_ids": ids, "labels": labels}, truncated
-        write_split("sft", conversations, enc_sft, split_indices(len(conversations), cfg.eval_fraction, cfg.seed), out_dir, manifest,
+        write_split("sft", conversations, enc_sft, _train_eval(len(conversations), cfg), out_dir, manifest,
                     ("input_ids", "labels"), overlong=cfg.overlong, limit=f"tokenize.max_length={cfg.max_length}",
                     source=sources.get("sft", ""))
     if preferences is not None:
@@ -254,7 +269,7 @@ def tokenize_datasets(tokenizer, cfg: TokenizeConfig, out_dir: Path, *, pt_docs:
         def enc_prompt(p):
             ids, truncated = encode_prompt(tokenizer, p, cfg.max_prompt_length)
             return {"prompt_ids": ids}, truncated
-        write_split("prompts", prompts, enc_prompt, split_indices(len(prompts), cfg.eval_fraction, cfg.seed), out_dir, manifest,
+        write_split("prompts", prompts, enc_prompt, _train_eval(len(prompts), cfg), out_dir, manifest,
                     ("prompt_ids",), overlong=cfg.overlong, limit=f"tokenize.max_prompt_length={cfg.max_prompt_length}",
                     source=sources.get("prompts", ""))
     from rlhf_core.data_io import check_tokenized

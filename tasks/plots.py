@@ -43,20 +43,23 @@ def plot_curves(history: list[dict], ys: tuple[str, ...], title: str, path: Path
 
 
 def plot_comparison(results: dict, models: list[str], path: Path) -> Path:
-    """Bars of oracle score (sampled and greedy) and win rate vs SFT per model."""
+    """Bars of judge score (sampled and greedy) and win rate vs SFT per model."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = (("oracle_score", "oracle score (sampled)"), ("oracle_score_greedy", "oracle score (greedy)"),
+    panels = (("judge_score", f"{results.get('judge', 'judge')} score (sampled)"),
+              ("judge_score_greedy", f"{results.get('judge', 'judge')} score (greedy)"),
               ("win_rate_vs_sft", "win rate vs SFT"))
     fig, axes = plt.subplots(1, len(panels), figsize=(12, 3.2))
     for ax, (key, title) in zip(axes, panels):
         vals = [results[m].get(key, 0.0) for m in models]
         bars = ax.bar(models, vals, color=["#888888", "#4c72b0", "#dd8452", "#55a868"][: len(models)])
         ax.bar_label(bars, fmt="%.2f")
-        ax.set_ylim(0, 1.05), ax.set_title(title)
+        if key == "win_rate_vs_sft" or results.get("judge") == "oracle":  # a reward model's scale is open
+            ax.set_ylim(0, 1.05)
+        ax.set_title(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
