@@ -10,11 +10,28 @@ from flows.settings import apply_defaults
 apply_defaults()
 
 
+def use_params(project_dir: str, params: str | None) -> None:
+    """`--params FILE`: DVC reads params.yaml, so FILE becomes params.yaml (said, and visible in
+    `git diff`), the way `dvc exp run -S` edits it in place."""
+    if not params:
+        return
+    import shutil
+
+    src, dst = Path(params), Path(project_dir) / "params.yaml"
+    if not src.is_file():
+        from rlhf_core.errors import ConfigError
+        raise ConfigError(str(src), "params file does not exist")
+    if not dst.exists() or src.resolve() != dst.resolve() and src.read_bytes() != dst.read_bytes():
+        shutil.copyfile(src, dst)
+        print(f"params.yaml is now a copy of {src} (DVC reads params.yaml; `git diff params.yaml` shows the change)")
+
+
 def cmd_run(a) -> int:
     from flows.pipeline import pipeline
 
     from flows.pipeline import StageFailed
 
+    use_params(a.project_dir, a.params)
     try:
         records = pipeline(project_dir=a.project_dir, stages=a.stages or None, force=a.force)
     except StageFailed as e:
@@ -118,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--stages", nargs="*", choices=STAGE_NAMES, help="only these stages (default: all)")
     r.add_argument("--force", action="store_true", help="rerun stages even if DVC finds them up to date")
     r.add_argument("--project-dir", default=".")
+    r.add_argument("--params", default=None, help="a params file to run (copied to params.yaml, which DVC reads)")
     r.set_defaults(fn=cmd_run)
     s = sub.add_parser("stage", help="run one stage in this process (what dvc.yaml calls)")
     s.add_argument("name", choices=STAGE_NAMES)

@@ -196,7 +196,9 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class PTConfig(TrainConfig):
-    pass
+    enabled: bool = True
+    """False: no continued pretraining; `models/pt` then only points at `model.name_or_path`
+    (fine-tuning a pretrained chat model usually starts at SFT)."""
 
 
 @dataclass(frozen=True)

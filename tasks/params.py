@@ -101,6 +101,9 @@ def resolve_judge(p: Params, source: str = "params.yaml") -> str:
 
 def _cross_checks(p: Params, source: str) -> None:
     resolve_judge(p, source)
+    if not p.pt.enabled and not p.model.name_or_path:
+        raise ConfigError("pt.enabled", "can be false only with a pretrained model.name_or_path (the tiny "
+                                        "default model starts from random weights)", source)
     if p.model.name_or_path:
         return  # a real model's context is only known once it is loaded
     ctx = p.model.max_position_embeddings

@@ -98,6 +98,21 @@ TRAIN_DATA = {"pt": "pt", "sft": "sft", "rm": "preference", "judge": "preference
 INIT = {"sft": "pt", "rm": "sft", "judge": "sft", "dpo": "sft", "ppo": "sft"}
 JUDGE_SPLIT = "preference/judge"
 NO_JUDGE = "no_judge.json"
+BASE_POINTER = "base.json"
+"""Written to models/pt when PT is switched off: the base model every later stage starts from."""
+
+
+def init_dir(root: Path, stage: str) -> Path | None:
+    """The model `stage` starts from: its upstream stage's output, or the base model that a
+    switched-off PT stage points at (a relative base path is relative to the project)."""
+    if stage not in INIT:
+        return None
+    path = root / layout.model_dir(INIT[stage])
+    pointer = path / BASE_POINTER
+    if pointer.exists():
+        base = Path(json.loads(pointer.read_text())["base"]).expanduser()
+        return base if base.is_absolute() else root / base
+    return path
 """Written to models/judge when there is no judge split to train on (the demo: the oracle judges)."""
 
 
@@ -115,7 +130,7 @@ def _fit(root: Path, p: Params, stage: str, logger) -> dict:
 
     out, ckpt, data = root / layout.model_dir(stage), root / layout.checkpoint_dir(stage), root / layout.TOKENIZED
     cfg = getattr(p, stage)
-    init = root / layout.model_dir(INIT[stage]) if stage in INIT else None
+    init = init_dir(root, stage)
     if stage == "pt":
         result = lm.run_pt(cfg, p.model, data, root / layout.TOKENIZER, out, ckpt, logger)
     elif stage == "sft":
@@ -148,7 +163,7 @@ def train(root: Path, p: Params, stage: str, run) -> dict:
         _write_json(finished, {"key": key, "result": result, "history": logger.history})
     write_history_csv(logger.history, root / layout.history_file(stage))
     png = plot_curves(logger.history, layout.SPECS[stage].plot_y, f"{stage} training", root / "plots" / f"{stage}.png")
-    init = root / layout.model_dir(INIT[stage]) if stage in INIT else None
+    init = init_dir(root, stage)
     try:
         for f in (root / layout.history_file(stage), png):
             if f:
@@ -174,6 +189,14 @@ def train(root: Path, p: Params, stage: str, run) -> dict:
         print(f"warning: MLflow step metrics failed during {stage} ({logger.error}); they are kept in "
               f"{layout.history_file(stage)}", file=sys.stderr)
     return {**result, "registered": registered, "lineage": lineage}
+
+
+def no_pt(root: Path, p: Params) -> dict:
+    """PT switched off: models/pt points at the base model (nothing is copied or registered)."""
+    with atomic_dir(root / layout.model_dir("pt")) as tmp:
+        _write_json(tmp / BASE_POINTER, {"base": p.model.name_or_path})
+    print(f"pt: switched off (pt.enabled: false); sft starts from {p.model.name_or_path}")
+    return {"trained": False, "base": p.model.name_or_path}
 
 
 def no_judge(root: Path) -> dict:
@@ -300,6 +323,8 @@ def run_stage(stage: str, root: Path = Path("."), params_file: str = "params.yam
     with tracking.stage_run(root, stage, p.tracking.experiment, _group_params(p, stage)) as run:
         if stage == "judge" and not (root / layout.TOKENIZED / JUDGE_SPLIT).exists():
             metrics = no_judge(root)
+        elif stage == "pt" and not p.pt.enabled:
+            metrics = no_pt(root, p)
         elif stage in layout.TRAINED:
             metrics = train(root, p, stage, run)
         elif stage == "evaluate":
