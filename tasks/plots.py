@@ -19,6 +19,21 @@ def write_history_csv(history: list[dict], path: Path) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
+def plot_note(text: str, path: Path) -> Path:
+    """A chart that says why there are no curves (a stage that trained nothing)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(6, 1.5))
+    fig.text(0.5, 0.5, text, ha="center", va="center", wrap=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
 def plot_curves(history: list[dict], ys: tuple[str, ...], title: str, path: Path) -> Path | None:
     """Line charts of `ys` against step, one panel each."""
     ys = tuple(y for y in ys if any(y in row for row in history))

@@ -13,7 +13,7 @@ from rlhf_core.config import to_dict
 from rlhf_core.errors import RLHFError
 from tasks import layout, tracking
 from tasks.params import Params, load_params, resolve_judge
-from tasks.plots import plot_comparison, plot_curves, write_history_csv
+from tasks.plots import plot_comparison, plot_curves, plot_note, write_history_csv
 
 
 class ValidationFailed(RLHFError):
@@ -191,21 +191,28 @@ def train(root: Path, p: Params, stage: str, run) -> dict:
     return {**result, "registered": registered, "lineage": lineage}
 
 
+def not_trained(root: Path, stage: str, marker: str, record: dict, note: str) -> dict:
+    """A training stage with nothing to train: its model folder holds only `marker` (the record),
+    and its history and chart say so, so every output DVC expects exists."""
+    with atomic_dir(root / layout.model_dir(stage)) as tmp:
+        _write_json(tmp / marker, record)
+    write_history_csv([], root / layout.history_file(stage))
+    plot_note(f"{stage}: {note}", root / "plots" / f"{stage}.png")
+    print(f"{stage}: {note}")
+    return {"trained": False, **{k: v for k, v in record.items() if k != "trained"}}
+
+
 def no_pt(root: Path, p: Params) -> dict:
     """PT switched off: models/pt points at the base model (nothing is copied or registered)."""
-    with atomic_dir(root / layout.model_dir("pt")) as tmp:
-        _write_json(tmp / BASE_POINTER, {"base": p.model.name_or_path})
-    print(f"pt: switched off (pt.enabled: false); sft starts from {p.model.name_or_path}")
-    return {"trained": False, "base": p.model.name_or_path}
+    return not_trained(root, "pt", BASE_POINTER, {"base": p.model.name_or_path},
+                       f"switched off (pt.enabled: false); sft starts from {p.model.name_or_path}")
 
 
 def no_judge(root: Path) -> dict:
     """The judge stage without a judge split: record that no judge RM was trained."""
-    reason = "no preference/judge split (tokenize.judge_fraction is 0), so no judge reward model was trained"
-    with atomic_dir(root / layout.model_dir("judge")) as tmp:
-        _write_json(tmp / NO_JUDGE, {"trained": False, "reason": reason})
-    print(f"judge: {reason}")
-    return {"trained": False}
+    return not_trained(root, "judge", NO_JUDGE, {"trained": False, "reason": (
+        "no preference/judge split (tokenize.judge_fraction is 0), so no judge reward model was trained")},
+        "not trained (tokenize.judge_fraction is 0; the oracle judges the demo)")
 
 
 # --- evaluation ------------------------------------------------------------------------------
