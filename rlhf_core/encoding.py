@@ -4,7 +4,10 @@ Rules (all counted in the manifest):
 - PT: documents are joined with EOS and cut into `block_size` blocks; labels == input_ids. The
   final partial block is dropped (as HF's run_clm does), so every block is full length.
 - SFT: the chat template is rendered; every non-assistant token is -100 in `labels`; every
-  assistant turn and the EOS that closes it are trained, even when pad == eos. A chat longer than
+  assistant turn and the template's own end-of-turn token (EOS) that closes it are trained once,
+  even when pad == eos; what a template adds after EOS (ChatML's newline) is not trained. Each
+  rendered prefix must be a token prefix of the next rendering, or tokenisation stops naming the
+  file and line [chat_template_prefix]. A chat longer than
   `max_length` keeps its first `max_length` tokens (counted as truncated); a chat left with no
   trainable token is dropped (counted as dropped).
 - Preferences: responses are cut to `max_response_length` tokens, then the prompt keeps its last
@@ -32,38 +35,72 @@ def _messages(turns) -> list[dict]:
     return [{"role": t.role, "content": t.content} for t in turns]
 
 
+class TemplateError(ValueError):
+    """The chat template renders a conversation so that token-level masking would be wrong."""
+
+
 def render_ids(tokenizer, turns, add_generation_prompt: bool = False) -> list[int]:
     text = tokenizer.apply_chat_template(_messages(turns), tokenize=False, add_generation_prompt=add_generation_prompt)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def _extends(prefix: list[int], full: list[int], what: str) -> None:
+    """Masking relies on each rendering being a token prefix of the next; a template that rewrites
+    earlier turns (e.g. drops past reasoning) or merges tokens across a turn boundary breaks it."""
+    if full[:len(prefix)] != prefix:
+        at = next((i for i, (a, b) in enumerate(zip(prefix, full)) if a != b), min(len(prefix), len(full)))
+        raise TemplateError(f"the chat template's rendering of {what} is not a token prefix of the rendering "
+                            f"with the next turn (they differ at token {at}): the template rewrites earlier turns "
+                            "or merges tokens across a turn boundary, so the trained tokens cannot be located "
+                            "[chat_template_prefix]")
+
+
+def split_reply(tokenizer, reply: list[int]) -> tuple[list[int], list[int]]:
+    """(trained, untrained) parts of the tokens a template adds for one assistant turn.
+
+    Trained: the reply up to and including the template's own end-of-turn token (the tokenizer's
+    EOS, e.g. ChatML's `<|im_end|>`), once. Untrained: what the template adds after it (ChatML's
+    newline), which the next turn's context carries. A template that does not close the turn with
+    EOS gets one appended, since a model that never sees EOS never stops."""
+    eos = tokenizer.eos_token_id
+    if eos in reply:
+        end = reply.index(eos) + 1
+        return reply[:end], reply[end:]
+    return reply + [eos], []
+
+
 def response_ids(tokenizer, prompt: tuple[Turn, ...], response: str, prompt_ids: list[int] | None = None) -> list[int]:
-    """Token ids the template adds for one assistant reply after `prompt`, ending with EOS."""
+    """Token ids of one assistant reply after `prompt`, through the end-of-turn token: exactly
+    what a rollout that stops at EOS produces."""
     prompt_ids = render_ids(tokenizer, prompt, True) if prompt_ids is None else prompt_ids
     full = render_ids(tokenizer, (*prompt, Turn("assistant", response)))
-    ids = full[len(prompt_ids):]
-    if not ids or ids[-1] != tokenizer.eos_token_id:
-        ids = ids + [tokenizer.eos_token_id]
-    return ids
+    _extends(prompt_ids, full, "the prompt with the generation prompt")
+    return split_reply(tokenizer, full[len(prompt_ids):])[0]
 
 
 def encode_sft(tokenizer, conv: Conversation, max_length: int) -> tuple[list[int], list[int], bool]:
-    """(input_ids, labels, truncated) for one chat; labels are -100 outside assistant turns."""
+    """(input_ids, labels, truncated) for one chat; labels are -100 outside assistant turns.
+
+    input_ids are the template's rendering of the whole chat (plus EOS after a turn the template
+    leaves unclosed); labels keep each assistant reply through its end-of-turn token."""
     input_ids: list[int] = []
     labels: list[int] = []
-    pos = 0  # template tokens consumed so far (an appended EOS is not a template token)
+    rendered: list[int] = []  # template tokens of the chat so far
     for i, turn in enumerate(conv.turns):
         if turn.role != "assistant":
             continue
         prefix = render_ids(tokenizer, conv.turns[:i], add_generation_prompt=True)
         full = render_ids(tokenizer, conv.turns[: i + 1])
-        reply = full[len(prefix):]
-        if not reply or reply[-1] != tokenizer.eos_token_id:
-            reply = reply + [tokenizer.eos_token_id]
-        context = prefix[pos:]  # system/user tokens since the previous reply
-        input_ids += context + reply
-        labels += [IGNORE] * len(context) + reply
-        pos = len(full)
+        _extends(rendered, prefix, f"turns 1-{i}")
+        _extends(prefix, full, f"turns 1-{i} with the generation prompt")
+        trained, tail = split_reply(tokenizer, full[len(prefix):])
+        context = prefix[len(rendered):]  # system/user tokens (and the last reply's tail) since then
+        input_ids += context + trained
+        labels += [IGNORE] * len(context) + trained
+        if tail:  # e.g. ChatML's newline after <|im_end|>: part of the chat, not trained
+            input_ids += tail
+            labels += [IGNORE] * len(tail)
+        rendered = full
     truncated = len(input_ids) > max_length
     return input_ids[:max_length], labels[:max_length], truncated
 
@@ -124,13 +161,28 @@ def split_indices(n: int, eval_fraction: float, seed: int) -> tuple[list[int], l
     return sorted(order[n_eval:]), sorted(order[:n_eval])
 
 
-def _group_split(groups: list[int], cfg: TokenizeConfig) -> tuple[list[int], list[int]]:
-    """Split by source record, so pairs expanded from one ranking stay on one side."""
+def _group_split(groups: list[int], cfg: TokenizeConfig) -> dict[str, list[int]]:
+    """Split by source record, so pairs expanded from one ranking stay on one side. With
+    `judge_fraction` > 0 a seeded share of records is first set aside as `judge` (the judge RM's
+    data); the rest splits into train/eval exactly as it would without it."""
     uniq = sorted(set(groups))
+    judge: set[int] = set()
+    if cfg.judge_fraction > 0:
+        rest, held = split_indices(len(uniq), cfg.judge_fraction, cfg.seed + 1)
+        judge, uniq = {uniq[i] for i in held}, [uniq[i] for i in rest]
     tr, ev = split_indices(len(uniq), cfg.eval_fraction, cfg.seed)
     ev_groups = {uniq[i] for i in ev}
     idx = range(len(groups))
-    return [i for i in idx if groups[i] not in ev_groups], [i for i in idx if groups[i] in ev_groups]
+    out = {"train": [i for i in idx if groups[i] not in ev_groups and groups[i] not in judge],
+           "eval": [i for i in idx if groups[i] in ev_groups]}
+    if judge:
+        out["judge"] = [i for i in idx if groups[i] in judge]
+    return out
+
+
+def _train_eval(n: int, cfg: TokenizeConfig) -> dict[str, list[int]]:
+    train, eval_ = split_indices(n, cfg.eval_fraction, cfg.seed)
+    return {"train": train, "eval": eval_}
 
 
 def _save(rows: list[dict], path: Path, columns: tuple[str, ...]) -> None:
@@ -144,16 +196,19 @@ def _save(rows: list[dict], path: Path, columns: tuple[str, ...]) -> None:
             str(tmp), num_shards=None if rows else 1)
 
 
-def write_split(name: str, items: list, encode, split: tuple[list[int], list[int]], out_dir: Path, manifest: Manifest,
+def write_split(name: str, items: list, encode, split: dict[str, list[int]], out_dir: Path, manifest: Manifest,
                 columns: tuple[str, ...], overlong: str = "truncate", limit: str = "", source: str | Path = "") -> None:
     """Encode items per split with `encode(item) -> (row | None, truncated)`; save Arrow folders.
     A truncated record is kept, dropped or reported according to `overlong` (see TokenizeConfig)."""
     manifest.datasets[name] = {}
     too_long: list[int] = []
-    for split_name, idx in zip(("train", "eval"), split):
+    for split_name, idx in split.items():
         counts, rows = SplitCounts(records_in=len(idx)), []
         for i in idx:
-            row, truncated = encode(items[i])
+            try:
+                row, truncated = encode(items[i])
+            except TemplateError as e:
+                raise DataError(source or f"<{name}>", _line(items[i]), None, str(e)) from None
             if row is not None and truncated and overlong != "truncate":
                 too_long.append(_line(items[i]))
                 row = None
@@ -238,7 +293,7 @@ def tokenize_datasets(tokenizer, cfg: TokenizeConfig, out_dir: Path, *, pt_docs:
             if all(l == IGNORE for l in labels):
                 return None, truncated
             return {"input_ids": ids, "labels": labels}, truncated
-        write_split("sft", conversations, enc_sft, split_indices(len(conversations), cfg.eval_fraction, cfg.seed), out_dir, manifest,
+        write_split("sft", conversations, enc_sft, _train_eval(len(conversations), cfg), out_dir, manifest,
                     ("input_ids", "labels"), overlong=cfg.overlong, limit=f"tokenize.max_length={cfg.max_length}",
                     source=sources.get("sft", ""))
     # source lines of records that truncation made useless: (kind, "short_prompt" | "identical") -> lines
@@ -267,7 +322,7 @@ def tokenize_datasets(tokenizer, cfg: TokenizeConfig, out_dir: Path, *, pt_docs:
             if truncated and cfg.overlong == "truncate" and len(ids) < min_prompt:
                 cut["prompts", "short_prompt"].append(_line(p))
             return {"prompt_ids": ids}, truncated
-        write_split("prompts", prompts, enc_prompt, split_indices(len(prompts), cfg.eval_fraction, cfg.seed), out_dir, manifest,
+        write_split("prompts", prompts, enc_prompt, _train_eval(len(prompts), cfg), out_dir, manifest,
                     ("prompt_ids",), overlong=cfg.overlong, limit=f"tokenize.max_prompt_length={cfg.max_prompt_length}",
                     source=sources.get("prompts", ""))
     check_useful(manifest, cfg, cut, sources)

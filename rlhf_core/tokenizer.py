@@ -12,11 +12,12 @@ ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assis
 
 # Role markers are special tokens, so every turn boundary is a token boundary and the token ids of
 # a rendered prefix are a prefix of the ids of the whole chat (the SFT masking relies on it).
-# Every assistant turn ends with EOS, which is trained: a model that never sees it never stops.
+# Every assistant turn ends with the tokenizer's own EOS (not a hard-coded string, so the template
+# also fits a base model that has none), which is trained: a model that never sees it never stops.
 DEFAULT_CHAT_TEMPLATE = (
     "{% for m in messages %}"
     "{{ '<|' + m['role'] + '|>' + m['content'] }}"
-    "{% if m['role'] == 'assistant' %}{{ '" + EOS + "' }}{% endif %}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )

@@ -81,13 +81,17 @@ STAGES: tuple[StageSpec, ...] = (
               ("train/loss", "eval/loss")),
     StageSpec("rm", (TOKENIZED, model_dir("sft")), TRAIN_CODE + _core("rm"), ("model", "rm"), (model_dir("rm"),),
               ("train/loss", "train/accuracy", "eval/accuracy")),
+    # the held-out judge RM: trains on preference/judge (tokenize.judge_fraction > 0), else records
+    # that there is none; evaluate scores with it under evaluate.judge: heldout_rm
+    StageSpec("judge", (TOKENIZED, model_dir("sft")), TRAIN_CODE + _core("rm"), ("model", "judge"), (model_dir("judge"),),
+              ("train/loss", "train/accuracy", "eval/accuracy")),
     StageSpec("dpo", (TOKENIZED, model_dir("sft")), TRAIN_CODE + _core("dpo"), ("model", "dpo"), (model_dir("dpo"),),
               ("train/loss", "train/rewards/margins", "train/rewards/accuracies")),
     StageSpec("ppo", (TOKENIZED, model_dir("sft"), model_dir("rm")), TRAIN_CODE + _core("ppo", "gae", "kl", "generation"),
               ("model", "ppo"), (model_dir("ppo"),), ("objective/scores", "objective/kl", "objective/rlhf_reward")),
-    StageSpec("evaluate", (TOKENIZED, "${data.eval_prompts}", model_dir("sft"), model_dir("rm"), model_dir("dpo"),
-                           model_dir("ppo")), _core("evaluation", "oracle", "generation"),
-              ("model", "tokenize", "evaluate", "tracking"), ("plots/eval",)),
+    StageSpec("evaluate", (TOKENIZED, "${data.eval_prompts}", model_dir("sft"), model_dir("rm"), model_dir("judge"),
+                           model_dir("dpo"), model_dir("ppo")), _core("evaluation", "oracle", "generation"),
+              ("data", "model", "tokenize", "evaluate", "tracking"), ("plots/eval",)),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 SPECS = {s.name: s for s in STAGES}

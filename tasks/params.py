@@ -66,6 +66,7 @@ class Params:
     pt: PTConfig = field(default_factory=PTConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RMConfig = field(default_factory=RMConfig)
+    judge: RMConfig = field(default_factory=RMConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
@@ -96,7 +97,32 @@ def parse_params(raw: dict, source: str = "params.yaml") -> Params:
     return params
 
 
+def is_demo_data(data: DataConfig) -> bool:
+    """True when every input is the generated demo task's file (the only data the oracle knows)."""
+    return data == DataConfig()
+
+
+def resolve_judge(p: Params, source: str = "params.yaml") -> str:
+    """'oracle', 'heldout_rm', or a model directory / `models:/` URI: who scores the evaluation."""
+    judge = p.evaluate.judge
+    if judge == "auto":
+        judge = "oracle" if is_demo_data(p.data) else "heldout_rm"
+    if judge == "oracle" and not is_demo_data(p.data):
+        raise ConfigError("evaluate.judge", "'oracle' only knows the demo task's made-up atlas and would score your "
+                                            "data by a politeness rule; use heldout_rm, or a reward model's "
+                                            "directory or models:/ URI", source)
+    if judge == "heldout_rm" and p.tokenize.judge_fraction <= 0:
+        raise ConfigError("tokenize.judge_fraction", "must be > 0 (e.g. 0.2) when evaluate.judge is heldout_rm "
+                                                     "(the default judge on your own data): the judge reward model "
+                                                     "trains on that held-out share of the preference data", source)
+    return judge
+
+
 def _cross_checks(p: Params, source: str) -> None:
+    resolve_judge(p, source)
+    if not p.pt.enabled and not p.model.name_or_path:
+        raise ConfigError("pt.enabled", "can be false only with a pretrained model.name_or_path (the tiny "
+                                        "default model starts from random weights)", source)
     if p.model.name_or_path:
         return  # a real model's context is only known once it is loaded
     ctx = p.model.max_position_embeddings

