@@ -16,7 +16,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench smollm2 clean-outputs
+.PHONY: install demo test bench smollm2 smollm2-recipe clean-outputs
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -43,6 +43,11 @@ test: install
 # SmolLM2-135M-Instruct as an ordinary HF folder (fp32 safetensors) in models/base/, built once
 smollm2: install
 	rlhf smollm2
+
+# the real recipe: SmolLM2 + LoRA on a small public-format sample (replaces params.yaml; see git diff)
+smollm2-recipe: smollm2
+	$(PY) examples/make_sample.py --out data/sample
+	rlhf run --params examples/smollm2.yaml
 
 bench: install
 	$(PY) benchmarks/bench.py --trl

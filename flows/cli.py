@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -10,11 +11,28 @@ from flows.settings import apply_defaults
 apply_defaults()
 
 
+def use_params(project_dir: str, params: str | None) -> None:
+    """`--params FILE`: DVC reads params.yaml, so FILE becomes params.yaml (said, and visible in
+    `git diff`), the way `dvc exp run -S` edits it in place."""
+    if not params:
+        return
+    import shutil
+
+    src, dst = Path(params), Path(project_dir) / "params.yaml"
+    if not src.is_file():
+        from rlhf_core.errors import ConfigError
+        raise ConfigError(str(src), "params file does not exist")
+    if not dst.exists() or src.resolve() != dst.resolve() and src.read_bytes() != dst.read_bytes():
+        shutil.copyfile(src, dst)
+        print(f"params.yaml is now a copy of {src} (DVC reads params.yaml; `git diff params.yaml` shows the change)")
+
+
 def cmd_run(a) -> int:
     from flows.pipeline import pipeline
 
     from flows.pipeline import StageFailed
 
+    use_params(a.project_dir, a.params)
     try:
         records = pipeline(project_dir=a.project_dir, stages=a.stages or None, force=a.force)
     except StageFailed as e:
@@ -28,11 +46,17 @@ def cmd_run(a) -> int:
 def cmd_stage(a) -> int:
     import signal
 
-    from rlhf_core.loop import request_stop
+    from rlhf_core.loop import Stopped, request_stop
+    from tasks.layout import TRAINED
     from tasks.stages import run_stage
 
-    # a preempted worker gets SIGTERM: finish the step, checkpoint it, exit (the next run resumes)
-    signal.signal(signal.SIGTERM, lambda signum, frame: request_stop(signum))
+    def on_sigterm(signum, frame):
+        if a.name in TRAINED:  # a preempted worker: finish the step, checkpoint it, exit (the next run resumes)
+            request_stop(signum)
+        else:  # nothing to checkpoint: stop now; outputs are renamed into place only when complete
+            raise Stopped(f"{a.name}: stopped by SIGTERM; its previous outputs are unchanged", signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     run_stage(a.name, Path(a.project_dir), a.params)
     return 0
 
@@ -63,14 +87,32 @@ def cmd_deploy(a) -> int:
 
 def resolve_model(ref: str) -> Path:
     """A local directory, or an MLflow `models:/name@alias` / `models:/name/version` URI."""
+    from rlhf_core.errors import ModelLoadError
+
     if ref.startswith(("models:/", "runs:/")):
         import mlflow
 
         from tasks import tracking
 
+        if not tracking.USER_TRACKING_URI and not Path("mlflow.db").exists():
+            raise ModelLoadError(f"{ref}: no MLflow store here (./mlflow.db does not exist); run from the project "
+                                 "folder or set MLFLOW_TRACKING_URI [model_uri]")
         mlflow.set_tracking_uri(tracking.tracking_uri(Path(".")))
-        return Path(mlflow.artifacts.download_artifacts(ref))
+        try:
+            return Path(mlflow.artifacts.download_artifacts(ref))
+        except mlflow.exceptions.MlflowException as e:
+            raise ModelLoadError(f"{ref}: no such model in the MLflow store {tracking.tracking_uri(Path('.'))} "
+                                 f"({e.message.splitlines()[0]}) [model_uri]") from None
     return Path(ref)
+
+
+def check_predict_args(a) -> None:
+    from rlhf_core.errors import ConfigError
+
+    if not a.temperature >= 0:  # also refuses nan
+        raise ConfigError("--temperature", f"is {a.temperature}, must be >= 0 (0 = greedy) [predict_args]")
+    if a.max_new_tokens <= 0:
+        raise ConfigError("--max-new-tokens", f"is {a.max_new_tokens}, must be > 0 [predict_args]")
 
 
 def cmd_predict(a) -> int:
@@ -84,6 +126,7 @@ def cmd_predict(a) -> int:
     from rlhf_core.modeling import load_policy
     from rlhf_core.tokenizer import load_tokenizer
 
+    check_predict_args(a)
     path = resolve_model(a.model)
     cfg = ModelConfig(trust_remote_code=a.trust_remote_code)
     tok, model = load_tokenizer(path, cfg.trust_remote_code), load_policy(path, cfg)
@@ -123,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--stages", nargs="*", choices=STAGE_NAMES, help="only these stages (default: all)")
     r.add_argument("--force", action="store_true", help="rerun stages even if DVC finds them up to date")
     r.add_argument("--project-dir", default=".")
+    r.add_argument("--params", default=None, help="a params file to run (copied to params.yaml, which DVC reads)")
     r.set_defaults(fn=cmd_run)
     s = sub.add_parser("stage", help="run one stage in this process (what dvc.yaml calls)")
     s.add_argument("name", choices=STAGE_NAMES)
@@ -165,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except RLHFError as e:
+        if os.environ.get("RLHF_DEBUG") == "1":  # the full traceback, for a bug report
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 128 + e.signum if getattr(e, "signum", None) else 2  # loop.Stopped: 143 after SIGTERM
     except KeyboardInterrupt:

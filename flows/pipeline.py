@@ -125,7 +125,7 @@ def _key_metric(root: Path, stage: str) -> str:
         return ""
     m = json.loads(f.read_text())
     if stage == "evaluate":
-        return " ".join(f"{k}={m[k]['oracle_score']:.3f}" for k in ("sft", "dpo", "ppo") if k in m)
+        return " ".join(f"{k}={m[k]['judge_score']:.3f}" for k in ("sft", "dpo", "ppo") if k in m)
     picks = ("eval/loss", "eval/accuracy", "eval/rewards/accuracies", "objective/scores")
     return " ".join(f"{k}={m['metrics'][k]:.3f}" for k in picks if k in m.get("metrics", {}))
 

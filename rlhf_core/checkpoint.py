@@ -2,16 +2,18 @@
 
 A checkpoint is written to a temporary folder and renamed into place, and carries a fingerprint
 of the config and inputs; a checkpoint whose fingerprint differs is ignored, so changing a
-parameter never resumes a run that belongs to other settings.
+parameter never resumes a run that belongs to other settings. A corrupted checkpoint is skipped
+with a warning naming the file, and the stage starts fresh (only the latest checkpoint is kept).
 """
 from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_model
 
 from rlhf_core.atomic import atomic_dir
 
@@ -29,25 +31,62 @@ def save_checkpoint(ckpt_dir: Path, fingerprint: str, step: int, models: dict, o
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
 
 
-def load_checkpoint(ckpt_dir: Path, fingerprint: str, models: dict, optimizers: dict,
-                    schedulers: dict) -> tuple[int, dict] | None:
-    """Restore everything in place and return (step, extra), or None if there is nothing to resume."""
+def _warn(path: Path, why: str) -> None:
+    print(f"warning: {path}: {why}; ignoring this checkpoint and starting the stage fresh", file=sys.stderr)
+
+
+def read_state(ckpt_dir: Path) -> dict | None:
+    """`trainer_state.json` of a checkpoint, or None (with a warning naming it) if it is unreadable."""
     state_file = Path(ckpt_dir) / "trainer_state.json"
     if not state_file.exists():
         return None
-    state = json.loads(state_file.read_text())
-    if state["fingerprint"] != fingerprint:
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+        if not (isinstance(state, dict) and isinstance(state.get("fingerprint"), str)
+                and isinstance(state.get("step"), int) and isinstance(state.get("extra", {}), dict)):
+            raise ValueError("missing fingerprint, step or extra")
+    except (ValueError, UnicodeDecodeError) as e:
+        _warn(state_file, f"corrupted ({e})")
         return None
+    return state
+
+
+def load_checkpoint(ckpt_dir: Path, fingerprint: str, models: dict, optimizers: dict,
+                    schedulers: dict) -> tuple[int, dict] | None:
+    """Restore everything in place and return (step, extra), or None if there is nothing to resume.
+
+    Every file is read and checked before anything is restored, so a corrupted checkpoint (skipped
+    with a warning naming the file) never leaves a half-restored model behind."""
+    ckpt_dir = Path(ckpt_dir)
+    state = read_state(ckpt_dir)
+    if state is None or state["fingerprint"] != fingerprint:
+        return None
+    loaded = {}
+    for name in ("optimizers", "schedulers", "rng"):
+        f = ckpt_dir / f"{name}.pt"
+        try:  # weights_only=True: these files hold only tensors and plain containers, nothing executable
+            loaded[name] = torch.load(f, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - torch raises many kinds for a damaged pickle/zip
+            _warn(f, f"unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+            return None
+    missing = [k for k in optimizers if k not in loaded["optimizers"]] + [k for k in schedulers if k not in loaded["schedulers"]]
+    if missing:
+        _warn(ckpt_dir, f"holds no state for {', '.join(missing)}")
+        return None
+    for name in models:
+        f = ckpt_dir / f"{name}.safetensors"
+        try:
+            load_file(str(f))  # reads and checks every tensor; load_model below then restores it
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError
+            _warn(f, f"unreadable ({type(e).__name__}: {e})")
+            return None
     for name, model in models.items():
         load_model(model, str(ckpt_dir / f"{name}.safetensors"))
-    # weights_only=True: these files hold only tensors and plain containers, nothing executable
-    opt_states = torch.load(ckpt_dir / "optimizers.pt", weights_only=True)
     for k, o in optimizers.items():
-        o.load_state_dict(opt_states[k])
-    sched_states = torch.load(ckpt_dir / "schedulers.pt", weights_only=True)
+        o.load_state_dict(loaded["optimizers"][k])
     for k, s in schedulers.items():
-        s.load_state_dict(sched_states[k])
-    rng = torch.load(ckpt_dir / "rng.pt", weights_only=True)
+        s.load_state_dict(loaded["schedulers"][k])
+    rng = loaded["rng"]
     torch.set_rng_state(rng["torch"])
     random.setstate((3, tuple(rng["python"]), rng["python_pos"]))
-    return state["step"], state["extra"]
+    return state["step"], state.get("extra", {})

@@ -112,14 +112,27 @@ class TokenizeConfig:
     in the manifest — or 'error' (stop the tokenize stage, naming the file and line)."""
     eval_fraction: float = 0.1
     """Share of each dataset held out for evaluation."""
+    judge_fraction: float = 0.0
+    """Share of preference records held out for the judge reward model (`preference/judge`, trained
+    by the `judge` stage, seen by no policy or policy RM); needed by `evaluate.judge: heldout_rm`."""
     seed: int = 0
     """Seed of the train/eval split."""
+    max_dropped_fraction: float = 0.5
+    """Tokenize fails when more than this share of a kind's records (sft, preference, prompts) was
+    dropped (no trainable token left, or over its limit with `overlong: drop`)."""
+    min_prompt_tokens: int = 4
+    """Tokenize fails when truncation leaves a prompt (preference or PPO) shorter than this many tokens
+    (or than `max_prompt_length`, if that is smaller)."""
 
     def __post_init__(self):
+        _check(0.0 <= self.max_dropped_fraction <= 1.0, "max_dropped_fraction", "must be in [0, 1]")
+        _check(self.min_prompt_tokens > 0, "min_prompt_tokens", "must be > 0")
         for k in ("max_length", "block_size", "max_prompt_length", "max_response_length"):
             _check(getattr(self, k) > 0, k, "must be > 0")
         _check(self.overlong in ("truncate", "drop", "error"), "overlong", "must be truncate, drop or error")
         _check(0.0 <= self.eval_fraction < 1.0, "eval_fraction", "must be in [0, 1)")
+        _check(0.0 <= self.judge_fraction < 1.0, "judge_fraction", "must be in [0, 1)")
+        _check(self.eval_fraction + self.judge_fraction < 1.0, "judge_fraction", "eval_fraction + judge_fraction must be < 1")
         _check(self.max_prompt_length < self.max_length, "max_prompt_length", "must be < max_length")
 
 
@@ -191,7 +204,9 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class PTConfig(TrainConfig):
-    pass
+    enabled: bool = True
+    """False: no continued pretraining; `models/pt` then only points at `model.name_or_path`
+    (fine-tuning a pretrained chat model usually starts at SFT)."""
 
 
 @dataclass(frozen=True)
@@ -282,6 +297,7 @@ class PPOConfig(TrainConfig):
         for k in ("rollout_batch_size", "ppo_epochs", "max_new_tokens", "kl_horizon"):
             _check(getattr(self, k) > 0, k, "must be > 0")
         _check(self.temperature > 0, "temperature", "must be > 0")
+        _check(self.top_k >= 0, "top_k", "must be >= 0 (0 = off)")
         _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         _check(self.kl_coef >= 0, "kl_coef", "must be >= 0")
         _check(self.kl_estimator in ("k1", "k3"), "kl_estimator", "must be k1 or k3")
@@ -303,7 +319,12 @@ class EvalConfig:
     batch_size: int = 32
     """Prompts per generation batch."""
     promotion_margin: float = 0.05
-    """The best of PPO and DPO becomes `champion` only if its oracle score beats SFT by this."""
+    """The best of PPO and DPO becomes `champion` only if its judge score beats SFT by this."""
+    judge: str = "auto"
+    """Who scores the answers: 'oracle' (the demo task's rule-based judge; refused on other data),
+    'heldout_rm' (a reward model trained by the `judge` stage on `preference/judge`, which no policy
+    nor the policy RM saw), a directory or `models:/` URI of any sequence-classification model, or
+    'auto': the oracle on the demo data, heldout_rm otherwise."""
     seed: int = 0
     """Seed of the sampling."""
 

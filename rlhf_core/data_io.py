@@ -114,7 +114,7 @@ def check_tokenized(out_dir: Path, vocab_size: int, block_size: int) -> None:
     from datasets import load_from_disk
 
     for kind in COLUMNS:
-        for split in ("train", "eval"):
+        for split in ("train", "eval", "judge"):
             path = Path(out_dir) / kind / split
             if (path / "dataset_info.json").exists():
                 check_split(load_from_disk(str(path)), kind, path, vocab_size, block_size if kind == "pt" else None)

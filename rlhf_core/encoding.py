@@ -171,13 +171,28 @@ def split_indices(n: int, eval_fraction: float, seed: int) -> tuple[list[int], l
     return sorted(order[n_eval:]), sorted(order[:n_eval])
 
 
-def _group_split(groups: list[int], cfg: TokenizeConfig) -> tuple[list[int], list[int]]:
-    """Split by source record, so pairs expanded from one ranking stay on one side."""
+def _group_split(groups: list[int], cfg: TokenizeConfig) -> dict[str, list[int]]:
+    """Split by source record, so pairs expanded from one ranking stay on one side. With
+    `judge_fraction` > 0 a seeded share of records is first set aside as `judge` (the judge RM's
+    data); the rest splits into train/eval exactly as it would without it."""
     uniq = sorted(set(groups))
+    judge: set[int] = set()
+    if cfg.judge_fraction > 0:
+        rest, held = split_indices(len(uniq), cfg.judge_fraction, cfg.seed + 1)
+        judge, uniq = {uniq[i] for i in held}, [uniq[i] for i in rest]
     tr, ev = split_indices(len(uniq), cfg.eval_fraction, cfg.seed)
     ev_groups = {uniq[i] for i in ev}
     idx = range(len(groups))
-    return [i for i in idx if groups[i] not in ev_groups], [i for i in idx if groups[i] in ev_groups]
+    out = {"train": [i for i in idx if groups[i] not in ev_groups and groups[i] not in judge],
+           "eval": [i for i in idx if groups[i] in ev_groups]}
+    if judge:
+        out["judge"] = [i for i in idx if groups[i] in judge]
+    return out
+
+
+def _train_eval(n: int, cfg: TokenizeConfig) -> dict[str, list[int]]:
+    train, eval_ = split_indices(n, cfg.eval_fraction, cfg.seed)
+    return {"train": train, "eval": eval_}
 
 
 def _save(rows: list[dict], path: Path, columns: tuple[str, ...]) -> None:
@@ -191,13 +206,13 @@ def _save(rows: list[dict], path: Path, columns: tuple[str, ...]) -> None:
             str(tmp), num_shards=None if rows else 1)
 
 
-def write_split(name: str, items: list, encode, split: tuple[list[int], list[int]], out_dir: Path, manifest: Manifest,
+def write_split(name: str, items: list, encode, split: dict[str, list[int]], out_dir: Path, manifest: Manifest,
                 columns: tuple[str, ...], overlong: str = "truncate", limit: str = "", source: str | Path = "") -> None:
     """Encode items per split with `encode(item) -> (row | None, truncated)`; save Arrow folders.
     A truncated record is kept, dropped or reported according to `overlong` (see TokenizeConfig)."""
     manifest.datasets[name] = {}
     too_long: list[int] = []
-    for split_name, idx in zip(("train", "eval"), split):
+    for split_name, idx in split.items():
         counts, rows = SplitCounts(records_in=len(idx)), []
         for i in idx:
             try:
@@ -222,6 +237,43 @@ def write_split(name: str, items: list, encode, split: tuple[list[int], list[int
         raise DataError(source or f"<{name}>", lines[0], None,
                         f"longer than {limit} tokens and tokenize.overlong is 'error'{more if len(lines) > 1 else ''} "
                         "[overlong]")
+
+
+def _lines(lines: list[int]) -> str:
+    lines = sorted(set(lines))
+    return f"lines {', '.join(map(str, lines[:10]))}{', ...' if len(lines) > 10 else ''}"
+
+
+def check_useful(manifest: Manifest, cfg: TokenizeConfig, cut: dict[tuple[str, str], list[int]],
+                 sources: dict[str, str | Path]) -> None:
+    """Post-condition: output a training stage can learn from. Fails (with counts) on an empty
+    split, a kind that lost more than `max_dropped_fraction` of its records, a prompt cut below
+    `min_prompt_tokens`, or a preference pair whose responses truncation made identical."""
+    def fail(kind: str, line: int, rule: str):
+        raise DataError(sources.get(kind) or f"<{kind}>", line, None, f"{rule} [useful_output]")
+
+    for kind, splits in manifest.datasets.items():
+        records_in = sum(c.records_in for c in splits.values())
+        for split, c in splits.items():
+            if (split == "train" and c.records_out == 0) or (c.records_in > 0 and c.records_out == 0):
+                unit = "full blocks" if kind == "pt" else "records"
+                fail(kind, 0, f"the {kind} {split} split is empty ({c.records_out} {unit} out of {c.records_in} "
+                              f"records in; tokenize.eval_fraction={cfg.eval_fraction}, max_length={cfg.max_length}, "
+                              f"block_size={cfg.block_size}, overlong={cfg.overlong})")
+        dropped = sum(c.dropped for c in splits.values())
+        if kind != "pt" and records_in and dropped / records_in > cfg.max_dropped_fraction:  # pt counts tail tokens
+            fail(kind, 0, f"{dropped} of {records_in} {kind} records were dropped, more than "
+                          f"tokenize.max_dropped_fraction={cfg.max_dropped_fraction} (too long for max_length="
+                          f"{cfg.max_length} with overlong={cfg.overlong}, or no trainable token left)")
+    for (kind, reason), lines in sorted(cut.items()):
+        if lines:
+            total = sum(c.records_in for c in manifest.datasets[kind].values())
+            what = ("truncation left the prompt shorter than tokenize.min_prompt_tokens="
+                    f"{min(cfg.min_prompt_tokens, cfg.max_prompt_length)}" if reason == "short_prompt" else
+                    "truncation made chosen and rejected identical")
+            fail(kind, sorted(lines)[0], f"{len(lines)} of {total} {kind} records: {what} ({_lines(lines)}); "
+                                         "raise tokenize.max_length / max_response_length / max_prompt_length, "
+                                         "or set tokenize.overlong: drop")
 
 
 def _line(item) -> int:
@@ -251,11 +303,25 @@ def tokenize_datasets(tokenizer, cfg: TokenizeConfig, out_dir: Path, *, pt_docs:
             if all(l == IGNORE for l in labels):
                 return None, truncated
             return {"input_ids": ids, "labels": labels}, truncated
-        write_split("sft", conversations, enc_sft, split_indices(len(conversations), cfg.eval_fraction, cfg.seed), out_dir, manifest,
+        write_split("sft", conversations, enc_sft, _train_eval(len(conversations), cfg), out_dir, manifest,
                     ("input_ids", "labels"), overlong=cfg.overlong, limit=f"tokenize.max_length={cfg.max_length}",
                     source=sources.get("sft", ""))
+    # source lines of records that truncation made useless: (kind, "short_prompt" | "identical") -> lines
+    cut: dict[tuple[str, str], list[int]] = {("preference", "short_prompt"): [], ("preference", "identical"): [],
+                                             ("prompts", "short_prompt"): []}
+    min_prompt = min(cfg.min_prompt_tokens, cfg.max_prompt_length)
+
+    def enc_pref(pair):
+        row, truncated = encode_preference(tokenizer, pair, cfg)
+        if truncated and cfg.overlong == "truncate":
+            if len(row["prompt_ids"]) < min_prompt:
+                cut["preference", "short_prompt"].append(_line(pair))
+            if row["chosen_ids"] == row["rejected_ids"]:
+                cut["preference", "identical"].append(_line(pair))
+        return row, truncated
+
     if preferences is not None:
-        write_split("preference", preferences, lambda p: encode_preference(tokenizer, p, cfg),
+        write_split("preference", preferences, enc_pref,
                     _group_split([p.group for p in preferences], cfg), out_dir, manifest,
                     ("prompt_ids", "chosen_ids", "rejected_ids", "weight"), overlong=cfg.overlong,
                     limit=f"tokenize.max_response_length={cfg.max_response_length} or max_length={cfg.max_length}",
@@ -263,10 +329,13 @@ def tokenize_datasets(tokenizer, cfg: TokenizeConfig, out_dir: Path, *, pt_docs:
     if prompts is not None:
         def enc_prompt(p):
             ids, truncated = encode_prompt(tokenizer, p, cfg.max_prompt_length)
+            if truncated and cfg.overlong == "truncate" and len(ids) < min_prompt:
+                cut["prompts", "short_prompt"].append(_line(p))
             return {"prompt_ids": ids}, truncated
-        write_split("prompts", prompts, enc_prompt, split_indices(len(prompts), cfg.eval_fraction, cfg.seed), out_dir, manifest,
+        write_split("prompts", prompts, enc_prompt, _train_eval(len(prompts), cfg), out_dir, manifest,
                     ("prompt_ids",), overlong=cfg.overlong, limit=f"tokenize.max_prompt_length={cfg.max_prompt_length}",
                     source=sources.get("prompts", ""))
+    check_useful(manifest, cfg, cut, sources)
     from rlhf_core.data_io import check_tokenized
 
     check_tokenized(out_dir, len(tokenizer), cfg.block_size)  # post-condition: nothing malformed goes downstream

@@ -1,6 +1,8 @@
 """Errors that name what was wrong and where, so a user never has to read a torch traceback."""
 from __future__ import annotations
 
+import re
+
 
 class RLHFError(Exception):
     """Base class: every error the pipeline raises on purpose."""
@@ -20,12 +22,17 @@ class DataError(RLHFError):
 
 
 class ConfigError(RLHFError):
-    """A configuration key is unknown, has the wrong type, or is out of range."""
+    """A configuration key is unknown, has the wrong type, or is out of range.
+
+    An empty `key` means the file as a whole (`source` then names it, with a line if known). A rule
+    without its own `[tag]` gets `[params]`, so every message ends with the rule it broke."""
 
     def __init__(self, key: str, rule: str, source: str | None = None):
         self.key, self.rule, self.source = key, rule, source
         where = f"{source}: " if source else ""
-        super().__init__(f"{where}'{key}': {rule}")
+        what = f"'{key}': " if key else ""
+        tag = "" if re.search(r"\[[a-z_]+\]$", rule) else " [params]"
+        super().__init__(f"{where}{what}{rule}{tag}")
 
 
 class TrainingError(RLHFError):

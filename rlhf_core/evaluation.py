@@ -1,8 +1,12 @@
 """Compare trained policies with the reference (SFT) on held-out prompts.
 
 Every policy answers each prompt once greedily and `num_samples` times at `temperature`. The
-sampled answers are scored by the judge (the oracle), by the reward model, and by how far the
-policy moved from the reference (a sampled estimate of KL(policy || reference) per answer).
+sampled answers are scored by the judge, by the policy reward model, and by how far the policy
+moved from the reference (a sampled estimate of KL(policy || reference) per answer). The judge is
+something no policy trained against: the demo task's oracle, or a reward model trained on a
+held-out share of the preference data (Gao et al. 2022's "gold" RM, at this scale), or any
+sequence-classification model the user names. Each policy's log-ratio to the reference is also
+checked against held-out preference pairs (does it prefer the chosen answer?).
 Sampling is re-seeded with `cfg.seed` before each policy, so a policy's numbers do not depend on
 which other policies are evaluated with it, or in which order.
 
@@ -12,14 +16,15 @@ greedy answers), so row r of one policy and row r of the reference answer the sa
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple, Sequence
+from typing import Callable, Iterator, NamedTuple, Protocol, Sequence
 
 import torch
 
 from rlhf_core.batching import PromptBatch, collate_pairs, collate_prompts
 from rlhf_core.config import EvalConfig, ModelConfig
-from rlhf_core.encoding import encode_prompt
-from rlhf_core.formats import Prompt
+from rlhf_core.dpo import pair_logprobs
+from rlhf_core.encoding import encode_prompt, render_ids
+from rlhf_core.formats import Prompt, Turn
 from rlhf_core.generation import Rollout, decode_responses, sample
 from rlhf_core.logprobs import gather_last
 from rlhf_core.modeling import load_policy, load_scalar_model, token_scores
@@ -27,13 +32,13 @@ from rlhf_core.ppo import response_logprobs
 from rlhf_core.rm import pair_rewards
 from rlhf_core.tokenizer import load_tokenizer
 
-Judge = Callable[[str, str], float]
+TextScore = Callable[[str, str], float]
 """(question text, answer text) -> score, e.g. `oracle.score`."""
 
 NUM_EXAMPLES = 3
 """Prompts per policy shown in `examples`."""
 
-RESERVED_NAMES = ("rm", "examples")
+RESERVED_NAMES = ("rm", "examples", "judge")
 """Top-level keys of the result that a policy may not be called."""
 
 
@@ -58,6 +63,57 @@ class PolicyEval(NamedTuple):
     greedy_judge: torch.Tensor  # (N,)
     sample_texts: list[str]     # (N * K,)
     stats: SampleStats
+
+
+# --- judges ----------------------------------------------------------------------------------
+
+class Judge(Protocol):
+    """Scores answers: `judge(prompts, answers, repeats)` -> (len(answers.texts),) float64, where
+    answer r answers prompts[r // repeats]. `name` is what the report calls it."""
+    name: str
+
+    def __call__(self, prompts: Sequence[Prompt], answers: Answers, repeats: int) -> torch.Tensor: ...
+
+
+class TextJudge:
+    """A judge that reads the question and the answer text, e.g. the demo task's oracle."""
+
+    def __init__(self, name: str, score: TextScore):
+        self.name, self.score = name, score
+
+    def __call__(self, prompts: Sequence[Prompt], answers: Answers, repeats: int) -> torch.Tensor:
+        return judge_answers(self.score, [prompt_text(p) for p in prompts], answers.texts, repeats)
+
+
+class RolloutRMJudge:
+    """A reward model that shares the policies' tokenizer (the held-out judge RM): it scores the
+    sampled token ids themselves, at the last attended token, exactly as PPO's reward does."""
+
+    def __init__(self, name: str, model):
+        self.name, self.model = name, model
+
+    def __call__(self, prompts: Sequence[Prompt], answers: Answers, repeats: int) -> torch.Tensor:
+        return torch.cat([reward_scores(self.model, r) for r in answers.rollouts]).double()
+
+
+class TextRMJudge:
+    """A reward model with its own tokenizer: each (prompt, answer) is rendered with its chat
+    template and scored at the last token."""
+
+    def __init__(self, name: str, model, tokenizer, batch_size: int = 8):
+        self.name, self.model, self.tokenizer, self.batch_size = name, model, tokenizer, batch_size
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[Prompt], answers: Answers, repeats: int) -> torch.Tensor:
+        rows = [render_ids(self.tokenizer, (*prompts[r // repeats].messages, Turn("assistant", t)))
+                for r, t in enumerate(answers.texts)]
+        device = next(self.model.parameters()).device
+        out = []
+        for start in range(0, len(rows), self.batch_size):
+            batch = collate_prompts({"prompt_ids": rows[start:start + self.batch_size]}, self.tokenizer.pad_token_id)
+            ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+            out.append(gather_last(token_scores(self.model, ids, mask), mask).double().cpu())
+        return torch.cat(out)
 
 
 # --- prompts ---------------------------------------------------------------------------------
@@ -103,7 +159,7 @@ def generate_answers(model, tokenizer, prompt_ids: list[list[int]], cfg: EvalCon
     return Answers(texts, rollouts)
 
 
-def judge_answers(judge: Judge, questions: Sequence[str], texts: Sequence[str], repeats: int) -> torch.Tensor:
+def judge_answers(judge: TextScore, questions: Sequence[str], texts: Sequence[str], repeats: int) -> torch.Tensor:
     """Judge score of each answer, answer r answering question r // repeats: (len(texts),) float64."""
     return torch.tensor([float(judge(questions[r // repeats], t)) for r, t in enumerate(texts)], dtype=torch.float64)
 
@@ -139,13 +195,13 @@ def sample_stats(answers: Answers, judge_scores: torch.Tensor, policy, reference
     return SampleStats(judge_scores, reward, kl, length, eos)
 
 
-def evaluate_policy(model, reference, reward_model, tokenizer, prompt_ids: list[list[int]], questions: list[str],
+def evaluate_policy(model, reference, reward_model, tokenizer, prompt_ids: list[list[int]], prompts: Sequence[Prompt],
                     cfg: EvalConfig, judge: Judge, is_reference: bool) -> PolicyEval:
     """Greedy and sampled answers of one policy, judged and scored."""
     greedy = generate_answers(model, tokenizer, prompt_ids, cfg, greedy=True)
     sampled = generate_answers(model, tokenizer, prompt_ids, cfg, greedy=False)
-    greedy_judge = judge_answers(judge, questions, greedy.texts, 1)
-    sample_judge = judge_answers(judge, questions, sampled.texts, cfg.num_samples)
+    greedy_judge = judge(prompts, greedy, 1)
+    sample_judge = judge(prompts, sampled, cfg.num_samples)
     stats = sample_stats(sampled, sample_judge, model, reference, reward_model, cfg.temperature, is_reference)
     return PolicyEval(greedy.texts, greedy_judge, sampled.texts, stats)
 
@@ -160,7 +216,7 @@ def win_rate(a_scores: Sequence[float] | torch.Tensor, b_scores: Sequence[float]
     b = torch.as_tensor(b_scores, dtype=torch.float64)
     if a.shape != b.shape:
         raise ValueError(f"win_rate needs paired scores, got shapes {tuple(a.shape)} and {tuple(b.shape)}")
-    return float(((a > b).double() + 0.5 * (a == b).double()).mean())
+    return float(win_rate_rows(a, b).mean())
 
 
 def comparable_pairs(judge_scores: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
@@ -199,6 +255,26 @@ def rm_accuracy(reward_model, dataset, pad_id: int, batch_size: int, device) -> 
     return float(torch.cat(wins).mean())
 
 
+@torch.no_grad()
+def preference_accuracy(policy, reference, dataset, pad_id: int, batch_size: int, device) -> float:
+    """Fraction of held-out preference rows where the policy's log-ratio to the reference is
+    higher for the chosen answer than for the rejected one, a tie counting 0.5:
+    mean(1[(pi_c - ref_c) > (pi_r - ref_r)] + 0.5 * 1[equal]). The reference itself scores 0.5."""
+    wins = []
+    for start in range(0, len(dataset), batch_size):
+        batch = collate_pairs(dataset[start:start + batch_size], pad_id)
+        pi_c, pi_r, _ = pair_logprobs(policy, batch, device)
+        ref_c, ref_r, _ = pair_logprobs(reference, batch, device)
+        wins.append(win_rate_rows(pi_c - ref_c, pi_r - ref_r))
+    return float(torch.cat(wins).mean())
+
+
+def win_rate_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per row 1.0 if a > b, 0.5 if equal, else 0.0: (B,) float64."""
+    a, b = a.double().cpu(), b.double().cpu()
+    return (a > b).double() + 0.5 * (a == b).double()
+
+
 def clean(x: float) -> float:
     """A Python float rounded to 6 decimals (and -0.0 made 0.0), so JSON output is stable."""
     return round(float(x), 6) + 0.0
@@ -210,8 +286,8 @@ def policy_metrics(result: PolicyEval, reference: PolicyEval) -> dict[str, float
     """The per-policy numbers of the report; win rate pairs answers by (prompt, sample index)."""
     s = result.stats
     return {
-        "oracle_score": clean(s.judge.mean()),
-        "oracle_score_greedy": clean(result.greedy_judge.mean()),
+        "judge_score": clean(s.judge.mean()),
+        "judge_score_greedy": clean(result.greedy_judge.mean()),
         "win_rate_vs_sft": clean(win_rate(s.judge, reference.stats.judge)),
         "rm_score": clean(s.reward.mean()),
         "kl_to_sft": clean(s.kl.mean()),
@@ -238,8 +314,8 @@ def rm_metrics(results: dict[str, PolicyEval], num_samples: int, accuracy: float
     judge = torch.cat([s.judge for s in stats])
     reward = torch.cat([s.reward.double() for s in stats])
     out = {} if accuracy is None else {"accuracy": clean(accuracy)}
-    out["oracle_agreement"] = clean(pairwise_agreement(reward, judge, groups))
-    out["oracle_agreement_pairs"] = float(comparable_pairs(judge, groups).sum())
+    out["judge_agreement"] = clean(pairwise_agreement(reward, judge, groups))
+    out["judge_agreement_pairs"] = float(comparable_pairs(judge, groups).sum())
     return out
 
 
@@ -257,16 +333,28 @@ def _check_names(policies: dict[str, Path], reference: str, prompts: Sequence[Pr
         raise ValueError("no prompts to evaluate")
 
 
+def load_judge(ref: str | Path, policy_tokenizer, model_cfg: ModelConfig, device=None) -> Judge:
+    """A reward-model judge from a directory: it scores the sampled token ids when it shares the
+    policies' vocabulary, and re-renders the answers with its own chat template otherwise."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tokenizer = load_tokenizer(ref, model_cfg.trust_remote_code)
+    model = _frozen(load_scalar_model(ref, model_cfg, tokenizer.pad_token_id), device)
+    if tokenizer.get_vocab() == policy_tokenizer.get_vocab():
+        return RolloutRMJudge(str(ref), model)
+    return TextRMJudge(str(ref), model, tokenizer)
+
+
 def evaluate_policies(policies: dict[str, Path], reference: str, reward_dir: Path, prompts: list[Prompt],
                       cfg: EvalConfig, model_cfg: ModelConfig, judge: Judge, preference_eval=None, *,
                       max_prompt_length: int = 64, device=None) -> dict:
     """Evaluate each saved policy against `policies[reference]`.
 
-    Returns {"rm": {"accuracy"?, "oracle_agreement", "oracle_agreement_pairs"},
-    "<policy>": {"oracle_score", "oracle_score_greedy", "win_rate_vs_sft", "rm_score", "kl_to_sft",
-    "mean_length", "eos_rate"} for each policy in the given order, "examples": {"<policy>": [...]}}.
-    `accuracy` needs `preference_eval` (tokenised preference rows). All numbers are floats rounded
-    to 6 decimals; `oracle_agreement` is NaN when no two answers to one prompt differ in judge score.
+    Returns {"judge": judge.name, "rm": {"accuracy"?, "judge_agreement", "judge_agreement_pairs"},
+    "<policy>": {"judge_score", "judge_score_greedy", "win_rate_vs_sft", "rm_score", "kl_to_sft",
+    "mean_length", "eos_rate", "preference_accuracy"?} for each policy in the given order,
+    "examples": {"<policy>": [...]}}. `accuracy` and `preference_accuracy` need `preference_eval`
+    (tokenised held-out preference rows). All numbers are floats rounded to 6 decimals;
+    `judge_agreement` is NaN when no two answers to one prompt differ in judge score.
     """
     _check_names(policies, reference, prompts)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -275,19 +363,24 @@ def evaluate_policies(policies: dict[str, Path], reference: str, reward_dir: Pat
     questions = [prompt_text(p) for p in prompts]
     ref_model = _frozen(load_policy(policies[reference], model_cfg), device)
     reward_model = _frozen(load_scalar_model(reward_dir, model_cfg, tokenizer.pad_token_id), device)
+    pairs = preference_eval if preference_eval is not None and len(preference_eval) > 0 else None
+    batch_size = max(1, cfg.batch_size)
 
     results: dict[str, PolicyEval] = {}
+    pref_acc: dict[str, float] = {}
     for name, path in policies.items():
         model = ref_model if name == reference else _frozen(load_policy(path, model_cfg), device)
-        results[name] = evaluate_policy(model, ref_model, reward_model, tokenizer, prompt_ids, questions,
+        results[name] = evaluate_policy(model, ref_model, reward_model, tokenizer, prompt_ids, prompts,
                                         cfg, judge, is_reference=name == reference)
+        if pairs is not None:
+            pref_acc[name] = preference_accuracy(model, ref_model, pairs, tokenizer.pad_token_id, batch_size, device)
         del model
 
-    accuracy = None
-    if preference_eval is not None and len(preference_eval) > 0:
-        accuracy = rm_accuracy(reward_model, preference_eval, tokenizer.pad_token_id, max(1, cfg.batch_size), device)
-    report: dict = {"rm": rm_metrics(results, cfg.num_samples, accuracy)}
+    accuracy = None if pairs is None else rm_accuracy(reward_model, pairs, tokenizer.pad_token_id, batch_size, device)
+    report: dict = {"judge": judge.name, "rm": rm_metrics(results, cfg.num_samples, accuracy)}
     for name, result in results.items():
         report[name] = policy_metrics(result, results[reference])
+        if name in pref_acc:
+            report[name]["preference_accuracy"] = clean(pref_acc[name])
     report["examples"] = {name: policy_examples(r, questions, cfg.num_samples) for name, r in results.items()}
     return report

@@ -11,7 +11,7 @@ import torch
 
 from rlhf_core.atomic import atomic_dir
 from rlhf_core.config import LoraConfig, ModelConfig
-from rlhf_core.errors import ModelLoadError, TrainingError
+from rlhf_core.errors import ConfigError, ModelLoadError, TrainingError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -48,6 +48,30 @@ def check_weights(path: str | Path, allow_pickle: bool) -> None:
             "when loaded; convert them to safetensors or set model.allow_pickle: true if you trust them")
     if not has_safe and not pickles:
         raise ModelLoadError(f"{path}: no model weights found (expected *.safetensors)")
+    for f in sorted(p.glob("*.safetensors")):
+        check_safetensors(f)
+
+
+def check_safetensors(path: Path) -> None:
+    """Refuse a truncated or corrupted safetensors file before transformers reads it: the header
+    must parse and every tensor's byte range must lie inside the file."""
+    import json
+    import struct
+
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > size - 8:
+                raise ValueError(f"header of {n} bytes in a file of {size}")
+            header = json.loads(fh.read(n))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path}: unreadable safetensors weights ({e}); the file is corrupted or not "
+                             "safetensors [weights]") from None
+    if 8 + n + end > size:
+        raise ModelLoadError(f"{path}: truncated safetensors weights ({size} bytes, the header needs "
+                             f"{8 + n + end}); copy or download it again [weights]")
 
 
 def _from_pretrained(auto_cls, path: str | Path, cfg: ModelConfig, **kwargs):
@@ -64,7 +88,34 @@ def _from_pretrained(auto_cls, path: str | Path, cfg: ModelConfig, **kwargs):
 def load_causal_lm(path: str | Path, cfg: ModelConfig):
     from transformers import AutoModelForCausalLM
 
-    return _from_pretrained(AutoModelForCausalLM, path, cfg)
+    model = _from_pretrained(AutoModelForCausalLM, path, cfg)
+    check_causal(model, path)
+    return model
+
+
+@torch.no_grad()
+def check_causal(model, where: str | Path) -> None:
+    """Refuse a model whose outputs at a position depend on later tokens (an encoder such as BERT
+    loaded as an LM): change the second half of a short input and the first half's logits must not
+    move. A causal model gives identical logits (measured on CPU: 0.0 in fp32 and bf16); a
+    random-init BERT moves them by ~2e-3 of their scale in fp32, a trained one by far more."""
+    emb = model.get_input_embeddings()
+    vocab, device = emb.num_embeddings, emb.weight.device
+    ids = (torch.arange(8, device=device) * 37 + 3).remainder(vocab).unsqueeze(0)  # (1, 8)
+    other = ids.clone()
+    other[0, 4:] = (ids[0, 4:] * 5 + 11).remainder(vocab)
+    mask = torch.ones_like(ids)
+    was_training = model.training
+    model.eval()
+    a = forward_logits(model, ids, mask)[0, :4].float()  # (4, V)
+    b = forward_logits(model, other, mask)[0, :4].float()
+    model.train(was_training)
+    eps = torch.finfo(emb.weight.dtype).eps if emb.weight.dtype.is_floating_point else 0.0
+    tol = max(1e-4, 2 * eps) * max(1.0, float(a.abs().max()))  # half precision: room for GPU kernel noise
+    if float((a - b).abs().max()) > tol:
+        raise ModelLoadError(f"{where}: {type(model).__name__} ({model.config.model_type}) is not a causal language "
+                             "model: its outputs at a position depend on later tokens, so it can be neither trained "
+                             "nor sampled left to right; use a decoder-only model [causal]")
 
 
 def load_scalar_model(path: str | Path, cfg: ModelConfig, pad_token_id: int):
@@ -74,14 +125,29 @@ def load_scalar_model(path: str | Path, cfg: ModelConfig, pad_token_id: int):
     from transformers import AutoModelForSequenceClassification
 
     model = _from_pretrained(AutoModelForSequenceClassification, path, cfg, num_labels=1)
+    if not hasattr(model, "score"):  # token_scores reads per-token values from a `score` head
+        raise ModelLoadError(f"{path}: {type(model).__name__} has no per-token `score` head, so it cannot be "
+                             "a reward model or critic here (use a decoder-only model) [causal]")
     model.config.pad_token_id = pad_token_id
     return model
+
+
+def check_lora_targets(model, target_modules) -> None:
+    """Every LoRA target must name a module of the model (peft matches by dotted suffix)."""
+    names = [n for n, _ in model.named_modules() if n]
+    missing = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ConfigError("lora.target_modules", f"{', '.join(map(repr, missing))} names no module of "
+                          f"{type(model).__name__} (its linear layers: {', '.join(linear)}) [lora_targets]")
 
 
 def apply_lora(model, lora: LoraConfig, task_type: str = "CAUSAL_LM"):
     if not lora.enabled:
         return model
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    check_lora_targets(model, lora.target_modules)
 
     peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                               target_modules=list(lora.target_modules), task_type=task_type)

@@ -42,19 +42,21 @@ def evaluate_rm(model, dataset, pad_id: int, cfg: RMConfig, device) -> dict[str,
 
 
 def run_rm(cfg: RMConfig, model_cfg: ModelConfig, data_dir: Path, init_dir: Path, out_dir: Path,
-           ckpt_dir: Path, log: LogFn = no_log) -> StageResult:
+           ckpt_dir: Path, log: LogFn = no_log, stage: str = "rm", train_split: str = "train") -> StageResult:
+    """Train a pairwise reward model on `preference/<train_split>` (the policy RM on `train`, the
+    held-out judge RM on `judge`); both are evaluated on `preference/eval`."""
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(init_dir, model_cfg.trust_remote_code)
     pad = tokenizer.pad_token_id
     model = apply_lora(load_scalar_model(init_dir, model_cfg, pad), cfg.lora, "SEQ_CLS")
     check_tokenizer_fits(model, tokenizer, init_dir)
-    train_ds, eval_ds = (load_split(data_dir, "preference", s, vocab_size=len(tokenizer)) for s in ("train", "eval"))
-    fp = fingerprint({"stage": "rm", **to_dict(cfg)}, data_dir / "preference", init_dir)
+    train_ds, eval_ds = (load_split(data_dir, "preference", s, vocab_size=len(tokenizer)) for s in (train_split, "eval"))
+    fp = fingerprint({"stage": stage, **to_dict(cfg)}, data_dir / "preference", init_dir)
     run = prepare(model, cfg, ckpt_dir, fp)
     acc, model, opt, sched, params, state, start = (run.accelerator, run.model, run.optimizer, run.scheduler,
                                                     run.params, run.state, run.start)
     batches = index_batches(len(train_ds), cfg.batch_size, cfg.seed, start * cfg.grad_accum)
-    speed, bar, metrics = Throughput(), progress("rm", cfg.max_steps, start), {}
+    speed, bar, metrics = Throughput(), progress(stage, cfg.max_steps, start), {}
     model.train()
     for step in range(start, cfg.max_steps):
         micro = [collate_pairs(train_ds[next(batches)], pad) for _ in range(cfg.grad_accum)]
@@ -67,7 +69,7 @@ def run_rm(cfg: RMConfig, model_cfg: ModelConfig, data_dir: Path, init_dir: Path
             acc.backward(loss / cfg.grad_accum)
             step_loss += loss.detach().float().cpu() / cfg.grad_accum
             parts.append(m)
-        grad_norm = optimizer_step(acc, params, opt, sched, cfg.max_grad_norm, "rm", step + 1, step_loss)
+        grad_norm = optimizer_step(acc, params, opt, sched, cfg.max_grad_norm, stage, step + 1, step_loss)
         tps = speed.add(sum(int(b.attention_mask.sum()) for b in micro))
         metrics = {f"train/{k}": sum(float(p[k]) for p in parts) / len(parts) for k in parts[0]}
         metrics.update({"train/loss": float(step_loss), "train/grad_norm": grad_norm,
@@ -79,9 +81,9 @@ def run_rm(cfg: RMConfig, model_cfg: ModelConfig, data_dir: Path, init_dir: Path
             metrics.update(evaluate_rm(model, eval_ds, pad, cfg, acc.device))
         if done % max(1, cfg.log_every) == 0 or done == cfg.max_steps or "eval/accuracy" in metrics:
             log(metrics, done)
-        end_of_step("rm", cfg, done, ckpt_dir, fp, state)
+        end_of_step(stage, cfg, done, ckpt_dir, fp, state)
     bar.close()
     metrics.update(evaluate_rm(model, eval_ds, pad, cfg, acc.device))
     log(metrics, cfg.max_steps)
     save_model(acc.unwrap_model(model), tokenizer, out_dir, merge_lora=cfg.lora.merge)
-    return StageResult("rm", cfg.max_steps, scalars(metrics), speed.seconds, metrics.get("train/tokens_per_second", 0.0), start)
+    return StageResult(stage, cfg.max_steps, scalars(metrics), speed.seconds, metrics.get("train/tokens_per_second", 0.0), start)

@@ -56,6 +56,9 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
         tok = AutoTokenizer.from_pretrained(path_s, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{path_s}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
+    if tok.eos_token is None or tok.eos_token_id is None:
+        raise ModelLoadError(f"{path_s}: the tokenizer has no EOS token, so replies cannot be ended, trained to "
+                             "stop or padded; set `eos_token` in its tokenizer_config.json [eos]")
     if tok.pad_token is None:  # common for base models; EOS stays trainable in the SFT labels
         tok.pad_token = tok.eos_token
     if not tok.chat_template:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import yaml
 
+from rlhf_core.errors import RLHFError
+
 TOKENIZED = "data/tokenized"
 TOKENIZER = "models/tokenizer"
 DEMO_DIR = "data/demo"
@@ -81,13 +83,17 @@ STAGES: tuple[StageSpec, ...] = (
               ("train/loss", "eval/loss")),
     StageSpec("rm", (TOKENIZED, model_dir("sft")), TRAIN_CODE + _core("rm"), ("model", "rm"), (model_dir("rm"),),
               ("train/loss", "train/accuracy", "eval/accuracy")),
+    # the held-out judge RM: trains on preference/judge (tokenize.judge_fraction > 0), else records
+    # that there is none; evaluate scores with it under evaluate.judge: heldout_rm
+    StageSpec("judge", (TOKENIZED, model_dir("sft")), TRAIN_CODE + _core("rm"), ("model", "judge"), (model_dir("judge"),),
+              ("train/loss", "train/accuracy", "eval/accuracy")),
     StageSpec("dpo", (TOKENIZED, model_dir("sft")), TRAIN_CODE + _core("dpo"), ("model", "dpo"), (model_dir("dpo"),),
               ("train/loss", "train/rewards/margins", "train/rewards/accuracies")),
     StageSpec("ppo", (TOKENIZED, model_dir("sft"), model_dir("rm")), TRAIN_CODE + _core("ppo", "gae", "kl", "generation"),
               ("model", "ppo"), (model_dir("ppo"),), ("objective/scores", "objective/kl", "objective/rlhf_reward")),
-    StageSpec("evaluate", (TOKENIZED, "${data.eval_prompts}", model_dir("sft"), model_dir("rm"), model_dir("dpo"),
-                           model_dir("ppo")), _core("evaluation", "oracle", "generation"),
-              ("model", "tokenize", "evaluate", "tracking"), ("plots/eval",)),
+    StageSpec("evaluate", (TOKENIZED, "${data.eval_prompts}", model_dir("sft"), model_dir("rm"), model_dir("judge"),
+                           model_dir("dpo"), model_dir("ppo")), _core("evaluation", "oracle", "generation"),
+              ("data", "model", "tokenize", "evaluate", "tracking"), ("plots/eval",)),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 SPECS = {s.name: s for s in STAGES}
@@ -105,7 +111,16 @@ def read_lock(root: str | Path) -> dict[str, dict]:
     lock = Path(root) / "dvc.lock"
     if not lock.exists():
         return {}
-    return (yaml.safe_load(lock.read_text()) or {}).get("stages") or {}
+    fix = "restore it (`git checkout dvc.lock`) or delete it so DVC records the stages again [dvc_lock]"
+    try:
+        data = yaml.safe_load(lock.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{lock}:{mark.line + 1}" if mark else str(lock)
+        raise RLHFError(f"{where}: is not valid YAML ({getattr(e, 'problem', None) or e}); {fix}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("stages") or {}, dict):
+        raise RLHFError(f"{lock}: is not a DVC lock file (no 'stages' mapping); {fix}")
+    return data.get("stages") or {}
 
 
 def _uncached() -> dict:  # a fresh dict each time, or yaml writes anchors (&id001) into dvc.yaml

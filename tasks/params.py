@@ -66,7 +66,26 @@ class TrackingConfig:
     experiment: str = "rlhf-pipeline"
     """MLflow experiment name."""
     registry_prefix: str = "rlhf"
-    """Registered models are named `<prefix>-<stage>`."""
+    """Registered models are named `<prefix>-<stage>`; MLflow refuses '/' and ':' in a model name,
+    and '@' would break `models:/name@alias` URIs."""
+
+    def __post_init__(self):
+        _check_mlflow_names(self.experiment, self.registry_prefix)
+
+
+def _check_mlflow_names(experiment: str, prefix: str) -> None:
+    """Names MLflow accepts, checked here so a bad one fails before anything trains."""
+    if not experiment.strip():
+        raise ConfigError("experiment", "must be a non-empty MLflow experiment name [mlflow_name]")
+    if len(experiment) > 500:
+        raise ConfigError("experiment", "is longer than MLflow's 500 characters [mlflow_name]")
+    if not prefix.strip() or prefix != prefix.strip():
+        raise ConfigError("registry_prefix", "must be non-empty, without leading or trailing spaces [mlflow_name]")
+    bad = sorted({c for c in prefix if c in "/:@%"})
+    if bad or prefix.startswith("."):
+        what = f"contains {', '.join(repr(c) for c in bad)}" if bad else "starts with '.'"
+        raise ConfigError("registry_prefix", f"{what}, which MLflow model names (models:/<prefix>-<stage>@alias) "
+                                             "cannot hold; use letters, digits, '-', '_' or '.' [mlflow_name]")
 
 
 @dataclass(frozen=True)
@@ -79,6 +98,7 @@ class Params:
     pt: PTConfig = field(default_factory=PTConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RMConfig = field(default_factory=RMConfig)
+    judge: RMConfig = field(default_factory=RMConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
@@ -109,7 +129,32 @@ def parse_params(raw: dict, source: str = "params.yaml") -> Params:
     return params
 
 
+def is_demo_data(data: DataConfig) -> bool:
+    """True when every input is the generated demo task's file (the only data the oracle knows)."""
+    return data == DataConfig()
+
+
+def resolve_judge(p: Params, source: str = "params.yaml") -> str:
+    """'oracle', 'heldout_rm', or a model directory / `models:/` URI: who scores the evaluation."""
+    judge = p.evaluate.judge
+    if judge == "auto":
+        judge = "oracle" if is_demo_data(p.data) else "heldout_rm"
+    if judge == "oracle" and not is_demo_data(p.data):
+        raise ConfigError("evaluate.judge", "'oracle' only knows the demo task's made-up atlas and would score your "
+                                            "data by a politeness rule; use heldout_rm, or a reward model's "
+                                            "directory or models:/ URI", source)
+    if judge == "heldout_rm" and p.tokenize.judge_fraction <= 0:
+        raise ConfigError("tokenize.judge_fraction", "must be > 0 (e.g. 0.2) when evaluate.judge is heldout_rm "
+                                                     "(the default judge on your own data): the judge reward model "
+                                                     "trains on that held-out share of the preference data", source)
+    return judge
+
+
 def _cross_checks(p: Params, source: str) -> None:
+    resolve_judge(p, source)
+    if not p.pt.enabled and not p.model.name_or_path:
+        raise ConfigError("pt.enabled", "can be false only with a pretrained model.name_or_path (the tiny "
+                                        "default model starts from random weights)", source)
     if p.model.name_or_path:
         return  # a real model's context is only known once it is loaded
     ctx = p.model.max_position_embeddings
@@ -121,12 +166,57 @@ def _cross_checks(p: Params, source: str) -> None:
                                    f"(model.max_position_embeddings = {ctx})", source)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (DVC refuses such a file too)."""
+
+
+def _unique_mapping(loader, node, deep=False):
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key '{key}' (first on line {seen[key]})", key_node.start_mark)
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def read_yaml(path: Path):
+    """Parse a YAML file; a syntax error or duplicate key names its line: `path:LINE: ...`."""
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = f":{mark.line + 1}" if mark else ""
+        what = e.problem or e.context or "invalid YAML"
+        raise ConfigError("", f"is not valid YAML: {what} [yaml]", f"{path}{line}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError("", f"is not valid YAML ({str(e).splitlines()[0]}) [yaml]", str(path)) from None
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(str(path), "params file does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(str(path), f"is not valid YAML ({str(e).splitlines()[0]})") from None
-    return parse_params(raw, str(path))
+    raw = read_yaml(path)
+    if raw is None:
+        raise ConfigError("", "is empty; it must set at least one group (an empty file would silently "
+                              "run on built-in defaults) [empty]", str(path))
+    params = parse_params(raw, str(path))
+    check_environment(params, str(path))
+    return params
+
+
+def check_environment(p: Params, source: str) -> None:
+    """Settings this machine cannot run: fp16 needs CUDA (on a CPU accelerate would train in fp32
+    while the params, and so the logs, say fp16)."""
+    fp16 = [g for g, cls in GROUPS.items() if hasattr(cls, "mixed_precision") and getattr(p, g).mixed_precision == "fp16"]
+    if fp16:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{fp16[0]}.mixed_precision", "is fp16, which needs a CUDA GPU and none is visible "
+                                                            "here; use 'no' (or 'bf16') [precision]", source)

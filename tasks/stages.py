@@ -4,20 +4,27 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from rlhf_core.atomic import atomic_dir, atomic_write_text
 from rlhf_core.config import to_dict
-from rlhf_core.errors import RLHFError
+from rlhf_core.errors import ConfigError, RLHFError
 from tasks import layout, tracking
-from tasks.params import Params, load_params
-from tasks.plots import plot_comparison, plot_curves, write_history_csv
+from tasks.params import Params, load_params, resolve_judge
+from tasks.plots import plot_comparison, plot_curves, plot_note, write_history_csv
 
 
 class ValidationFailed(RLHFError):
     pass
+
+
+class StageLocked(RLHFError):
+    """Another process runs the same stage in this checkout."""
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -120,7 +127,8 @@ def tokenize(root: Path, p: Params) -> dict:
     with atomic_dir(root / layout.TOKENIZED) as tmp:
         manifest = tokenize_datasets(tokenizer, p.tokenize, tmp, pt_docs=docs, conversations=convs,
                                      preferences=prefs, prompts=prompts,
-                                     sources={"sft": p.data.sft, "preference": p.data.preference, "prompts": p.data.prompts})
+                                     sources={"pt": p.data.pt, "sft": p.data.sft, "preference": p.data.preference,
+                                              "prompts": p.data.prompts})
         checks = tokenized_checks(tmp, {"pt": p.data.pt, "sft": p.data.sft, "preference": p.data.preference,
                                         "prompts": p.data.prompts})
     with atomic_dir(root / layout.TOKENIZER) as tmp:
@@ -134,8 +142,26 @@ def tokenize(root: Path, p: Params) -> dict:
 
 # --- training stages -------------------------------------------------------------------------
 
-TRAIN_DATA = {"pt": "pt", "sft": "sft", "rm": "preference", "dpo": "preference", "ppo": "prompts"}
-INIT = {"sft": "pt", "rm": "sft", "dpo": "sft", "ppo": "sft"}
+TRAIN_DATA = {"pt": "pt", "sft": "sft", "rm": "preference", "judge": "preference", "dpo": "preference", "ppo": "prompts"}
+INIT = {"sft": "pt", "rm": "sft", "judge": "sft", "dpo": "sft", "ppo": "sft"}
+JUDGE_SPLIT = "preference/judge"
+NO_JUDGE = "no_judge.json"
+BASE_POINTER = "base.json"
+"""Written to models/pt when PT is switched off: the base model every later stage starts from."""
+
+
+def init_dir(root: Path, stage: str) -> Path | None:
+    """The model `stage` starts from: its upstream stage's output, or the base model that a
+    switched-off PT stage points at (a relative base path is relative to the project)."""
+    if stage not in INIT:
+        return None
+    path = root / layout.model_dir(INIT[stage])
+    pointer = path / BASE_POINTER
+    if pointer.exists():
+        base = Path(json.loads(pointer.read_text())["base"]).expanduser()
+        return base if base.is_absolute() else root / base
+    return path
+"""Written to models/judge when there is no judge split to train on (the demo: the oracle judges)."""
 
 
 def _train_key(root: Path, p: Params, stage: str) -> str:
@@ -152,13 +178,15 @@ def _fit(root: Path, p: Params, stage: str, logger) -> dict:
 
     out, ckpt, data = root / layout.model_dir(stage), root / layout.checkpoint_dir(stage), root / layout.TOKENIZED
     cfg = getattr(p, stage)
-    init = root / layout.model_dir(INIT[stage]) if stage in INIT else None
+    init = init_dir(root, stage)
     if stage == "pt":
         result = lm.run_pt(cfg, p.model, data, root / layout.TOKENIZER, out, ckpt, logger)
     elif stage == "sft":
         result = lm.run_sft(cfg, p.model, data, init, out, ckpt, logger)
     elif stage == "rm":
         result = rm.run_rm(cfg, p.model, data, init, out, ckpt, logger)
+    elif stage == "judge":
+        result = rm.run_rm(cfg, p.model, data, init, out, ckpt, logger, stage="judge", train_split="judge")
     elif stage == "dpo":
         result = dpo.run_dpo(cfg, p.model, data, init, out, ckpt, logger)
     else:
@@ -166,12 +194,27 @@ def _fit(root: Path, p: Params, stage: str, logger) -> dict:
     return result.to_dict()
 
 
+def _read_finished(finished: Path) -> dict | None:
+    """The finished-training record, or None (with a warning naming it) if it is corrupted."""
+    if not finished.exists():
+        return None
+    try:
+        saved = json.loads(finished.read_text(encoding="utf-8"))
+        if not (isinstance(saved, dict) and isinstance(saved.get("key"), str) and isinstance(saved.get("result"), dict)
+                and isinstance(saved.get("history"), list)):
+            raise ValueError("missing key, result or history")
+    except (ValueError, UnicodeDecodeError) as e:
+        print(f"warning: {finished}: corrupted ({e}); ignoring it, so the stage trains again", file=sys.stderr)
+        return None
+    return saved
+
+
 def train(root: Path, p: Params, stage: str, run) -> dict:
     out, ckpt = root / layout.model_dir(stage), root / layout.checkpoint_dir(stage)
     finished = ckpt / "finished.json"  # kept until tracking succeeded, so a tracking outage loses no training
     key = _train_key(root, p, stage)
     logger = tracking.MetricLogger()
-    saved = json.loads(finished.read_text()) if finished.exists() else None
+    saved = _read_finished(finished)
     if saved and saved["key"] == key and out.exists():
         result, logger.history = saved["result"], saved["history"]
         result["reused_finished_training"] = True
@@ -179,50 +222,112 @@ def train(root: Path, p: Params, stage: str, run) -> dict:
         for row in logger.history:
             logger({k: v for k, v in row.items() if k != "step"}, row["step"], record=False)
     else:
-        result = _fit(root, p, stage, logger)
-        _write_json(finished, {"key": key, "result": result, "history": logger.history})
+        try:
+            result = _fit(root, p, stage, logger)  # writes the weights to models/<stage>
+        except ConfigError as e:  # found when the model is loaded (lora.target_modules): name the params key
+            if not e.key.startswith("lora."):
+                raise
+            raise ConfigError(f"{stage}.{e.key}", e.rule, "params.yaml") from None
+        _write_json(finished, {"key": key, "result": result, "history": logger.history})  # first, whatever fails after
+    try:
+        return _publish(root, p, stage, run, logger, result)
+    except Exception as e:  # noqa: BLE001 - whatever broke, the finished training must not be lost
+        what = f"MLflow is unreachable ({e})" if isinstance(e, tracking.TrackingUnavailable) else \
+            f"a step after training failed ({type(e).__name__}: {e})"
+        kind = tracking.TrackingUnavailable if isinstance(e, tracking.TrackingUnavailable) else RLHFError
+        raise kind(f"{stage}: training finished and is kept ({layout.model_dir(stage)}, {finished}), but {what}. "
+                   f"Once that is fixed, run `rlhf stage {stage}` or `dvc repro`: the finished training is logged "
+                   "and registered without training again.") from e
+
+
+def _publish(root: Path, p: Params, stage: str, run, logger, result: dict) -> dict:
+    """After training: history, plots, lineage and the registered model."""
+    out = root / layout.model_dir(stage)
     write_history_csv(logger.history, root / layout.history_file(stage))
     png = plot_curves(logger.history, layout.SPECS[stage].plot_y, f"{stage} training", root / "plots" / f"{stage}.png")
-    init = root / layout.model_dir(INIT[stage]) if stage in INIT else None
-    try:
-        for f in (root / layout.history_file(stage), png):
-            if f:
-                tracking.log_file(f, "plots")
-        data_hash = tracking.log_dataset(root / layout.TOKENIZED / TRAIN_DATA[stage], f"tokenized-{TRAIN_DATA[stage]}", "training")
-        upstream = tracking.upstream_version(init) if init else None
-        lineage = {"stage": stage, "run_id": run.info.run_id, "data_hash": data_hash,
-                   "dvc_deps_hash": _dvc_deps_hash(root, stage),
-                   "upstream_model": f"{upstream['name']}/{upstream['version']}" if upstream else "none",
-                   "upstream_run": upstream["run_id"] if upstream else "none",
-                   "git_commit": tracking.git_commit(root)}
-        registered = tracking.register(stage, out, p.tracking.registry_prefix, run,
-                                       {**lineage, "source_run": run.info.run_id})
-    except tracking.TrackingUnavailable as e:
-        raise tracking.TrackingUnavailable(
-            f"{stage}: training finished and is kept ({layout.model_dir(stage)}, {finished}), but MLflow is "
-            f"unreachable ({e}). Once it is back, run `rlhf stage {stage}` or `dvc repro`: the finished "
-            "training is logged and registered without training again.") from None
+    init = init_dir(root, stage)
+    for f in (root / layout.history_file(stage), png):
+        if f:
+            tracking.log_file(f, "plots")
+    data_hash = tracking.log_dataset(root / layout.TOKENIZED / TRAIN_DATA[stage], f"tokenized-{TRAIN_DATA[stage]}", "training")
+    upstream = tracking.upstream_version(init) if init else None
+    lineage = {"stage": stage, "run_id": run.info.run_id, "data_hash": data_hash,
+               "dvc_deps_hash": _dvc_deps_hash(root, stage),
+               "upstream_model": f"{upstream['name']}/{upstream['version']}" if upstream else "none",
+               "upstream_run": upstream["run_id"] if upstream else "none",
+               "git_commit": tracking.git_commit(root)}
+    registered = tracking.register(stage, out, p.tracking.registry_prefix, run,
+                                   {**lineage, "source_run": run.info.run_id})
     _write_json(out / tracking.LINEAGE_FILE, {**lineage, **registered})
-    import shutil
-    shutil.rmtree(ckpt, ignore_errors=True)  # tracked: the resume point is no longer needed
+    # checkpoints/<stage> (with finished.json) is removed by run_stage once the metrics are written too
     if logger.error:
         print(f"warning: MLflow step metrics failed during {stage} ({logger.error}); they are kept in "
               f"{layout.history_file(stage)}", file=sys.stderr)
     return {**result, "registered": registered, "lineage": lineage}
 
 
+def not_trained(root: Path, stage: str, marker: str, record: dict, note: str) -> dict:
+    """A training stage with nothing to train: its model folder holds only `marker` (the record),
+    and its history and chart say so, so every output DVC expects exists."""
+    with atomic_dir(root / layout.model_dir(stage)) as tmp:
+        _write_json(tmp / marker, record)
+    write_history_csv([], root / layout.history_file(stage))
+    plot_note(f"{stage}: {note}", root / "plots" / f"{stage}.png")
+    print(f"{stage}: {note}")
+    return {"trained": False, **{k: v for k, v in record.items() if k != "trained"}}
+
+
+def no_pt(root: Path, p: Params) -> dict:
+    """PT switched off: models/pt points at the base model (nothing is copied or registered)."""
+    return not_trained(root, "pt", BASE_POINTER, {"base": p.model.name_or_path},
+                       f"switched off (pt.enabled: false); sft starts from {p.model.name_or_path}")
+
+
+def no_judge(root: Path) -> dict:
+    """The judge stage without a judge split: record that no judge RM was trained."""
+    return not_trained(root, "judge", NO_JUDGE, {"trained": False, "reason": (
+        "no preference/judge split (tokenize.judge_fraction is 0), so no judge reward model was trained")},
+        "not trained (tokenize.judge_fraction is 0; the oracle judges the demo)")
+
+
 # --- evaluation ------------------------------------------------------------------------------
 
+def make_judge(root: Path, p: Params):
+    """The judge `evaluate.judge` names (see tasks.params.resolve_judge)."""
+    from rlhf_core import oracle
+    from rlhf_core.evaluation import TextJudge, load_judge
+    from rlhf_core.tokenizer import load_tokenizer
+
+    judge = resolve_judge(p)
+    if judge == "oracle":
+        return TextJudge("oracle", oracle.score)
+    policy_tokenizer = load_tokenizer(root / layout.model_dir("sft"), p.model.trust_remote_code)
+    if judge == "heldout_rm":
+        path = root / layout.model_dir("judge")
+        if (path / NO_JUDGE).exists():
+            raise RLHFError(f"evaluate.judge is heldout_rm but {path} holds no judge model: "
+                            f"{json.loads((path / NO_JUDGE).read_text())['reason']}")
+        judge_model = load_judge(path, policy_tokenizer, p.model)
+        judge_model.name = "heldout_rm"
+        return judge_model
+    if judge.startswith(("models:/", "runs:/")):  # the stage's MLflow tracking URI is already set
+        import mlflow
+
+        judge = mlflow.artifacts.download_artifacts(judge)
+    return load_judge(judge, policy_tokenizer, p.model)
+
+
 def evaluate(root: Path, p: Params, run) -> dict:
-    from rlhf_core import formats, oracle
+    from rlhf_core import formats
     from rlhf_core.data_io import load_split
     from rlhf_core.evaluation import evaluate_policies
 
     models = ["sft", "dpo", "ppo"]
     prompts = formats.read_prompts(root / p.data.eval_prompts, p.data.columns.get("eval_prompts"),
                                    _set_aside(root, p)["eval_prompts"])
+    judge = make_judge(root, p)
     results = evaluate_policies({m: root / layout.model_dir(m) for m in models}, "sft", root / layout.model_dir("rm"),
-                                prompts, p.evaluate, p.model, oracle.score,
+                                prompts, p.evaluate, p.model, judge,
                                 load_split(root / layout.TOKENIZED, "preference", "eval"),
                                 max_prompt_length=p.tokenize.max_prompt_length)
     out = root / "plots" / "eval"
@@ -253,8 +358,10 @@ def _read_history(path: Path) -> list[dict]:
 
 
 def markdown_report(results: dict, models: list[str]) -> str:
-    keys = ["oracle_score", "oracle_score_greedy", "win_rate_vs_sft", "kl_to_sft", "rm_score", "mean_length", "eos_rate"]
-    lines = ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    keys = ["judge_score", "judge_score_greedy", "win_rate_vs_sft", "kl_to_sft", "rm_score", "mean_length", "eos_rate",
+            "preference_accuracy"]
+    lines = [f"judge: {results.get('judge', '?')}\n", "| model | " + " | ".join(keys) + " |",
+             "|---" * (len(keys) + 1) + "|"]
     for m in models:
         lines.append(f"| {m} | " + " | ".join(f"{results[m].get(k, float('nan')):.3f}" for k in keys) + " |")
     lines.append(f"\nreward model: {json.dumps(results.get('rm', {}))}\n")
@@ -269,19 +376,20 @@ def promote(results: dict, p: Params) -> dict:
     """Give the best of PPO and DPO the `champion` alias if it beats SFT by the margin."""
     import mlflow
 
-    best = max(("ppo", "dpo"), key=lambda m: results[m]["oracle_score"])
-    gain = results[best]["oracle_score"] - results["sft"]["oracle_score"]
+    best = max(("ppo", "dpo"), key=lambda m: results[m]["judge_score"])
+    gain = results[best]["judge_score"] - results["sft"]["judge_score"]
     ok = gain >= p.evaluate.promotion_margin
-    reason = (f"{best} oracle score {results[best]['oracle_score']:.3f} vs sft {results['sft']['oracle_score']:.3f} "
+    judge = results["judge"]
+    reason = (f"{best} {judge} judge score {results[best]['judge_score']:.3f} vs sft {results['sft']['judge_score']:.3f} "
               f"(gain {gain:+.3f}, required {p.evaluate.promotion_margin:+.3f})")
-    decision = {"candidate": best, "promoted": ok, "reason": reason}
+    decision = {"candidate": best, "promoted": ok, "reason": reason, "judge": judge}
     if ok:
         name = f"{p.tracking.registry_prefix}-{best}"
         client = mlflow.MlflowClient()
         version = client.get_model_version_by_alias(name, "candidate").version
         client.set_registered_model_alias(name, "champion", version)
         decision["model"] = f"models:/{name}@champion"
-    mlflow.set_tags({"promotion.promoted": str(ok), "promotion.reason": reason})
+    mlflow.set_tags({"promotion.promoted": str(ok), "promotion.reason": reason, "evaluate.judge": judge})
     print(("promoted: " if ok else "not promoted: ") + reason)
     return decision
 
@@ -294,9 +402,22 @@ def run_stage(stage: str, root: Path = Path("."), params_file: str = "params.yam
         raise RLHFError(f"unknown stage '{stage}' (stages: {', '.join(layout.STAGE_NAMES)})")
     root = Path(root).resolve()
     p = load_params(root / params_file)
+    with stage_lock(root, stage):
+        preflight(root, stage)
+        metrics = _run_locked(root, p, stage)
+        if stage in layout.TRAINED:  # logged, registered and written: the resume point is no longer needed
+            shutil.rmtree(root / layout.checkpoint_dir(stage), ignore_errors=True)
+    return metrics
+
+
+def _run_locked(root: Path, p: Params, stage: str) -> dict:
     t0 = time.perf_counter()
     with tracking.stage_run(root, stage, p.tracking.experiment, _group_params(p, stage)) as run:
-        if stage in layout.TRAINED:
+        if stage == "judge" and not (root / layout.TOKENIZED / JUDGE_SPLIT).exists():
+            metrics = no_judge(root)
+        elif stage == "pt" and not p.pt.enabled:
+            metrics = no_pt(root, p)
+        elif stage in layout.TRAINED:
             metrics = train(root, p, stage, run)
         elif stage == "evaluate":
             metrics = evaluate(root, p, run)
@@ -312,3 +433,70 @@ def run_stage(stage: str, root: Path = Path("."), params_file: str = "params.yam
         except tracking.TrackingUnavailable as e:  # the stage's work is done and on disk
             print(f"warning: {target} was not logged to MLflow: {e}", file=sys.stderr)
     return metrics
+
+
+# --- before a stage starts -------------------------------------------------------------------
+
+def output_dirs(stage: str) -> list[str]:
+    """Folders a stage writes into (its outputs are renamed into place inside them)."""
+    spec = layout.SPECS[stage]
+    dirs = {str(Path(o).parent) for o in spec.outs} | {str(Path(layout.metrics_file(stage)).parent),
+                                                      str(Path(layout.run_record(stage)).parent)}
+    if stage in layout.TRAINED:
+        dirs |= {str(Path(layout.checkpoint_dir(stage)).parent), str(Path(layout.history_file(stage)).parent)}
+    return sorted(dirs)
+
+
+def check_writable(root: Path, rel: str) -> None:
+    """Create a file in `root/rel` and remove it: the only test that also holds for root and ACLs."""
+    import tempfile
+
+    try:
+        (root / rel).mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".write-test-", dir=root / rel)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise RLHFError(f"{rel}: output folder is not writable ({e.strerror or e}); nothing was started "
+                        "[writable]") from None
+
+
+def preflight(root: Path, stage: str) -> None:
+    """What can fail after training is checked before it: dvc.lock parses, outputs are writable."""
+    layout.read_lock(root)  # a corrupted dvc.lock raises here, naming its line
+    for rel in output_dirs(stage):
+        check_writable(root, rel)
+
+
+@contextmanager
+def stage_lock(root: Path, stage: str):
+    """One run of a stage at a time per checkout: an exclusive `flock` on `checkpoints/.<stage>.lock`,
+    released by the kernel when the process ends, so a killed run leaves no stale lock."""
+    import fcntl
+
+    path = root / "checkpoints" / f".{stage}.lock"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "a+")
+    except OSError as e:
+        raise RLHFError(f"{path.parent}: output folder is not writable ({e.strerror or e}); nothing was started "
+                        "[writable]") from None
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            raise StageLocked(f"{stage}: another run of this stage is in progress in this checkout (pid {holder}, "
+                              f"lock {path.relative_to(root)}); wait for it to finish or stop it, then run "
+                              "again [stage_lock]") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.seek(0)
+            fh.truncate()
+            fcntl.flock(fh, fcntl.LOCK_UN)

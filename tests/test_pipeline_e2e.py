@@ -15,8 +15,9 @@ def test_flow_runs_every_stage_and_dvc_lock_is_current(e2e_project, e2e_flow_run
     assert all(r["status"] == "ran" for r in e2e_flow_run), e2e_flow_run
     assert "up to date" in _dvc(e2e_project, "status")
     eval_metrics = json.loads((e2e_project / "metrics/eval.json").read_text())
+    assert eval_metrics["judge"] == "oracle"  # the demo data's judge under evaluate.judge: auto
     for model in ("sft", "dpo", "ppo"):
-        assert 0.0 <= eval_metrics[model]["oracle_score"] <= 1.0
+        assert 0.0 <= eval_metrics[model]["judge_score"] <= 1.0
     assert eval_metrics["sft"]["win_rate_vs_sft"] == 0.5
     assert (e2e_project / "plots/eval/comparison.png").stat().st_size > 1000
 

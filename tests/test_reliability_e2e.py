@@ -258,7 +258,7 @@ def test_two_flow_runs_at_once_in_separate_checkouts_share_one_prefect_db(e2e_pr
     for run in flow_runs.values():
         assert run["state"] == "COMPLETED"
         assert run["tasks"] == {s: "COMPLETED" for s in
-                                ("generate", "validate", "tokenize", "pt", "sft", "rm", "dpo", "ppo", "evaluate")}
+                                ("generate", "validate", "tokenize", "pt", "sft", "rm", "judge", "dpo", "ppo", "evaluate")}
 
     seen = set()
     for name, beta in betas.items():

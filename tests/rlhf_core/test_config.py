@@ -152,10 +152,12 @@ def test_params_block_size_within_context_is_accepted():
     assert p.tokenize.block_size == 64 and p.model.max_position_embeddings == 64
 
 
-def test_params_empty_group_and_empty_file_use_defaults(tmp_path):
+def test_params_empty_group_uses_defaults_but_an_empty_file_is_refused(tmp_path):
     from tasks.params import load_params, parse_params
 
     assert parse_params({"dpo": None}).dpo == DPOConfig()
     empty = tmp_path / "params.yaml"
-    empty.write_text("", encoding="utf-8")
-    assert load_params(empty).sft == SFTConfig()
+    for text in ("", "# only a comment\n"):
+        empty.write_text(text, encoding="utf-8")
+        with pytest.raises(ConfigError, match=r"params.yaml: is empty; .*\[empty\]$"):
+            load_params(empty)

@@ -275,7 +275,7 @@ def test_manifest_counts_add_up(tok, tmp_path):
     # a ranking line: its three pairs must land on one side of the split
     prefs += formats.parse_preference({"prompt": "Name the capital of Veldoria.",
                                        "responses": ["Certainly! Marrowick.", "Marrowick.", "No idea."]}, group=999)
-    cfg = TokenizeConfig(max_length=48, block_size=32, max_prompt_length=24, max_response_length=24, eval_fraction=0.2)
+    cfg = TokenizeConfig(max_length=64, block_size=32, max_prompt_length=24, max_response_length=40, eval_fraction=0.2)
     out = tmp_path / "tok"
     m = tokenize_datasets(tok, cfg, out, pt_docs=docs, conversations=convs, preferences=prefs, prompts=prompts)
     d = m.to_dict()

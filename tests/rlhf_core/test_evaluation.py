@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from rlhf_core.config import EvalConfig, ModelConfig
-from rlhf_core.evaluation import evaluate_policies, pairwise_agreement, prompt_text, win_rate
+from rlhf_core.evaluation import (RolloutRMJudge, TextJudge, TextRMJudge, evaluate_policies, load_judge,
+                                  pairwise_agreement, prompt_text, win_rate, win_rate_rows)
 from rlhf_core.formats import Prompt, Turn
 
 # --- pure functions --------------------------------------------------------------------------
@@ -68,7 +69,8 @@ QUESTIONS = ["What is the capital of Veldoria?", "Name the capital of Ostravia."
              "Tell me the capital city of Brindmark."]
 CFG = EvalConfig(num_samples=2, max_new_tokens=5, batch_size=2, temperature=1.0, seed=3)
 MODEL_CFG = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
-METRICS = {"oracle_score", "oracle_score_greedy", "win_rate_vs_sft", "rm_score", "kl_to_sft", "mean_length", "eos_rate"}
+METRICS = {"judge_score", "judge_score_greedy", "win_rate_vs_sft", "rm_score", "kl_to_sft", "mean_length", "eos_rate",
+           "preference_accuracy"}
 
 
 def length_judge(question: str, answer: str) -> float:
@@ -104,10 +106,10 @@ def tiny(tmp_path_factory):
     return dirs, rm_dir, prefs
 
 
-def run(tiny, names=("sft", "dpo"), prefs=True):
+def run(tiny, names=("sft", "dpo"), prefs=True, judge=TextJudge("length", length_judge)):
     dirs, rm_dir, pref_ds = tiny
     return evaluate_policies({n: dirs[n] for n in names}, "sft", rm_dir, PROMPTS, CFG, MODEL_CFG,
-                             length_judge, pref_ds if prefs else None)
+                             judge, pref_ds if prefs else None)
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +118,9 @@ def report(tiny):
 
 
 def test_report_shape(report):
-    assert list(report) == ["rm", "sft", "dpo", "examples"]
-    assert set(report["rm"]) >= {"accuracy", "oracle_agreement"}
+    assert list(report) == ["judge", "rm", "sft", "dpo", "examples"]
+    assert report["judge"] == "length"
+    assert set(report["rm"]) >= {"accuracy", "judge_agreement"}
     for name in ("sft", "dpo"):
         assert set(report[name]) >= METRICS
         assert all(type(v) is float for v in report[name].values())
@@ -138,24 +141,90 @@ def test_reference_against_itself(report):
 def test_values_in_range(report):
     for name in ("sft", "dpo"):
         m = report[name]
-        for key in ("oracle_score", "oracle_score_greedy", "win_rate_vs_sft", "eos_rate"):
+        for key in ("judge_score", "judge_score_greedy", "win_rate_vs_sft", "eos_rate", "preference_accuracy"):
             assert 0.0 <= m[key] <= 1.0, (name, key)
         assert 1.0 <= m["mean_length"] <= CFG.max_new_tokens
         assert math.isfinite(m["rm_score"])
     kl = report["dpo"]["kl_to_sft"]
     assert math.isfinite(kl) and kl != 0.0
     assert 0.0 <= report["rm"]["accuracy"] <= 1.0
-    assert 0.0 <= report["rm"]["oracle_agreement"] <= 1.0
+    assert 0.0 <= report["rm"]["judge_agreement"] <= 1.0
 
 
 def test_deterministic_and_independent_of_policy_order(tiny, report):
     assert json.dumps(run(tiny)) == json.dumps(report)
     reordered = run(tiny, names=("dpo", "sft"), prefs=False)
     assert "accuracy" not in reordered["rm"]
-    assert reordered["sft"] == report["sft"] and reordered["dpo"] == report["dpo"]
+    for name in ("sft", "dpo"):
+        assert "preference_accuracy" not in reordered[name]
+        assert reordered[name] == {k: v for k, v in report[name].items() if k != "preference_accuracy"}
 
 
 def test_bad_reference_raises(tiny):
     dirs, rm_dir, _ = tiny
     with pytest.raises(ValueError, match="reference"):
-        evaluate_policies({"dpo": dirs["dpo"]}, "sft", rm_dir, PROMPTS, CFG, MODEL_CFG, length_judge)
+        evaluate_policies({"dpo": dirs["dpo"]}, "sft", rm_dir, PROMPTS, CFG, MODEL_CFG, TextJudge("l", length_judge))
+
+
+# --- judges and held-out preference accuracy ---------------------------------------------------
+
+def test_win_rate_rows_hand_case():
+    assert win_rate_rows(torch.tensor([2.0, 1.0, -1.0]), torch.tensor([1.0, 1.0, 0.0])).tolist() == [1.0, 0.5, 0.0]
+
+
+def test_preference_accuracy_of_the_reference_is_one_half_and_matches_a_naive_count(tiny, report):
+    from rlhf_core.batching import collate_pairs
+    from rlhf_core.dpo import pair_logprobs
+    from rlhf_core.modeling import load_policy
+
+    assert report["sft"]["preference_accuracy"] == 0.5  # every log-ratio is exactly 0: all ties
+    dirs, _, prefs = tiny
+    sft, dpo = (load_policy(dirs[n], MODEL_CFG).eval() for n in ("sft", "dpo"))
+    wins = 0.0
+    for i in range(len(prefs)):  # one row at a time, no padding: the straightforward computation
+        batch = collate_pairs(prefs[i:i + 1], 1)
+        with torch.no_grad():
+            pc, pr, _ = pair_logprobs(dpo, batch, "cpu")
+            rc, rr, _ = pair_logprobs(sft, batch, "cpu")
+        margin = float((pc - rc) - (pr - rr))
+        wins += 1.0 if margin > 0 else 0.5 if margin == 0 else 0.0
+    assert report["dpo"]["preference_accuracy"] == pytest.approx(wins / len(prefs))
+
+
+def test_heldout_rm_judge_scores_the_sampled_tokens_like_the_policy_rm(tiny):
+    """With the policy RM itself as the judge, judge scores are the RM scores, answer by answer."""
+    from rlhf_core.tokenizer import load_tokenizer
+
+    dirs, rm_dir, _ = tiny
+    judge = load_judge(rm_dir, load_tokenizer(dirs["sft"]), MODEL_CFG, "cpu")
+    assert isinstance(judge, RolloutRMJudge)
+    report = run(tiny, prefs=False, judge=judge)
+    assert report["judge"] == str(rm_dir)
+    for name in ("sft", "dpo"):
+        assert report[name]["judge_score"] == pytest.approx(report[name]["rm_score"], abs=1e-5)
+    assert report["rm"]["judge_agreement"] == 1.0  # the same scores order every pair the same way
+
+
+def test_a_judge_with_its_own_tokenizer_rerenders_the_answers(tiny, tmp_path):
+    from rlhf_core.batching import collate_prompts
+    from rlhf_core.encoding import render_ids
+    from rlhf_core.evaluation import Answers
+    from rlhf_core.logprobs import gather_last
+    from rlhf_core.modeling import build_tiny_causal_lm, load_scalar_model, save_model, token_scores
+    from rlhf_core.tokenizer import load_tokenizer, train_tokenizer
+
+    dirs, _, _ = tiny
+    own = train_tokenizer(["A different corpus entirely, for another vocabulary."] * 5 + SENTENCES[::2], 280)
+    save_model(build_tiny_causal_lm(MODEL_CFG, own, seed=5), own, tmp_path / "lm")
+    torch.manual_seed(1)
+    save_model(load_scalar_model(tmp_path / "lm", MODEL_CFG, own.pad_token_id), own, tmp_path / "judge")
+    judge = load_judge(tmp_path / "judge", load_tokenizer(dirs["sft"]), MODEL_CFG, "cpu")
+    assert isinstance(judge, TextRMJudge)
+    texts = ["Marrowick.", "I do not know", "Kelmford!", "x"]
+    scores = judge(PROMPTS[:2], Answers(texts, []), 2)
+    assert scores.shape == (4,)
+    ids = render_ids(own, (*PROMPTS[1].messages, Turn("assistant", texts[3])))  # answer 3 answers prompt 1
+    batch = collate_prompts({"prompt_ids": [ids]}, own.pad_token_id)
+    with torch.no_grad():
+        alone = gather_last(token_scores(judge.model, batch.input_ids, batch.attention_mask), batch.attention_mask)
+    assert float(scores[3]) == pytest.approx(float(alone[0]), abs=1e-5)

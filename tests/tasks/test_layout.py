@@ -40,10 +40,12 @@ def test_every_stage_reads_only_groups_that_exist_and_params_yaml_builds():
 
 def test_stage_list_has_the_designed_dag():
     # the flow runs STAGE_NAMES in order (checked end to end in test_pipeline_e2e.py)
-    assert layout.STAGE_NAMES == ("generate", "validate", "tokenize", "pt", "sft", "rm", "dpo", "ppo", "evaluate")
+    assert layout.STAGE_NAMES == ("generate", "validate", "tokenize", "pt", "sft", "rm", "judge", "dpo", "ppo",
+                                  "evaluate")
     assert layout.upstream("dpo") == ["tokenize", "sft"]
+    assert layout.upstream("judge") == ["tokenize", "sft"]  # the judge RM sees no policy RM output
     assert set(layout.upstream("ppo")) == {"tokenize", "sft", "rm"}
-    assert set(layout.upstream("evaluate")) == {"tokenize", "sft", "rm", "dpo", "ppo"}
+    assert set(layout.upstream("evaluate")) == {"tokenize", "sft", "rm", "judge", "dpo", "ppo"}
 
 
 def test_dvc_lock_reader_and_the_stage_version_and_deps_hash_built_on_it(tmp_path):

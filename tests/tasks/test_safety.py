@@ -32,7 +32,10 @@ def test_loaders_pass_the_safety_switches_to_transformers(tmp_path, monkeypatch)
 
     from rlhf_core import modeling
 
-    (tmp_path / "model.safetensors").write_bytes(b"")
+    from safetensors.torch import save_file
+
+    save_file({}, str(tmp_path / "model.safetensors"))  # a valid (empty) file: the header check passes
+    monkeypatch.setattr(modeling, "check_causal", lambda model, where: None)  # the fake model is a string
     seen = {}
 
     def fake_from_pretrained(path, **kwargs):
