@@ -165,7 +165,8 @@ def test_json_array_parquet_and_datasets_folder_validate(tmp_path):
 
 
 def test_custom_columns_from_params(tmp_path):
-    p = parse_params({"data": {"columns": {"preference": {"prompt": "query", "chosen": "good", "rejected": "bad"}}}})
+    p = parse_params({"data": {"columns": {"preference": {"prompt": "query", "chosen": "good", "rejected": "bad"}}},
+                      "tokenize": {"judge_fraction": 0.2}})
     path = _write_lines(tmp_path / "p.jsonl", [{"query": "Q?", "good": "yes", "bad": "no"}])
     report = validate_file(path, "preference", columns=p.data.columns["preference"])
     assert report.success and report.shape == "trl"
