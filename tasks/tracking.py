@@ -267,7 +267,8 @@ def register(stage: str, model_dir: Path, prefix: str, run, tags: dict) -> dict:
     tags = {k: str(v) for k, v in tags.items()}
     source_run = retry(client.get_run, run.info.run_id)
     model = retry(mlflow.initialize_logged_model, name=stage, source_run_id=run.info.run_id, tags=tags,
-                  params=dict(source_run.data.params), model_type="hf-checkpoint")
+                  params=dict(source_run.data.params), model_type="hf-checkpoint",
+                  experiment_id=run.info.experiment_id)
     retry(client.log_model_artifacts, model.model_id, str(model_dir))
     retry(mlflow.finalize_logged_model, model.model_id, LoggedModelStatus.READY)
     retry(client.log_batch, run.info.run_id, metrics=model_metrics(client, source_run, model.model_id))
