@@ -1,8 +1,8 @@
 """`rlhf compare`: pipeline runs (their MLflow parent runs) side by side in the terminal.
 
 The params that differ come first, then the headline metrics (tasks/parent_run.py). In each metric
-row whose better direction is known, the best run is marked `*`; the run whose best aligned policy
-(DPO or PPO) has the highest judge score is the winner.
+row whose better direction is known, the best run is marked `*`. The winner is the run whose best
+aligned policy (DPO or PPO) has the highest judge score, then win rate vs SFT, then the lower KL.
 """
 from __future__ import annotations
 
@@ -50,20 +50,50 @@ def best_index(values: list[float | None], sign: int) -> int | None:
     return max(present, key=lambda vi: (sign * vi[0], -vi[1]))[1]
 
 
+def policy_key(run: RunView, model: str) -> tuple[float, float, float] | None:
+    """How good an aligned policy of a run is: judge score, then win rate vs SFT, then the smaller
+    KL to SFT (the same gain for less drift). None if the run has no judge score for it."""
+    m = run.metrics
+    if f"eval/{model}/oracle_score" not in m:
+        return None
+    return (m[f"eval/{model}/oracle_score"], m.get(f"eval/{model}/win_rate_vs_sft", 0.0),
+            -m.get(f"eval/{model}/kl_to_sft", 0.0))
+
+
+def best_policy(run: RunView) -> tuple[tuple[float, float, float], str] | None:
+    """The run's best aligned policy as (its key, its name), or None."""
+    keyed = [(policy_key(run, m), m) for m in ALIGNED if policy_key(run, m) is not None]
+    return max(keyed) if keyed else None
+
+
 def winner(runs: list[RunView]) -> int | None:
-    """Index of the run whose best aligned policy has the highest judge score; None without scores
-    or on a tie."""
-    scores = [max((r.metrics[f"eval/{m}/oracle_score"] for m in ALIGNED if f"eval/{m}/oracle_score" in r.metrics),
-                  default=None) for r in runs]
-    present = [i for i, s in enumerate(scores) if s is not None]
-    return present[0] if len(present) == 1 else best_index(scores, 1)
+    """Index of the run with the best aligned policy (`policy_key`); None without scores or on a tie."""
+    keys = [best_policy(r) for r in runs]
+    present = [(k[0], i) for i, k in enumerate(keys) if k is not None]
+    if not present:
+        return None
+    top = max(k for k, _ in present)
+    tied = [i for k, i in present if k == top]
+    return tied[0] if len(tied) == 1 else None
+
+
+def winner_line(runs: list[RunView], win: int | None) -> str:
+    if win is not None:
+        (score, rate, neg_kl), model = best_policy(runs[win])
+        return (f"winner: {runs[win].name} ({runs[win].run_id}): its {model} has judge score {score:.4g}, "
+                f"win rate vs SFT {rate:.4g}, KL to SFT {-neg_kl:.4g}")
+    if any(best_policy(r) for r in runs) and len(runs) > 1:
+        return "winner: none, the best aligned policies tie on judge score, win rate vs SFT and KL to SFT"
+    return "winner: none, no run has an evaluation"
 
 
 def metric_order(key: str) -> tuple:
-    """eval/ first, then the RM, the stages' losses, and the seconds last."""
-    group = ("eval/", "rm/", "time/")
-    rank = next((i for i, g in enumerate(group) if key.startswith(g)), 1.5)
-    return (rank, key)
+    """eval/ first, then the RM's held-out accuracy, the stages' final losses, and the seconds last."""
+    if key.startswith("eval/"):
+        return (0, key)
+    if key.startswith("rm/heldout"):
+        return (1, key)
+    return (3 if key.startswith("time/") else 2, key)
 
 
 def _fmt(value) -> str:
@@ -95,8 +125,7 @@ def render(runs: list[RunView]) -> str:
     rows.append(["reused stages", *[",".join(r.reused) or "-" for r in runs]])
     widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    if win is not None:
-        lines.append(f"winner: {runs[win].name} ({runs[win].run_id})")
+    lines.append(winner_line(runs, win))
     return "\n".join(lines) + "\n"
 
 

@@ -29,6 +29,13 @@ DVC_EXP_ENV = "DVC_EXP_NAME"
 """Set by DVC in the stages of `dvc exp run` (checked: `dvc exp run -n NAME` sets it to NAME)."""
 NAME_DIFFS = 3
 """At most this many changed params are spelled out in a run name."""
+VIEW_KEY = "headline"
+"""The experiment's shared view of the runs table with the headline metric columns: the UI opens it
+at `#/experiments/<id>/runs?viewStateShareKey=headline` (it reads the experiment tag
+`mlflow.sharedViewState.headline`, the tag its own Share button writes)."""
+VIEW_METRICS = ("eval/dpo/oracle_score", "eval/ppo/oracle_score", "eval/sft/oracle_score", "eval/dpo/win_rate_vs_sft",
+                "eval/ppo/win_rate_vs_sft", "eval/dpo/kl_to_sft", "eval/ppo/kl_to_sft", "rm/heldout_accuracy",
+                "dpo/final_train_loss", "time/dpo_seconds")
 
 
 def _read_json(path: Path) -> dict:
@@ -141,6 +148,14 @@ def run_name(changes: list[str] | None, exp_name: str | None, fallback: str | No
     return f"{what} · {fallback}" if fallback else what
 
 
+def headline_view(changed: list[str]) -> str:
+    """The runs-table state of the shared view (JSON): run name, dataset, the params in `changed`
+    and the `VIEW_METRICS` columns, in that order (column ids as the UI writes them)."""
+    columns = ["attributes.`Dataset`", *[f"params.`{k}`" for k in changed], *[f"metrics.`{k}`" for k in VIEW_METRICS]]
+    return json.dumps({"selectedColumns": columns, "columnOrder": [], "runsExpanded": {}, "runsHidden": [],
+                       "viewMaximized": False, "runListHidden": False})
+
+
 # --- MLflow ----------------------------------------------------------------------------------
 
 def previous_params(experiment_id: str) -> dict[str, str] | None:
@@ -170,6 +185,9 @@ def create(root: Path, experiment_id: str, p, launcher: str, tags: dict[str, str
     if os.environ.get(DVC_EXP_ENV):
         all_tags["dvc.exp_name"] = os.environ[DVC_EXP_ENV]
     client = mlflow.MlflowClient()
+    changed_keys = [c.split("=", 1)[0] for c in changes or []]
+    tracking.retry(client.set_experiment_tag, experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}",
+                   headline_view(changed_keys))
     run = tracking.retry(client.create_run, experiment_id, run_name=name, tags=all_tags)
     tracking.retry(client.log_batch, run.info.run_id, params=[Param(k, v) for k, v in params.items()])
     return run.info.run_id

@@ -3,6 +3,7 @@
 The first run is the session's `e2e_flow_run`. Its project is copied (git repo, DVC cache, outputs,
 MLflow store) so the second flow run, with another `dpo.beta`, touches nothing the other end-to-end
 tests look at; DVC reruns only `dpo` and `evaluate` there and skips the rest."""
+import json
 import shutil
 import sqlite3
 import subprocess
@@ -60,6 +61,8 @@ def test_both_parents_carry_every_param_and_the_headline_metrics(two_runs):
     a, b = client.get_run(first), client.get_run(second)
     exp = client.get_experiment(a.info.experiment_id)
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development" and exp.tags["mlflow.note.content"]
+    view = json.loads(exp.tags["mlflow.sharedViewState.headline"])  # what scripts/mlflow_screenshot.sh opens
+    assert "params.`dpo.beta`" in view["selectedColumns"] and "metrics.`eval/dpo/oracle_score`" in view["selectedColumns"]
     resolved = resolved_params(load_params(project / "params.yaml"))
     assert b.data.params == resolved
     assert set(a.data.params) == set(resolved) and len(resolved) > 60

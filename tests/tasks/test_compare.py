@@ -32,6 +32,20 @@ def test_the_winner_has_the_best_aligned_policy():
     assert winner([A, RunView("x", "x", metrics={"eval/ppo/oracle_score": 0.625})]) is None  # a tie
 
 
+def test_equal_judge_scores_are_decided_by_win_rate_then_by_the_smaller_kl():
+    def run(name, rate, kl):
+        return RunView(name, name * 32, metrics={"eval/dpo/oracle_score": 0.5, "eval/dpo/win_rate_vs_sft": rate,
+                                                 "eval/dpo/kl_to_sft": kl})
+
+    assert winner([run("a", 0.5, 1.0), run("b", 0.625, 2.0)]) == 1
+    assert winner([run("a", 0.5, 1.0), run("b", 0.5, 2.0)]) == 0
+    assert winner([run("a", 0.5, 1.0), run("b", 0.5, 1.0)]) is None
+    tie = render([run("a", 0.5, 1.0), run("b", 0.5, 1.0)]).splitlines()
+    assert tie[-1] == "winner: none, the best aligned policies tie on judge score, win rate vs SFT and KL to SFT"
+    assert "[winner]" not in tie[0]
+    assert render([RunView("a", "a" * 32)]).splitlines()[-1] == "winner: none, no run has an evaluation"
+
+
 def test_render_puts_the_differing_param_first_and_marks_the_best_and_the_winner():
     out = render([A, B])
     lines = out.splitlines()
@@ -47,5 +61,6 @@ def test_render_puts_the_differing_param_first_and_marks_the_best_and_the_winner
     assert rows["sft/final_train_loss"] == ["3", "3"]
     assert list(rows)[-3:] == ["time/sft_seconds", "reused", "winner:"]
     assert rows["reused"] == ["stages", "-", "sft,ppo"]
-    assert lines[-1] == f"winner: dpo.beta=0.3 ({'b' * 32})"
+    assert lines[-1] == (f"winner: dpo.beta=0.3 ({'b' * 32}): its dpo has judge score 0.75, win rate vs SFT 0, "
+                         "KL to SFT 1")
     assert render([]) == "no pipeline runs found\n"

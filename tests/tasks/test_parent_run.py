@@ -60,6 +60,13 @@ def test_run_name_is_the_dvc_exp_name_else_what_changed():
     assert parent_run.changed_params({"a.x": "1"}, {"a.y": "2"}) == ["a.x=1", "a.y=-"]
 
 
+def test_the_shared_view_shows_the_changed_params_and_the_headline_metrics_as_columns():
+    view = json.loads(parent_run.headline_view(["dpo.beta"]))
+    assert view["selectedColumns"][:3] == ["attributes.`Dataset`", "params.`dpo.beta`", "metrics.`eval/dpo/oracle_score`"]
+    assert len(view["selectedColumns"]) == 2 + len(parent_run.VIEW_METRICS)
+    assert set(parent_run.VIEW_METRICS) <= set(parent_run.eval_metrics(EVAL)) | {"dpo/final_train_loss", "time/dpo_seconds"}
+
+
 def _write(path, data):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data))
@@ -124,6 +131,8 @@ def test_a_parent_that_skipped_stages_carries_their_metrics_tagged_as_reused(pro
     client = mlflow.MlflowClient()
     a, b = client.get_run(first), client.get_run(second)
     assert a.info.run_name == "first run · calm-cat" and b.info.run_name == "no param change · bold-dog"
+    view = mlflow.get_experiment(exp_id).tags[f"mlflow.sharedViewState.{parent_run.VIEW_KEY}"]
+    assert json.loads(view)["selectedColumns"][1] == "metrics.`eval/dpo/oracle_score`"  # no param changed
     assert a.data.params == b.data.params and a.data.params["dpo.beta"] == "0.1" and len(a.data.params) > 60
     assert b.data.metrics == a.data.metrics == logged and len(logged) == 13 + 2 * 5 - 1 + 9  # ppo has no eval loss
     assert "rlhf.reused.generate" not in a.data.tags and a.data.tags["rlhf.reused_stages"] == "none"
