@@ -141,6 +141,9 @@ def cmd_compare(a) -> int:
     from tasks.compare import find_runs, render
     from tasks.params import load_params
 
+    if a.last < 1:
+        print(f"error: --last must be at least 1, got {a.last}", file=sys.stderr)
+        return 2
     root = Path(a.project_dir).resolve()
     experiment = a.experiment or load_params(root / "params.yaml").tracking.experiment
     mlflow.set_tracking_uri(tracking.tracking_uri(root))

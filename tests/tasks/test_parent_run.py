@@ -114,7 +114,7 @@ def store(tmp_path, monkeypatch):
     mlflow.set_tracking_uri(None)
 
 
-def test_a_parent_that_skipped_stages_carries_their_metrics_tagged_as_reused(project, store):
+def test_a_parent_that_skipped_stages_carries_their_metrics_tagged_as_reused(project, store, capsys):
     import mlflow
 
     from tasks.params import Params
@@ -144,6 +144,15 @@ def test_a_parent_that_skipped_stages_carries_their_metrics_tagged_as_reused(pro
     assert a.data.tags["prefect.flow_run_id"] == "f1" and a.data.tags["data.md5.pt.txt"] == "aa11"
     assert a.data.tags["dvc.stage_version.tokenize"] == tracking.stage_version(layout.read_lock(project)["tokenize"])
     assert {d.dataset.name: d.dataset.digest for d in b.inputs.dataset_inputs} == {"pt.txt": "aa11", "tokenized": "bb22"}
+    from flows.cli import main
+
+    assert main(["compare", "--experiment", "t", "--project-dir", str(project)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "calm-cat" in out[0] and "bold-dog" in out[0] and out[2] == "  (none)"  # the same params
+    assert any(line.split()[:3] == ["eval/ppo/oracle_score", "0.875", "0.875"] for line in out)
+    assert main(["compare", "bold-dog", "--experiment", "t", "--project-dir", str(project)]) == 2  # not a full name
+    assert main(["compare", second, "--experiment", "t", "--project-dir", str(project)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("winner: no param change · bold-dog")
     assert {f.path for f in client.list_artifacts(second, "eval")} == {"eval/evaluation_table.json", "eval/comparison.png"}
     table = json.loads(mlflow.artifacts.load_text(f"{b.info.artifact_uri}/eval/evaluation_table.json"))
     assert len(table["data"]) == 4 and {"model", "oracle_score", "prompt", "greedy", "sample"} <= set(table["columns"])
