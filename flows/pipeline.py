@@ -157,7 +157,9 @@ def pipeline(project_dir: str = ".", stages: list[str] | None = None, force: boo
         status = "FINISHED"
     finally:
         try:
-            parent_run.finish(root, parent_id, {r["stage"]: r["status"] for r in records}, status)
+            done = {r["stage"]: r["status"] for r in records}  # stages left out by --stages count as skipped
+            statuses = {s: done.get(s, "skipped") for s in layout.STAGE_NAMES if s in done or status == "FINISHED"}
+            parent_run.finish(root, parent_id, statuses, status)
         except Exception as e:  # noqa: BLE001
             if status == "FINISHED":
                 raise

@@ -202,16 +202,15 @@ def ran_stages_of(parent_id: str, experiment_id: str) -> set[str]:
     return {r.data.tags["rlhf.stage"] for r in runs if r.data.tags.get("rlhf.stage")}
 
 
-def finish(root: Path, parent_id: str, statuses: dict[str, str], status: str = "FINISHED",
-           extra_tags: dict[str, str] | None = None) -> dict[str, float]:
+def finish(root: Path, parent_id: str, statuses: dict[str, str], status: str = "FINISHED") -> dict[str, float]:
     """Fill the parent run from what the stages left on disk and end it with `status`.
 
-    `statuses`: stage -> "ran" or "skipped" (stages that did not get to run are left out). The
-    metrics of skipped stages are copied in and tagged `rlhf.reused.<stage>` with the run they came
-    from. Returns the metrics logged."""
+    `statuses`: stage -> "ran" or "skipped", in DAG order (stages that did not get to run are left
+    out). The metrics of skipped stages are copied in and tagged `rlhf.reused.<stage>` with the run
+    they came from. Returns the metrics logged."""
     import mlflow
 
-    metrics, tags = {}, dict(extra_tags or {})
+    metrics, tags = {}, {}
     lock = layout.read_lock(root)
     for stage, state in statuses.items():
         found = stage_metrics(root, stage)
