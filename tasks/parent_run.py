@@ -197,8 +197,8 @@ def ran_stages_of(parent_id: str, experiment_id: str) -> set[str]:
     """Stages that have a child run under `parent_id` (the ones that ran in this pipeline run)."""
     import mlflow
 
-    runs = tracking.retry(mlflow.search_runs, [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
-                          output_format="list")
+    runs = tracking.retry(mlflow.search_runs, [experiment_id], output_format="list",
+                          filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
     return {r.data.tags["rlhf.stage"] for r in runs if r.data.tags.get("rlhf.stage")}
 
 
@@ -221,7 +221,8 @@ def finish(root: Path, parent_id: str, statuses: dict[str, str], status: str = "
             tags[f"rlhf.reused.{stage}"] = f"metrics {', '.join(sorted(found))} copied from run {source}"
     tags["rlhf.stages.ran"] = ",".join(s for s, v in statuses.items() if v == "ran") or "none"
     tags["rlhf.stages.skipped"] = ",".join(s for s, v in statuses.items() if v == "skipped") or "none"
-    tags["rlhf.reused_stages"] = ",".join(s for s, v in statuses.items() if v == "skipped" and f"rlhf.reused.{s}" in tags) or "none"
+    reused = [s for s, v in statuses.items() if v == "skipped" and f"rlhf.reused.{s}" in tags]
+    tags["rlhf.reused_stages"] = ",".join(reused) or "none"
     hashes = data_hashes(root)
     tags.update({f"data.md5.{name}": md5 for name, (_, md5) in hashes.items()})
     with tracking.retry(mlflow.start_run, run_id=parent_id):

@@ -180,7 +180,7 @@ def test_two_runs_in_separate_checkouts_do_not_interfere(e2e_project, e2e_flow_r
         mlflow.set_tracking_uri(f"sqlite:///{d / 'mlflow.db'}")
         client = mlflow.MlflowClient()
         model = client.get_logged_model(logged_model_of(client.get_model_version_by_alias("rlhf-dpo", "candidate")))
-        assert model.artifact_location.startswith((d / "mlruns").resolve().as_uri()), "each checkout logs to its own store"
+        assert model.artifact_location.startswith((d / "mlruns").resolve().as_uri()), "each checkout has its own store"
         versions.append(json.loads((d / "metrics/dpo.json").read_text())["metrics"]["train/loss"])
     assert versions[0] == pytest.approx(versions[1], abs=1e-6)
 
