@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-HIGHER_IS_BETTER = ("oracle_score", "win_rate_vs_sft", "accuracy")
+HIGHER_IS_BETTER = ("judge_score", "win_rate_vs_sft", "accuracy")
 LOWER_IS_BETTER = ("_loss",)
 """Metric-name endings with a known better direction; others (KL, length, seconds) are not marked."""
 ALIGNED = ("dpo", "ppo")
@@ -54,9 +54,9 @@ def policy_key(run: RunView, model: str) -> tuple[float, float, float] | None:
     """How good an aligned policy of a run is: judge score, then win rate vs SFT, then the smaller
     KL to SFT (the same gain for less drift). None if the run has no judge score for it."""
     m = run.metrics
-    if f"eval/{model}/oracle_score" not in m:
+    if f"eval/{model}/judge_score" not in m:
         return None
-    return (m[f"eval/{model}/oracle_score"], m.get(f"eval/{model}/win_rate_vs_sft", 0.0),
+    return (m[f"eval/{model}/judge_score"], m.get(f"eval/{model}/win_rate_vs_sft", 0.0),
             -m.get(f"eval/{model}/kl_to_sft", 0.0))
 
 

@@ -7,7 +7,7 @@ their metrics, copied from the files their last run wrote and tagged `rlhf.reuse
 
 Headline metric names (one place; `rlhf compare` and the tests read them back):
 
-    eval/<model>/{oracle_score,win_rate_vs_sft,kl_to_sft,mean_length}   from metrics/eval.json
+    eval/<model>/{judge_score,win_rate_vs_sft,kl_to_sft,mean_length}   from metrics/eval.json
     rm/heldout_accuracy                                                 from metrics/eval.json
     <stage>/final_train_loss, <stage>/final_eval_loss                   from metrics/<stage>.json
     time/<stage>_seconds                                                from reports/runs/<stage>.json
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tasks import layout, tracking
 
-EVAL_KEYS = ("oracle_score", "win_rate_vs_sft", "kl_to_sft", "mean_length")
+EVAL_KEYS = ("judge_score", "win_rate_vs_sft", "kl_to_sft", "mean_length")
 EVAL_MODELS = ("sft", "dpo", "ppo")
 TRAIN_LOSS_KEYS = ("train/loss", "loss/policy_avg")
 """The final train loss of a stage: its `train/loss`, or PPO's mean policy loss."""
@@ -33,7 +33,7 @@ VIEW_KEY = "headline"
 """The experiment's shared view of the runs table with the headline metric columns: the UI opens it
 at `#/experiments/<id>/runs?viewStateShareKey=headline` (it reads the experiment tag
 `mlflow.sharedViewState.headline`, the tag its own Share button writes)."""
-VIEW_METRICS = ("eval/dpo/oracle_score", "eval/ppo/oracle_score", "eval/sft/oracle_score", "eval/dpo/win_rate_vs_sft",
+VIEW_METRICS = ("eval/dpo/judge_score", "eval/ppo/judge_score", "eval/sft/judge_score", "eval/dpo/win_rate_vs_sft",
                 "eval/ppo/win_rate_vs_sft", "eval/dpo/kl_to_sft", "eval/ppo/kl_to_sft", "rm/heldout_accuracy",
                 "dpo/final_train_loss", "time/dpo_seconds")
 
@@ -223,6 +223,9 @@ def finish(root: Path, parent_id: str, statuses: dict[str, str], status: str = "
     tags["rlhf.stages.skipped"] = ",".join(s for s, v in statuses.items() if v == "skipped") or "none"
     reused = [s for s, v in statuses.items() if v == "skipped" and f"rlhf.reused.{s}" in tags]
     tags["rlhf.reused_stages"] = ",".join(reused) or "none"
+    judge = _read_json(root / layout.EVAL_METRICS).get("judge") if "evaluate" in statuses else None
+    if isinstance(judge, str):
+        tags["rlhf.judge"] = judge  # who gave the eval/<model>/judge_score numbers
     hashes = data_hashes(root)
     tags.update({f"data.md5.{name}": md5 for name, (_, md5) in hashes.items()})
     with tracking.retry(mlflow.start_run, run_id=parent_id):

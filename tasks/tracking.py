@@ -36,7 +36,7 @@ EXPERIMENT_TAGS = {
     "mlflow.note.content": (
         "One **parent run per pipeline run** (`rlhf run`, `dvc repro` or `dvc exp run`): compare these rows. "
         "It is named after the `dvc exp` name, or the params that changed since the previous pipeline run, and holds "
-        "every resolved param (`group.key`), the headline metrics (`eval/<model>/oracle_score`, `win_rate_vs_sft`, "
+        "every resolved param (`group.key`), the headline metrics (`eval/<model>/judge_score`, `win_rate_vs_sft`, "
         "`kl_to_sft`, `mean_length`; `rm/heldout_accuracy`; `<stage>/final_train_loss`, `final_eval_loss`; "
         "`time/<stage>_seconds`), tags (`git_commit`, `dvc.stage_version.*`, `data.md5.*`, `rlhf.stages.ran` / "
         "`skipped`, `prefect.flow_run_id` / `url`), the input datasets, the evaluation table and the comparison "

@@ -7,12 +7,12 @@ import yaml
 
 from tasks import layout, parent_run, tracking
 
-EVAL = {"rm": {"accuracy": 0.75, "oracle_agreement": 0.5},
-        "sft": {"oracle_score": 0.5, "oracle_score_greedy": 1.0, "win_rate_vs_sft": 0.5, "kl_to_sft": 0.0,
+EVAL = {"judge": "oracle", "rm": {"accuracy": 0.75, "judge_agreement": 0.5},
+        "sft": {"judge_score": 0.5, "judge_score_greedy": 1.0, "win_rate_vs_sft": 0.5, "kl_to_sft": 0.0,
                 "rm_score": 1.0, "mean_length": 7.0, "eos_rate": 0.5},
-        "dpo": {"oracle_score": 0.625, "oracle_score_greedy": 1.0, "win_rate_vs_sft": 0.75, "kl_to_sft": 2.5,
+        "dpo": {"judge_score": 0.625, "judge_score_greedy": 1.0, "win_rate_vs_sft": 0.75, "kl_to_sft": 2.5,
                 "rm_score": 2.0, "mean_length": 6.0, "eos_rate": 1.0},
-        "ppo": {"oracle_score": 0.875, "oracle_score_greedy": 1.0, "win_rate_vs_sft": 0.875, "kl_to_sft": 1.25,
+        "ppo": {"judge_score": 0.875, "judge_score_greedy": 1.0, "win_rate_vs_sft": 0.875, "kl_to_sft": 1.25,
                 "rm_score": 3.0, "mean_length": 5.0, "eos_rate": 1.0},
         "examples": {"sft": [{"prompt": "Capital of A?", "greedy": "B.", "greedy_score": 0.75,
                               "sample": "Hm", "sample_score": 0.25},
@@ -25,7 +25,7 @@ EVAL = {"rm": {"accuracy": 0.75, "oracle_agreement": 0.5},
 def test_eval_headline_metrics_are_the_four_per_model_and_the_rm_accuracy():
     m = parent_run.eval_metrics(EVAL)
     assert len(m) == 3 * 4 + 1
-    assert m["eval/ppo/oracle_score"] == 0.875 and m["eval/dpo/kl_to_sft"] == 2.5
+    assert m["eval/ppo/judge_score"] == 0.875 and m["eval/dpo/kl_to_sft"] == 2.5
     assert m["eval/sft/win_rate_vs_sft"] == 0.5 and m["eval/sft/mean_length"] == 7.0
     assert m["rm/heldout_accuracy"] == 0.75
     assert "eval/ppo/rm_score" not in m and "eval/ppo/eos_rate" not in m
@@ -43,7 +43,7 @@ def test_evaluation_table_has_a_row_per_model_and_example_with_the_models_metric
     rows = parent_run.evaluation_rows(EVAL)
     assert [(r["model"], r["prompt"]) for r in rows] == [("sft", "Capital of A?"), ("sft", "Capital of C?"),
                                                           ("dpo", "Capital of A?"), ("ppo", "")]
-    assert rows[2]["oracle_score"] == 0.625 and rows[2]["greedy"] == "Sure! B." and rows[2]["sample_score"] == 1.0
+    assert rows[2]["judge_score"] == 0.625 and rows[2]["greedy"] == "Sure! B." and rows[2]["sample_score"] == 1.0
     assert rows[3]["win_rate_vs_sft"] == 0.875  # a model without examples still gets its metrics row
 
 
@@ -62,7 +62,7 @@ def test_run_name_is_the_dvc_exp_name_else_what_changed():
 
 def test_the_shared_view_shows_the_changed_params_and_the_headline_metrics_as_columns():
     view = json.loads(parent_run.headline_view(["dpo.beta"]))
-    assert view["selectedColumns"][:3] == ["attributes.`Dataset`", "params.`dpo.beta`", "metrics.`eval/dpo/oracle_score`"]
+    assert view["selectedColumns"][:3] == ["attributes.`Dataset`", "params.`dpo.beta`", "metrics.`eval/dpo/judge_score`"]
     assert len(view["selectedColumns"]) == 2 + len(parent_run.VIEW_METRICS)
     assert set(parent_run.VIEW_METRICS) <= set(parent_run.eval_metrics(EVAL)) | {"dpo/final_train_loss", "time/dpo_seconds"}
 
@@ -98,9 +98,9 @@ def project(tmp_path):
 
 def test_stage_metrics_and_data_hashes_come_from_the_files_the_stages_left(project):
     assert parent_run.stage_metrics(project, "dpo") == {"dpo/final_train_loss": 0.25, "dpo/final_eval_loss": 1.25,
-                                                        "time/dpo_seconds": 6.5}
+                                                        "time/dpo_seconds": layout.STAGE_NAMES.index("dpo") + 0.5}
     assert parent_run.stage_metrics(project, "generate") == {"time/generate_seconds": 0.5}
-    assert parent_run.stage_metrics(project, "evaluate")["eval/dpo/oracle_score"] == 0.625
+    assert parent_run.stage_metrics(project, "evaluate")["eval/dpo/judge_score"] == 0.625
     assert parent_run.data_hashes(project) == {"pt.txt": ("data/demo/pt.txt", "aa11"),
                                                "tokenized": ("data/tokenized", "bb22.dir")}
 
@@ -125,19 +125,21 @@ def test_a_parent_that_skipped_stages_carries_their_metrics_tagged_as_reused(pro
     statuses = {s: "ran" for s in layout.STAGE_NAMES}
     parent_run.finish(project, first, statuses)
     second = parent_run.create(project, exp_id, Params(), "prefect", {}, "bold-dog")
-    statuses.update({s: "skipped" for s in ("generate", "validate", "tokenize", "pt", "sft", "rm", "ppo")})
+    skipped = [s for s in layout.STAGE_NAMES if s not in ("dpo", "evaluate")]
+    statuses.update({s: "skipped" for s in skipped})
     logged = parent_run.finish(project, second, statuses)
 
     client = mlflow.MlflowClient()
     a, b = client.get_run(first), client.get_run(second)
     assert a.info.run_name == "first run · calm-cat" and b.info.run_name == "no param change · bold-dog"
     view = mlflow.get_experiment(exp_id).tags[f"mlflow.sharedViewState.{parent_run.VIEW_KEY}"]
-    assert json.loads(view)["selectedColumns"][1] == "metrics.`eval/dpo/oracle_score`"  # no param changed
+    assert json.loads(view)["selectedColumns"][1] == "metrics.`eval/dpo/judge_score`"  # no param changed
     assert a.data.params == b.data.params and a.data.params["dpo.beta"] == "0.1" and len(a.data.params) > 60
-    assert b.data.metrics == a.data.metrics == logged and len(logged) == 13 + 2 * 5 - 1 + 9  # ppo has no eval loss
+    # 13 eval, train and eval loss of pt, sft, rm, dpo, ppo's train loss, the seconds of each stage
+    assert b.data.metrics == a.data.metrics == logged and len(logged) == 13 + 4 * 2 + 1 + len(layout.STAGE_NAMES)
     assert "rlhf.reused.generate" not in a.data.tags and a.data.tags["rlhf.reused_stages"] == "none"
     assert b.data.tags["rlhf.stages.ran"] == "dpo,evaluate"
-    assert b.data.tags["rlhf.reused_stages"] == "generate,validate,tokenize,pt,sft,rm,ppo"
+    assert b.data.tags["rlhf.reused_stages"] == ",".join(skipped) and b.data.tags["rlhf.judge"] == "oracle"
     assert b.data.tags["rlhf.reused.sft"] == ("metrics sft/final_eval_loss, sft/final_train_loss, time/sft_seconds "
                                               "copied from run run-sft")
     assert "rlhf.reused.dpo" not in b.data.tags
@@ -149,13 +151,13 @@ def test_a_parent_that_skipped_stages_carries_their_metrics_tagged_as_reused(pro
     assert main(["compare", "--experiment", "t", "--project-dir", str(project)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert "calm-cat" in out[0] and "bold-dog" in out[0] and out[2] == "  (none)"  # the same params
-    assert any(line.split()[:3] == ["eval/ppo/oracle_score", "0.875", "0.875"] for line in out)
+    assert any(line.split()[:3] == ["eval/ppo/judge_score", "0.875", "0.875"] for line in out)
     assert main(["compare", "bold-dog", "--experiment", "t", "--project-dir", str(project)]) == 2  # not a full name
     assert main(["compare", second, "--experiment", "t", "--project-dir", str(project)]) == 0
     assert capsys.readouterr().out.splitlines()[-1].startswith("winner: no param change · bold-dog")
     assert {f.path for f in client.list_artifacts(second, "eval")} == {"eval/evaluation_table.json", "eval/comparison.png"}
     table = json.loads(mlflow.artifacts.load_text(f"{b.info.artifact_uri}/eval/evaluation_table.json"))
-    assert len(table["data"]) == 4 and {"model", "oracle_score", "prompt", "greedy", "sample"} <= set(table["columns"])
+    assert len(table["data"]) == 4 and {"model", "judge_score", "prompt", "greedy", "sample"} <= set(table["columns"])
 
 
 def test_a_registered_version_resolves_to_a_logged_model_with_the_runs_metrics(tmp_path, store):
