@@ -171,11 +171,12 @@ def previous_params(experiment_id: str) -> dict[str, str] | None:
 
 
 def create(root: Path, experiment_id: str, p, launcher: str, tags: dict[str, str], fallback_name: str | None) -> str:
-    """Create the parent run with its name, params and launch tags; returns its id."""
+    """Create the parent run with its name, params (`p`: the resolved `Params`, or None) and launch
+    tags; returns its id."""
     import mlflow
     from mlflow.entities import Param
 
-    params = resolved_params(p)
+    params = resolved_params(p) if p is not None else {}
     before = previous_params(experiment_id)
     changes = None if before is None else changed_params(params, before)
     name = run_name(changes, os.environ.get(DVC_EXP_ENV), fallback_name)

@@ -167,8 +167,11 @@ def parent_run_id(root: Path, experiment_id: str) -> str:
     from tasks import parent_run
     from tasks.params import load_params
 
-    run_id = parent_run.create(root, experiment_id, load_params(root / "params.yaml"), "dvc",
-                               {"rlhf.pipeline_key": key}, f"dvc-repro-{key[:8]}")
+    try:
+        p = load_params(root / "params.yaml")
+    except RLHFError:  # a stage run by hand on another params file: the parent goes without params
+        p = None
+    run_id = parent_run.create(root, experiment_id, p, "dvc", {"rlhf.pipeline_key": key}, f"dvc-repro-{key[:8]}")
     retry(mlflow.MlflowClient().set_terminated, run_id)
     return run_id
 
