@@ -139,6 +139,27 @@ def cmd_predict(a) -> int:
     return 0
 
 
+def cmd_compare(a) -> int:
+    import mlflow
+
+    from tasks import tracking
+    from tasks.compare import find_runs, render
+    from tasks.params import load_params
+
+    if a.last < 1:
+        print(f"error: --last must be at least 1, got {a.last}", file=sys.stderr)
+        return 2
+    root = Path(a.project_dir).resolve()
+    experiment = a.experiment or load_params(root / "params.yaml").tracking.experiment
+    mlflow.set_tracking_uri(tracking.tracking_uri(root))
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        print(f"error: no MLflow experiment {experiment!r} in {tracking.tracking_uri(root)}", file=sys.stderr)
+        return 2
+    print(render(find_runs(exp.experiment_id, a.last, a.runs)), end="")
+    return 0
+
+
 def cmd_dvc_yaml(a) -> int:
     from tasks.layout import write_dvc_yaml
 
@@ -196,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default=SMOLLM2_DIR)
     g.add_argument("--tokenizer-only", action="store_true", help="only the tokenizer and chat template")
     g.set_defaults(fn=cmd_smollm2)
+    c = sub.add_parser("compare", help="pipeline runs side by side: differing params, then headline metrics")
+    c.add_argument("runs", nargs="*", metavar="RUN", help="parent run ids or names (default: the last N)")
+    c.add_argument("--last", type=int, default=2, metavar="N", help="the last N pipeline runs (default 2)")
+    c.add_argument("--experiment", default=None, help="MLflow experiment (default: tracking.experiment)")
+    c.add_argument("--project-dir", default=".")
+    c.set_defaults(fn=cmd_compare)
     y = sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage list in tasks/layout.py")
     y.add_argument("--project-dir", default=".")
     y.set_defaults(fn=cmd_dvc_yaml)

@@ -3,7 +3,7 @@ so DVC alone decides what is stale, `dvc.lock` is current after every flow run, 
 stages are skipped. The stages come from tasks/layout.py, the same list `dvc.yaml` is made from."""
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import os
 import subprocess
 import sys
@@ -19,16 +19,12 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 
-from tasks import layout, tracking  # noqa: E402
+from tasks import layout, parent_run, tracking  # noqa: E402
+from tasks.tracking import stage_version  # noqa: E402
 
 
 class StageFailed(RuntimeError):
     pass
-
-
-def stage_version(entry: dict) -> str:
-    """Short hash of what DVC recorded for the stage: its deps, params and outs."""
-    return hashlib.sha256(yaml.safe_dump(entry, sort_keys=True).encode()).hexdigest()[:12] if entry else "-"
 
 
 def dvc_env(parent_run_id: str | None) -> dict:
@@ -130,6 +126,18 @@ def _key_metric(root: Path, stage: str) -> str:
     return " ".join(f"{k}={m['metrics'][k]:.3f}" for k in picks if k in m.get("metrics", {}))
 
 
+def _flow_run_tags() -> dict[str, str]:
+    """The Prefect flow run's id, and its UI address when a Prefect UI is configured."""
+    from prefect.settings import PREFECT_UI_URL
+
+    if not flow_run.get_id():
+        return {}
+    tags = {"prefect.flow_run_id": str(flow_run.get_id())}
+    if PREFECT_UI_URL.value():
+        tags["prefect.flow_run_url"] = flow_run.get_flow_run_ui_url()
+    return tags
+
+
 @flow(name="rlhf-pipeline", log_prints=True)
 def pipeline(project_dir: str = ".", stages: list[str] | None = None, force: bool = False) -> list[dict]:
     """Run the stages in DAG order (all by default) through DVC, under one MLflow parent run."""
@@ -143,17 +151,23 @@ def pipeline(project_dir: str = ".", stages: list[str] | None = None, force: boo
     if "generate" in names and not p.data.uses_demo():  # every input is the user's own: no demo set to write
         names.remove("generate")
     exp_id = tracking.setup(root, p.tracking.experiment)
-    parent = tracking.retry(mlflow.MlflowClient().create_run, exp_id, run_name=f"pipeline-{flow_run.get_name() or 'local'}",
-                            tags={"rlhf.kind": "pipeline", "rlhf.launcher": "prefect", "git_commit": tracking.git_commit(root),
-                                  "prefect.flow_run_id": str(flow_run.get_id() or "")})
-    parent_id = parent.info.run_id
+    parent_id = parent_run.create(root, exp_id, p, "prefect", _flow_run_tags(), flow_run.get_name())
     records, status = [], "FAILED"
     try:
         for name in names:
             records.append(run_stage(name, str(root), parent_id, force))
         status = "FINISHED"
     finally:
-        mlflow.MlflowClient().set_terminated(parent_id, status=status)
+        try:
+            done = {r["stage"]: r["status"] for r in records}  # stages left out by --stages count as skipped
+            statuses = {s: done.get(s, "skipped") for s in layout.STAGE_NAMES if s in done or status == "FINISHED"}
+            parent_run.finish(root, parent_id, statuses, status)
+        except Exception as e:  # noqa: BLE001
+            if status == "FINISHED":
+                raise
+            get_run_logger().warning("the parent run %s was not filled in: %s", parent_id, e)
+            with contextlib.suppress(Exception):  # the stage's own error is the one to report
+                mlflow.MlflowClient().set_terminated(parent_id, status=status)
         table = [{**r, "key_metrics": _key_metric(root, r["stage"])} for r in records]
         create_table_artifact(table=table, key="rlhf-stages", description="Stage versions, status and key metrics")
         report = root / "plots" / "eval" / "report.md"

@@ -9,12 +9,14 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 from rlhf_core.errors import RLHFError
+from tasks import layout
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK", "true")
@@ -24,7 +26,25 @@ FLOW_RUN_ENV = "RLHF_PREFECT_FLOW_RUN_ID"
 LINEAGE_FILE = "lineage.json"
 STEP_DELAY = float(os.environ.get("RLHF_TEST_STEP_DELAY", "0"))
 ATTEMPTS = int(os.environ.get("RLHF_TRACKING_ATTEMPTS", "4"))
-SECRET_WORDS = ("token", "password", "secret", "api_key", "apikey", "credential", "private_key")
+SECRET_SUFFIXES = ("token", "secret", "password", "passwd", "key", "credential", "credentials")
+"""A param is masked when the last component of its dotted name, lower-cased, ends with one of these:
+`hub_token`, `db_password`, `api_key`, `aws_access_key` are; `max_new_tokens`, `tokenize.*`,
+`block_size` are not."""
+EXPERIMENT_TAGS = {
+    # the UI opens a model-training view for this kind instead of the GenAI (traces) view
+    "mlflow.experimentKind": "custom_model_development",
+    "mlflow.note.content": (
+        "One **parent run per pipeline run** (`rlhf run`, `dvc repro` or `dvc exp run`): compare these rows. "
+        "It is named after the `dvc exp` name, or the params that changed since the previous pipeline run, and holds "
+        "every resolved param (`group.key`), the headline metrics (`eval/<model>/judge_score`, `win_rate_vs_sft`, "
+        "`kl_to_sft`, `mean_length`; `rm/heldout_accuracy`; `<stage>/final_train_loss`, `final_eval_loss`; "
+        "`time/<stage>_seconds`), tags (`git_commit`, `dvc.stage_version.*`, `data.md5.*`, `rlhf.stages.ran` / "
+        "`skipped`, `prefect.flow_run_id` / `url`), the input datasets, the evaluation table and the comparison "
+        "chart. Metrics of stages DVC skipped are copied from their last run and tagged `rlhf.reused.<stage>`.\n\n"
+        "Under each parent, **one child run per stage** that ran, with its params and step metrics. Each trained "
+        "stage registers a version of `rlhf-<stage>` linked to a LoggedModel with its metrics, source run and "
+        "dataset. In a terminal: `rlhf compare --last 2`."),
+}
 
 
 # The user's choice, read before MLflow's own `set_tracking_uri` writes this variable.
@@ -70,9 +90,12 @@ def setup(root: Path, experiment: str) -> str:
     exp = retry(mlflow.get_experiment_by_name, experiment)
     if exp is None:  # a local database keeps its artifacts beside it; a server decides for itself
         artifacts = (root / "mlruns").resolve().as_uri() if uri.startswith("sqlite:") else None
-        exp_id = retry(mlflow.create_experiment, experiment, artifact_location=artifacts)
+        exp_id = retry(mlflow.create_experiment, experiment, artifact_location=artifacts, tags=EXPERIMENT_TAGS)
     else:
         exp_id = exp.experiment_id
+        for key, value in EXPERIMENT_TAGS.items():  # an experiment made before these tags existed
+            if exp.tags.get(key) != value:
+                retry(mlflow.MlflowClient().set_experiment_tag, exp_id, key, value)
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 
@@ -98,9 +121,21 @@ def file_hash(path: Path) -> str:
     return h.hexdigest()
 
 
+def is_secret(name: str) -> bool:
+    """The masking rule: the last component of the dotted name ends with a `SECRET_SUFFIXES` entry."""
+    return name.rsplit(".", 1)[-1].lower().endswith(SECRET_SUFFIXES)
+
+
 def redact(params: dict) -> dict:
-    """Drop values whose key looks like a secret, so they never reach logged params."""
-    return {k: ("***" if any(w in k.lower() for w in SECRET_WORDS) else v) for k, v in params.items()}
+    """Replace values whose key names a secret (`is_secret`), so they never reach logged params."""
+    return {k: ("***" if is_secret(k) else v) for k, v in params.items()}
+
+
+def stage_version(entry: dict) -> str:
+    """Short hash of what DVC recorded for a stage in dvc.lock: its deps, params and outs."""
+    import yaml
+
+    return hashlib.sha256(yaml.safe_dump(entry, sort_keys=True).encode()).hexdigest()[:12] if entry else "-"
 
 
 def flatten(prefix: str, obj) -> dict[str, str]:
@@ -129,12 +164,28 @@ def parent_run_id(root: Path, experiment_id: str) -> str:
                   max_results=1, output_format="list")
     if found:
         return found[0].info.run_id
-    client = mlflow.MlflowClient()
-    run = retry(client.create_run, experiment_id, run_name=f"dvc-repro-{key[:8]}",
-                tags={"rlhf.pipeline_key": key, "rlhf.kind": "pipeline", "rlhf.launcher": "dvc",
-                      "git_commit": git_commit(root)})
-    client.set_terminated(run.info.run_id)
-    return run.info.run_id
+    from tasks import parent_run
+    from tasks.params import load_params
+
+    try:
+        p = load_params(root / "params.yaml")
+    except RLHFError:  # a stage run by hand on another params file: the parent goes without params
+        p = None
+    run_id = parent_run.create(root, experiment_id, p, "dvc", {"rlhf.pipeline_key": key}, f"dvc-repro-{key[:8]}")
+    retry(mlflow.MlflowClient().set_terminated, run_id)
+    return run_id
+
+
+def finish_dvc_parent(root: Path, parent: str, experiment_id: str) -> None:
+    """After the last stage of a bare `dvc repro` / `dvc exp run`: fill its parent run like the flow
+    does (stages without a child run under it were skipped by DVC). Failing here fails no stage."""
+    from tasks import parent_run
+
+    try:
+        ran = parent_run.ran_stages_of(parent, experiment_id)
+        parent_run.finish(root, parent, {s: "ran" if s in ran else "skipped" for s in layout.STAGE_NAMES})
+    except Exception as e:  # noqa: BLE001 - the stage's outputs are written; only the summary is missing
+        print(f"warning: the pipeline's parent run {parent} was not filled in: {e}", file=sys.stderr)
 
 
 @contextmanager
@@ -155,6 +206,8 @@ def stage_run(root: Path, stage: str, experiment: str, params: dict) -> Iterator
         mlflow.end_run(status="FAILED")
         raise
     mlflow.end_run()
+    if stage == layout.STAGE_NAMES[-1] and not os.environ.get(PARENT_ENV):
+        finish_dvc_parent(root, parent, exp_id)
 
 
 class MetricLogger:
@@ -206,22 +259,54 @@ def upstream_version(model_dir: Path) -> dict | None:
 
 
 def register(stage: str, model_dir: Path, prefix: str, run, tags: dict) -> dict:
-    """Log `model_dir` (HF format) as the run's `model` artifact and register it as
-    `<prefix>-<stage>`; the newest version gets alias `candidate`."""
+    """Log `model_dir` (HF format) as an MLflow 3 LoggedModel of the stage's run, carrying the run's
+    params and its latest metrics (linked to the run's training dataset), and register it as a
+    version of `<prefix>-<stage>`; the newest version gets alias `candidate`."""
     import mlflow
+    from mlflow.entities import LoggedModelStatus
 
     client = mlflow.MlflowClient()
     name = f"{prefix}-{stage}"
-    retry(mlflow.log_artifacts, str(model_dir), "model")
+    tags = {k: str(v) for k, v in tags.items()}
+    source_run = retry(client.get_run, run.info.run_id)
+    model = retry(mlflow.initialize_logged_model, name=stage, source_run_id=run.info.run_id, tags=tags,
+                  params=dict(source_run.data.params), model_type="hf-checkpoint",
+                  experiment_id=run.info.experiment_id)
+    retry(client.log_model_artifacts, model.model_id, str(model_dir))
+    retry(mlflow.finalize_logged_model, model.model_id, LoggedModelStatus.READY)
+    retry(client.log_batch, run.info.run_id, metrics=model_metrics(client, source_run, model.model_id))
     try:
         client.get_registered_model(name)
     except mlflow.exceptions.MlflowException:
         retry(client.create_registered_model, name, description=f"{stage} checkpoints of the RLHF pipeline (HF format)")
-    source = f"{run.info.artifact_uri}/model"
-    mv = retry(client.create_model_version, name, source, run_id=run.info.run_id,
-               tags={k: str(v) for k, v in tags.items()})
+    mv = retry(client.create_model_version, name, f"models:/{model.model_id}", run_id=run.info.run_id, tags=tags,
+               model_id=model.model_id)
     retry(client.set_registered_model_alias, name, "candidate", mv.version)
-    return {"name": name, "version": str(mv.version), "run_id": run.info.run_id, "uri": f"models:/{name}/{mv.version}"}
+    return {"name": name, "version": str(mv.version), "run_id": run.info.run_id, "uri": f"models:/{name}/{mv.version}",
+            "model_id": model.model_id}
+
+
+def model_metrics(client, run, model_id: str) -> list:
+    """The run's latest value of each metric, at its own step, attributed to the LoggedModel and to
+    the run's training dataset (the tokenized split it logged as input)."""
+    from mlflow.entities import Metric
+
+    inputs = run.inputs.dataset_inputs if run.inputs else []
+    datasets = [d.dataset for d in inputs if d.dataset.name.startswith("tokenized-")] or [d.dataset for d in inputs]
+    dataset = datasets[-1] if datasets else None
+    out = []
+    for key, value in run.data.metrics.items():
+        history = retry(client.get_metric_history, run.info.run_id, key)
+        step = max((m.step for m in history), default=0)
+        out.append(Metric(key, value, int(time.time() * 1000), step, model_id=model_id,
+                          dataset_name=dataset.name if dataset else None,
+                          dataset_digest=dataset.digest if dataset else None))
+    return out
+
+
+def logged_model_of(version) -> str:
+    """The LoggedModel id a registered version was made from (the SQL store keeps it in `source`)."""
+    return version.model_id or version.source.removeprefix("models:/")
 
 
 def log_dict_artifact(data: dict, name: str) -> None:

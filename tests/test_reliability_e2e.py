@@ -162,6 +162,8 @@ def test_two_runs_in_separate_checkouts_do_not_interfere(e2e_project, e2e_flow_r
 
     import mlflow
 
+    from tasks.tracking import logged_model_of
+
     other = tmp_path / "other"
     shutil.copytree(e2e_project, other, symlinks=True)
     (other / "mlflow.db").unlink()  # a separate checkout has its own tracking store
@@ -176,8 +178,9 @@ def test_two_runs_in_separate_checkouts_do_not_interfere(e2e_project, e2e_flow_r
     for d in (e2e_project, other):
         assert "dpo:" not in dvc(d, "status"), "each checkout's dvc.lock records its own dpo run"
         mlflow.set_tracking_uri(f"sqlite:///{d / 'mlflow.db'}")
-        mv = mlflow.MlflowClient().get_model_version_by_alias("rlhf-dpo", "candidate")
-        assert mv.source.startswith((d / "mlruns").resolve().as_uri()), "each checkout logs to its own store"
+        client = mlflow.MlflowClient()
+        model = client.get_logged_model(logged_model_of(client.get_model_version_by_alias("rlhf-dpo", "candidate")))
+        assert model.artifact_location.startswith((d / "mlruns").resolve().as_uri()), "each checkout has its own store"
         versions.append(json.loads((d / "metrics/dpo.json").read_text())["metrics"]["train/loss"])
     assert versions[0] == pytest.approx(versions[1], abs=1e-6)
 
