@@ -130,8 +130,9 @@ def parse_params(raw: dict, source: str = "params.yaml") -> Params:
 
 
 def is_demo_data(data: DataConfig) -> bool:
-    """True when every input is the generated demo task's file (the only data the oracle knows)."""
-    return data == DataConfig()
+    """True when the held-out questions are the generated demo task's: the only ones the oracle
+    knows (it checks answers against the demo's made-up atlas)."""
+    return data.eval_prompts == DataConfig().eval_prompts and not data.columns.get("eval_prompts")
 
 
 def resolve_judge(p: Params, source: str = "params.yaml") -> str:

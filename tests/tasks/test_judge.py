@@ -24,6 +24,14 @@ def test_own_data_defaults_to_the_heldout_rm_and_needs_a_judge_split():
     assert resolve_judge(p) == "heldout_rm"
 
 
+def test_the_oracle_judges_whenever_the_questions_are_the_demos():
+    """Own training files but the demo's held-out questions: the oracle still knows the answers."""
+    p = parse_params({"data": {"sft": "data/mine/sft.json"}})
+    assert resolve_judge(p) == "oracle"
+    with pytest.raises(ConfigError, match="judge_fraction"):
+        parse_params({"data": {"eval_prompts": "data/mine/eval.jsonl"}})
+
+
 def test_the_oracle_is_refused_on_own_data():
     with pytest.raises(ConfigError, match=r"'evaluate.judge': 'oracle' only knows the demo task"):
         parse_params({"data": OWN_DATA, "evaluate": {"judge": "oracle"}})
