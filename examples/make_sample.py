@@ -3,8 +3,9 @@
     python examples/make_sample.py [--out data/sample] [--seed 0]
 
 Every fact below was written for this project (no third-party data). The files use the shapes
-users bring: plain text for PT, ShareGPT conversations for SFT, TRL's prompt/chosen/rejected for
-preferences, and `{"prompt"}` for PPO and evaluation prompts. The preferences prefer a correct,
+users bring: plain text for PT, an Alpaca JSON array for SFT (LLaMA-Factory's layout), hh-rlhf
+style "Human:/Assistant:" transcripts with an implicit shared prompt for preferences, and
+`{"prompt"}` for PPO and evaluation prompts. The preferences prefer a correct,
 polite and brief answer; the rejected side is wrong, curt or rambling. Facts used for the
 evaluation prompts appear in no training file, so the evaluation asks questions nobody trained on.
 """
@@ -92,13 +93,11 @@ def make(out: Path, seed: int = 0, n_eval: int = 8) -> dict[str, int]:
     sft, prefs, prompts = [], [], []
     for rep in range(3):
         for q, a, w in train:
-            turns = [{"from": "human", "value": q}, {"from": "gpt", "value": good(a, rng)}]
-            if rep == 1:
-                turns = [{"from": "system", "value": SYSTEM}] + turns
-            sft.append({"conversations": turns})
-            prefs.append({"prompt": q, "chosen": good(a, rng), "rejected": bad(a, w, rng)})
+            sft.append({"instruction": q, "input": "", "output": good(a, rng), "system": SYSTEM if rep == 1 else ""})
+            human = f"\n\nHuman: {q}\n\nAssistant: "
+            prefs.append({"chosen": human + good(a, rng), "rejected": human + bad(a, w, rng)})
             prompts.append({"prompt": q})
-    write_jsonl(out / "sft.jsonl", sft)
+    (out / "sft.json").write_text(json.dumps(sft, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     write_jsonl(out / "preferences.jsonl", prefs)
     write_jsonl(out / "prompts.jsonl", prompts)
     write_jsonl(out / "eval_prompts.jsonl", [{"prompt": q} for q, _, _ in held_out])
