@@ -88,7 +88,10 @@ def make(out: Path, seed: int = 0, n_eval: int = 8) -> dict[str, int]:
     rng.shuffle(facts)
     train, held_out = facts[n_eval:], facts[:n_eval]
     out.mkdir(parents=True, exist_ok=True)
-    pt = [f"{q} The answer is {a}." for q, a, _ in train]
+    pt = [text for q, a, _ in train for text in (
+        f"{q} The answer is {a}.",
+        f"A common question is this one: {q} Most reference books agree that the answer is {a}, not {rng.choice(facts)[2]}.",
+        f"Quiz note. Question: {q} Answer: {a}. Keep answers short, correct and polite.")]
     (out / "pt.txt").write_text("\n".join(pt) + "\n", encoding="utf-8")
     sft, prefs, prompts = [], [], []
     for rep in range(3):
