@@ -136,7 +136,11 @@ def enable_gradient_checkpointing(model) -> None:
     """Recompute each block's activations in backward (non-reentrant, so frozen inputs under
     LoRA still get gradients to the adapters)."""
     base = model.get_base_model() if is_peft(model) else model
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name is deprecated
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     base.config.use_cache = False
 
 
