@@ -443,3 +443,27 @@ def test_ppo_with_a_lora_reward_model_and_a_lora_critic(demo, pt_sft, monkeypatc
     assert trainable and all("lora_" in n or "score" in n for n in trainable)
     assert any("score" in n for n in trainable)
     assert log.values("objective/kl") == [0.0] and log.values("objective/scores")
+
+
+def test_a_reward_model_trains_from_an_sft_lora_adapter(demo, pt_sft):
+    """SFT under LoRA saves only a causal-LM adapter; the RM (a sequence classifier) must start
+    from it: the adapter is merged into the classifier's backbone, whose logits then match."""
+    from rlhf_core.modeling import apply_lora, load_causal_lm, load_scalar_model, save_model
+
+    sft = apply_lora(load_causal_lm(pt_sft.sft_dir, TINY), LoraConfig(enabled=True, r=4, alpha=8))
+    with torch.no_grad():
+        for name, p in sft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)  # an adapter that changes the model
+    save_model(sft, demo.tok, demo.root / "sft_lora")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    mask = torch.ones_like(ids)
+    rm = load_scalar_model(demo.root / "sft_lora", TINY, demo.tok.pad_token_id).eval()
+    merged = load_causal_lm(demo.root / "sft_lora", TINY).eval()
+    plain = load_scalar_model(pt_sft.sft_dir, TINY, demo.tok.pad_token_id).eval()
+    with torch.no_grad():
+        hidden = rm.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        want = merged.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        base = plain.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(hidden, want, atol=1e-5, rtol=1e-5)
+    assert (hidden - base).abs().max() > 1e-3, "the adapter was applied"
