@@ -422,13 +422,16 @@ def test_ppo_with_a_lora_reward_model_and_a_lora_critic(demo, pt_sft, monkeypatc
     res = run_rm(rm_cfg, TINY, demo.small, pt_sft.sft_dir, rm_dir, demo.root / "ckpt" / "rm_lora")
     assert (rm_dir / "adapter_model.safetensors").is_file() and not (rm_dir / "model.safetensors").exists()
     assert json.loads((rm_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == str(pt_sft.sft_dir)
+    from safetensors.torch import load_file
+
     rm = load_scalar_model(rm_dir, TINY, demo.tok.pad_token_id).eval()
+    saved = load_file(rm_dir / "adapter_model.safetensors")
+    score = [v for k, v in saved.items() if "score" in k]
+    assert len(score) == 1 and torch.equal(rm.score.weight, score[0]), "the trained score head was loaded"
     pairs = collate_pairs(load_split(demo.small, "preference", "train")[:8], demo.tok.pad_token_id)
     with torch.no_grad():
         rc, rr = pair_rewards(rm, pairs, "cpu")
-    assert float((rc > rr).float().mean()) == pytest.approx(res.metrics["eval/accuracy"] if "eval/accuracy" in res.metrics
-                                                            else float((rc > rr).float().mean()))
-    assert rc.std() > 0, "the trained score head was loaded, not a fresh zero-initialised one"
+    assert torch.isfinite(rc).all() and res.steps == 3
 
     critics = []
     original = ppo.apply_lora
