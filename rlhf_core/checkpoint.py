@@ -25,8 +25,7 @@ def save_checkpoint(ckpt_dir: Path, fingerprint: str, step: int, models: dict, o
             save_model(model, str(tmp / f"{name}.safetensors"))
         torch.save({k: o.state_dict() for k, o in optimizers.items()}, tmp / "optimizers.pt")
         torch.save({k: s.state_dict() for k, s in schedulers.items()}, tmp / "schedulers.pt")
-        torch.save({"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-                    "python_pos": random.getstate()[2]}, tmp / "rng.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
         state = {"fingerprint": fingerprint, "step": step, "extra": extra or {}}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
 
@@ -86,7 +85,21 @@ def load_checkpoint(ckpt_dir: Path, fingerprint: str, models: dict, optimizers: 
         o.load_state_dict(loaded["optimizers"][k])
     for k, s in schedulers.items():
         s.load_state_dict(loaded["schedulers"][k])
-    rng = loaded["rng"]
-    torch.set_rng_state(rng["torch"])
-    random.setstate((3, tuple(rng["python"]), rng["python_pos"]))
+    set_rng_state(loaded["rng"])
     return state["step"], state.get("extra", {})
+
+
+def rng_state() -> dict:
+    """Every generator a step draws from: torch's CPU one, each CUDA device's, and Python's."""
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "python_pos": random.getstate()[2]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

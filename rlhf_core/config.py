@@ -77,6 +77,9 @@ class ModelConfig:
     """Allow code shipped with a model to run. Off unless you trust the source."""
     allow_pickle: bool = False
     """Allow loading pickle (`.bin`/`.pt`) weights; by default only safetensors load."""
+    dtype: str = "float32"
+    """Dtype the weights are loaded and trained in (the master weights): 'float32' (default, even
+    for a bf16 checkpoint), 'bfloat16' or 'float16'. Mixed precision is set per stage."""
     vocab_size: int = 512
     """Size of the byte-level BPE vocabulary trained on the corpus (tiny model only)."""
     hidden_size: int = 128
@@ -95,6 +98,7 @@ class ModelConfig:
             _check(getattr(self, k) > 0, k, "must be > 0")
         _check(self.hidden_size % self.num_heads == 0, "hidden_size", "must be divisible by num_heads")
         _check(self.vocab_size >= 300, "vocab_size", "must be >= 300 (256 bytes plus special tokens)")
+        _check(self.dtype in ("float32", "bfloat16", "float16"), "dtype", "must be float32, bfloat16 or float16")
 
 
 @dataclass(frozen=True)
@@ -186,7 +190,11 @@ class TrainConfig:
     log_every: int = 10
     """Report metrics every this many steps."""
     mixed_precision: str = "no"
-    """'no', 'bf16' or 'fp16' (use bf16 on GPU)."""
+    """'no', 'bf16' or 'fp16' (use bf16 on GPU): every forward of the stage runs under autocast
+    (training, reference, reward, value, held-out evaluation); fp16 adds a gradient scaler, whose
+    skipped (inf) steps are expected. fp16 needs a GPU; on CPU accelerate runs it in fp32."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of storing them (less memory, ~30% slower)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA adapters for this stage."""
 
@@ -279,10 +287,10 @@ class PPOConfig(TrainConfig):
     """Policy ratio clip."""
     value_clip_eps: float = 0.2
     """Value clip around the rollout-time values."""
-    vf_coef: float = 0.5
-    """Weight of the value loss (the critic has its own optimizer; this scales its loss)."""
     critic_learning_rate: float = 1e-4
-    """Learning rate of the critic."""
+    """Learning rate of the critic (a separate parameter group, so no value-loss weight is needed)."""
+    critic_lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapters for the critic (its score head stays fully trainable)."""
     score_clip: float = 5.0
     """Reward-model scores are clipped to [-score_clip, score_clip]; 0 disables it."""
     missing_eos_penalty: float = 1.0
@@ -290,7 +298,9 @@ class PPOConfig(TrainConfig):
     whiten_advantages: bool = True
     """Whiten advantages over the rollout batch."""
     ptx_coef: float = 0.0
-    """Weight of an SFT language-model loss mixed into the actor loss (InstructGPT PPO-ptx)."""
+    """Weight of a language-model loss mixed into the actor loss (InstructGPT PPO-ptx)."""
+    ptx_data: str = "pt"
+    """Data of the PPO-ptx loss: 'pt' (the tokenized pretraining blocks, as in InstructGPT) or 'sft' (the SFT chats)."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -305,6 +315,9 @@ class PPOConfig(TrainConfig):
         _check(0 < self.gamma <= 1 and 0 <= self.lam <= 1, "gamma", "gamma must be in (0, 1], lam in [0, 1]")
         _check(self.clip_eps > 0 and self.value_clip_eps > 0, "clip_eps", "clip ranges must be > 0")
         _check(self.rollout_batch_size % self.batch_size == 0, "rollout_batch_size", "must be a multiple of batch_size")
+        _check(self.batch_size * self.grad_accum <= self.rollout_batch_size, "rollout_batch_size",
+               "must be >= batch_size * grad_accum (one PPO minibatch), or no update would run")
+        _check(self.ptx_data in ("pt", "sft"), "ptx_data", "must be pt or sft")
         _check(self.critic_learning_rate > 0, "critic_learning_rate", "must be > 0")
 
 

@@ -103,7 +103,8 @@ def run_dpo(cfg: DPOConfig, model_cfg: ModelConfig, data_dir: Path, init_dir: Pa
     acc, policy, opt, sched, params, state, start = (run.accelerator, run.model, run.optimizer, run.scheduler,
                                                      run.params, run.state, run.start)
     ref = Reference(acc.unwrap_model(policy), init_dir, model_cfg, acc.device)
-    ref_table = precompute_reference(ref, train_ds, pad, cfg.batch_size) if cfg.precompute_ref else None
+    with acc.autocast():  # the same precision as the policy's forward, so step 0 has log-ratio 0
+        ref_table = precompute_reference(ref, train_ds, pad, cfg.batch_size) if cfg.precompute_ref else None
     batches = index_batches(len(train_ds), cfg.batch_size, cfg.seed, start * cfg.grad_accum)
     speed, bar, metrics = Throughput(), progress("dpo", cfg.max_steps, start), {}
     policy.train()
@@ -127,12 +128,14 @@ def run_dpo(cfg: DPOConfig, model_cfg: ModelConfig, data_dir: Path, init_dir: Pa
                         tok_s=f"{metrics['train/tokens_per_second']:.0f}")
         done = step + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_steps:
-            metrics.update(evaluate_dpo(policy, ref, eval_ds, pad, cfg, acc.device))
+            with acc.autocast():  # held-out numbers in the precision the model trains in
+                metrics.update(evaluate_dpo(policy, ref, eval_ds, pad, cfg, acc.device))
         if done % max(1, cfg.log_every) == 0 or done == cfg.max_steps or "eval/loss" in metrics:
             log(metrics, done)
         end_of_step("dpo", cfg, done, ckpt_dir, fp, state)
     bar.close()
-    metrics.update(evaluate_dpo(policy, ref, eval_ds, pad, cfg, acc.device))
+    with acc.autocast():
+        metrics.update(evaluate_dpo(policy, ref, eval_ds, pad, cfg, acc.device))
     log(metrics, cfg.max_steps)
     save_model(acc.unwrap_model(policy), tokenizer, out_dir, merge_lora=cfg.lora.merge)
     return StageResult("dpo", cfg.max_steps, scalars(metrics), speed.seconds, metrics.get("train/tokens_per_second", 0.0), start)

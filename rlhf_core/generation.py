@@ -1,6 +1,7 @@
 """Sampling responses from a policy, as PPO rollouts and the evaluation need them."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -25,17 +26,44 @@ def response_mask(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, t
     return (~after).long(), has_eos
 
 
+def generation_config(eos_id: int, pad_id: int, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+                      top_p: float = 1.0, greedy: bool = False):
+    """A GenerationConfig from our parameters alone: plain sampling from softmax(logits / T),
+    optionally top-k / top-p truncated, or greedy. `sample` fills every other field with
+    transformers' neutral defaults, never the checkpoint's (a `repetition_penalty`, say), so the
+    samples come from the policy whose log-probs PPO computes."""
+    from transformers import GenerationConfig
+
+    # top_k must be 0, not None: transformers fills None with its global default of 50
+    return GenerationConfig(do_sample=not greedy, temperature=1.0 if greedy else temperature,
+                            top_k=0 if greedy else top_k, top_p=1.0 if greedy else top_p, num_beams=1,
+                            max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id)
+
+
+@contextmanager
+def _only_config(model, config):
+    """transformers fills every unset field of a passed config from `model.generation_config`;
+    holding ours there for the call leaves nothing of the checkpoint's to inherit."""
+    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = hf_model.generation_config
+    hf_model.generation_config = config
+    try:
+        yield
+    finally:
+        hf_model.generation_config = saved
+
+
 @torch.no_grad()
 def sample(model, batch: PromptBatch, eos_id: int, pad_id: int, max_new_tokens: int,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False) -> Rollout:
+    """Sample (or greedily decode) a response to each prompt of `batch` under `generation_config`."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
-    kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature,
-                                                       top_k=top_k or None, top_p=top_p)
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                         eos_token_id=eos_id, pad_token_id=pad_id, **kwargs)
+    config = generation_config(eos_id, pad_id, max_new_tokens, temperature, top_k, top_p, greedy)
+    with _only_config(model, config):
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
     model.train(was_training)
     P = ids.shape[1]
     responses = out[:, P:]

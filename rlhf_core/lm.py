@@ -65,12 +65,14 @@ def train_lm(stage: str, cfg: TrainConfig, model, tokenizer, train_ds, eval_ds, 
         bar.set_postfix(loss=f"{float(step_loss):.3f}", tok_s=f"{tps:.0f}")
         done = step + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_steps:
-            metrics.update(evaluate_lm(model, eval_ds, pad, cfg.batch_size, acc.device))
+            with acc.autocast():  # held-out numbers in the precision the model trains in
+                metrics.update(evaluate_lm(model, eval_ds, pad, cfg.batch_size, acc.device))
         if done % max(1, cfg.log_every) == 0 or done == cfg.max_steps or "eval/loss" in metrics:
             log(metrics, done)
         end_of_step(stage, cfg, done, ckpt_dir, fp, state)
     bar.close()
-    metrics.update(evaluate_lm(model, eval_ds, pad, cfg.batch_size, acc.device))
+    with acc.autocast():
+        metrics.update(evaluate_lm(model, eval_ds, pad, cfg.batch_size, acc.device))
     log(metrics, cfg.max_steps)
     save_model(acc.unwrap_model(model), tokenizer, out_dir, merge_lora=cfg.lora.merge)
     return StageResult(stage, cfg.max_steps, scalars(metrics), speed.seconds, metrics.get("train/tokens_per_second", 0.0), start)

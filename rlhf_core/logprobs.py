@@ -13,19 +13,20 @@ IGNORE_INDEX = -100
 def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """log_softmax(logits, -1) gathered at `index`, without building the full (B, T, V) result.
 
-    logits: (..., V); index: (...) long. Returns (...) in the dtype of `logits`.
-    float32/float64: log p = logit[index] - logsumexp(logits), exact and memory-light.
-    bf16/fp16: logsumexp in low precision loses accuracy, so rows are processed one at a time
-    through log_softmax (which upcasts internally) to bound peak memory.
+    logits: (..., V); index: (...) long. Returns (...) in float32 (float64 for float64 logits).
+    log p = logit[index] - logsumexp(logits): exact and memory-light in float32/float64.
+    bf16/fp16 (autocast): a low-precision logsumexp loses accuracy, so rows are upcast one at a
+    time (only one (T, V) row is ever held in float32) and go through the same formula, so bf16
+    logits and the same logits upcast to float32 give identical log-probs.
     """
     if logits.dtype in (torch.float32, torch.float64):
-        picked = torch.gather(logits, -1, index.unsqueeze(-1)).squeeze(-1)
-        return picked - torch.logsumexp(logits, dim=-1)
-    rows = []
-    for row_logits, row_index in zip(logits, index):  # loop over the leading (batch) dim
-        row_logp = torch.log_softmax(row_logits, dim=-1)
-        rows.append(row_logp.gather(-1, row_index.unsqueeze(-1)).squeeze(-1))
-    return torch.stack(rows)
+        return _picked_minus_logsumexp(logits, index)
+    return torch.stack([_picked_minus_logsumexp(row.float(), i) for row, i in zip(logits, index)])
+
+
+def _picked_minus_logsumexp(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    picked = torch.gather(logits, -1, index.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -70,10 +71,19 @@ def gather_last(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Ten
     return values.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
 
 
+@torch.no_grad()
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the categorical distribution softmax(logits) at each position.
+    """Entropy of the categorical distribution softmax(logits) at each position, as a metric
+    (no graph is kept).
 
-    logits: (B, T, V). Returns (B, T): H = logsumexp(z) - sum_v softmax(z)_v * z_v.
+    logits: (B, T, V). Returns (B, T) float32: H = logsumexp(z) - sum_v softmax(z)_v * z_v.
+    Low-precision logits are upcast one row at a time, as in `selective_log_softmax`.
     """
-    probs = torch.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)
+    if logits.dtype in (torch.float32, torch.float64):
+        return _entropy(logits)
+    return torch.stack([_entropy(row.float()) for row in logits])
+
+
+def _entropy(z: torch.Tensor) -> torch.Tensor:
+    probs = torch.softmax(z, dim=-1)
+    return torch.logsumexp(z, dim=-1) - (probs * z).sum(dim=-1)

@@ -15,6 +15,7 @@ import torch
 from rlhf_core.checkpoint import load_checkpoint, save_checkpoint
 from rlhf_core.config import TrainConfig
 from rlhf_core.errors import RLHFError
+from rlhf_core.modeling import enable_gradient_checkpointing
 from rlhf_core.optim import check_finite, make_accelerator, make_optimizer, make_scheduler
 
 LogFn = Callable[[dict, int], None]
@@ -99,6 +100,8 @@ class Prepared:
 
 def prepare(model, cfg: TrainConfig, ckpt_dir: Path, fp: str) -> Prepared:
     acc = make_accelerator(cfg)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     opt = make_optimizer(model.parameters(), cfg.learning_rate, cfg.weight_decay)
     sched = make_scheduler(opt, cfg)
     model, opt = acc.prepare(model, opt)
@@ -108,16 +111,27 @@ def prepare(model, cfg: TrainConfig, ckpt_dir: Path, fp: str) -> Prepared:
     return Prepared(acc, model, opt, sched, params, state, resumed[0] if resumed else 0)
 
 
+def uses_grad_scaler(accelerator) -> bool:
+    """fp16: gradients are scaled, and a step whose scaled gradients overflow is skipped."""
+    return getattr(accelerator, "scaler", None) is not None
+
+
 def optimizer_step(accelerator, params, optimizer, scheduler, max_grad_norm: float, stage: str,
                    step: int, loss: torch.Tensor) -> float:
-    """Clip, check for non-finite values, step and zero the gradients; returns the grad norm."""
+    """Clip, check for non-finite values, step and zero the gradients; returns the grad norm.
+
+    Under fp16 an inf/NaN gradient norm is the gradient scaler's expected overflow: the scaler
+    skips that step (and the schedule waits) and lowers its scale, so only the loss is checked."""
     if max_grad_norm > 0:
-        norm = accelerator.clip_grad_norm_(params, max_grad_norm)
+        norm = accelerator.clip_grad_norm_(params, max_grad_norm)  # unscales fp16 gradients first
     else:
+        accelerator.unscale_gradients()
         norm = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-    check_finite(stage, step, loss=loss, grad_norm=norm)
+    scaled = uses_grad_scaler(accelerator)
+    check_finite(stage, step, loss=loss, grad_norm=None if scaled else norm)
     optimizer.step()
-    scheduler.step()
+    if not (scaled and getattr(optimizer, "step_was_skipped", False)):
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return float(norm)
 

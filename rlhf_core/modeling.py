@@ -5,6 +5,8 @@ Loading is safe by default: only safetensors weights load unless `allow_pickle` 
 """
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import torch
@@ -79,15 +81,56 @@ def _from_pretrained(auto_cls, path: str | Path, cfg: ModelConfig, **kwargs):
     if _is_local(path):
         check_weights(path, cfg.allow_pickle)
     try:
-        return auto_cls.from_pretrained(path, trust_remote_code=cfg.trust_remote_code,
+        # an explicit dtype: transformers' default ("auto") would train a bf16 checkpoint in pure bf16
+        return auto_cls.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, dtype=getattr(torch, cfg.dtype),
                                         use_safetensors=None if cfg.allow_pickle else True, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{path}: cannot load model ({str(e).splitlines()[0]})") from None
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def adapter_base(path: str | Path) -> str:
+    """The base model of a saved LoRA adapter: a path relative to the adapter folder (as
+    `save_model` writes it for bases inside the project) is resolved; a hub id or an absolute path
+    is returned as written."""
+    base = json.loads((Path(path) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path") or ""
+    if not base:
+        raise ModelLoadError(f"{path}: LoRA adapter names no base model (base_model_name_or_path)")
+    if not os.path.isabs(base) and (Path(path) / base).is_dir():
+        return os.path.normpath(Path(path) / base)
+    return base
+
+
+def _attach_adapter(base_model, path: str | Path, cfg: ModelConfig):
+    """`base_model` wrapped with the (frozen) LoRA adapter saved in `path`."""
+    from peft import PeftConfig, PeftModel
+
+    check_weights(path, cfg.allow_pickle)
+    try:
+        config = PeftConfig.from_pretrained(str(path))
+        if config.task_type == "CAUSAL_LM" and not hasattr(base_model, "prepare_inputs_for_generation"):
+            config.task_type = None  # an SFT adapter under a reward model / critic: same module names, no generate
+        return PeftModel.from_pretrained(base_model, str(path), config=config, is_trainable=False)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelLoadError(f"{path}: cannot load adapters ({str(e).splitlines()[0]})") from None
+
+
+def _with_adapter(base_model, path: str | Path, cfg: ModelConfig):
+    """`base_model` with the adapter saved in `path` merged in; it then answers to `path`, so LoRA
+    trained on top of it records `path` (not the base under it) as its base."""
+    model = _attach_adapter(base_model, path, cfg).merge_and_unload()
+    model.name_or_path = model.config.name_or_path = str(path)
+    return model
+
+
 def load_causal_lm(path: str | Path, cfg: ModelConfig):
+    """A causal LM from full weights, or from a LoRA adapter (merged into its base, recursively)."""
     from transformers import AutoModelForCausalLM
 
+    if (Path(path) / ADAPTER_CONFIG).exists():
+        return _with_adapter(load_causal_lm(adapter_base(path), cfg), path, cfg)
     model = _from_pretrained(AutoModelForCausalLM, path, cfg)
     check_causal(model, path)
     return model
@@ -121,10 +164,14 @@ def check_causal(model, where: str | Path) -> None:
 def load_scalar_model(path: str | Path, cfg: ModelConfig, pad_token_id: int):
     """A sequence classifier with one output: the reward model, or the critic's value head.
 
-    From a causal-LM checkpoint the score head is new; from a reward model it is kept."""
+    From a causal-LM checkpoint the score head is new; from a reward model it is kept; from a
+    LoRA reward model the adapters and its score head are merged into the base."""
     from transformers import AutoModelForSequenceClassification
 
-    model = _from_pretrained(AutoModelForSequenceClassification, path, cfg, num_labels=1)
+    if (Path(path) / ADAPTER_CONFIG).exists():
+        model = _with_adapter(load_scalar_model(adapter_base(path), cfg, pad_token_id), path, cfg)
+    else:
+        model = _from_pretrained(AutoModelForSequenceClassification, path, cfg, num_labels=1)
     if not hasattr(model, "score"):  # token_scores reads per-token values from a `score` head
         raise ModelLoadError(f"{path}: {type(model).__name__} has no per-token `score` head, so it cannot be "
                              "a reward model or critic here (use a decoder-only model) [causal]")
@@ -154,6 +201,18 @@ def apply_lora(model, lora: LoraConfig, task_type: str = "CAUSAL_LM"):
     return get_peft_model(model, peft_cfg)
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each block's activations in backward (non-reentrant, so frozen inputs under
+    LoRA still get gradients to the adapters)."""
+    base = model.get_base_model() if is_peft(model) else model
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name is deprecated
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    base.config.use_cache = False
+
+
 def is_peft(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
 
@@ -179,15 +238,33 @@ def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
     return base.score(hidden).squeeze(-1).float()
 
 
+def portable_base(base: str, out_dir: str | Path) -> str:
+    """How an adapter in `out_dir` names its base: relative to `out_dir` when the base is a folder
+    inside the project (the working directory), so the project can move; else as given (a hub id,
+    or a path outside the project that the user configured)."""
+    if not os.path.isdir(base):
+        return base
+    base_abs, cwd = os.path.abspath(base), os.path.abspath(os.getcwd())
+    if os.path.commonpath([base_abs, cwd]) != cwd:
+        return base
+    return os.path.relpath(base_abs, os.path.abspath(out_dir))
+
+
 def save_model(model, tokenizer, out_dir: str | Path, merge_lora: bool = False) -> None:
-    """Save in HF format (safetensors) atomically; LoRA adapters are saved, or merged if asked."""
+    """Save in HF format (safetensors) atomically; LoRA adapters are saved alone (with a portable
+    reference to their base, see `portable_base`), or merged if asked."""
+    base_saved = None
     if is_peft(model):
         base_saved = model.peft_config[model.active_adapter].base_model_name_or_path
         if merge_lora or not base_saved:  # adapters on an unsaved base would be orphaned: merge them
-            model = model.merge_and_unload()
+            model, base_saved = model.merge_and_unload(), None
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if base_saved:
+            conf = json.loads((tmp / ADAPTER_CONFIG).read_text())
+            conf["base_model_name_or_path"] = portable_base(base_saved, out_dir)
+            (tmp / ADAPTER_CONFIG).write_text(json.dumps(conf, indent=2, sort_keys=True))
         verify_saved(tmp, out_dir, model)  # a broken save never replaces the previous good output
 
 
@@ -235,15 +312,8 @@ def check_tokenizer_fits(model, tokenizer, where: str | Path) -> None:
 
 
 def load_policy(path: str | Path, cfg: ModelConfig):
-    """A causal LM from a directory that holds either full weights or LoRA adapters."""
-    path = Path(path)
-    if (path / "adapter_config.json").exists():
-        from peft import AutoPeftModelForCausalLM
-
-        check_weights(path, cfg.allow_pickle)
-
-        try:
-            return AutoPeftModelForCausalLM.from_pretrained(str(path), is_trainable=False)
-        except (OSError, ValueError) as e:
-            raise ModelLoadError(f"{path}: cannot load adapters ({str(e).splitlines()[0]})") from None
+    """A causal LM from a directory that holds either full weights or LoRA adapters (kept as a
+    PEFT model over its base; a base that is itself an adapter folder is merged)."""
+    if (Path(path) / ADAPTER_CONFIG).exists():
+        return _attach_adapter(load_causal_lm(adapter_base(path), cfg), path, cfg)
     return load_causal_lm(path, cfg)

@@ -37,8 +37,12 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: in
 
 
 def make_accelerator(cfg: TrainConfig):
+    """The stage's accelerator. accelerate keeps one process-wide state that refuses a second
+    precision, so it is reset: stages run one after another in one process (tests, notebooks)."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    AcceleratorState._reset_state(reset_partial_state=True)
     return Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
 
 

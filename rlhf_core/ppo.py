@@ -1,10 +1,14 @@
 """PPO for language models (Ziegler et al. 2019; InstructGPT, Ouyang et al. 2022).
 
 Four models: the actor (from SFT, LoRA optional), the critic (from the reward model, its score
-head read at every token as a value), a frozen reward model and a frozen reference (the actor
-with adapters disabled under LoRA, else a frozen copy of SFT). Each iteration samples a rollout
-batch, scores it, turns score and per-token KL into token rewards, computes GAE advantages, then
-runs `ppo_epochs` passes of clipped policy and value updates over minibatches.
+head read at every token as a value, LoRA optional), a frozen reward model and a frozen reference
+(the actor with adapters disabled under LoRA, else a frozen copy of SFT). Each iteration samples a
+rollout batch, scores it, turns score and per-token KL into token rewards, computes GAE
+advantages, then runs `ppo_epochs` passes of clipped policy and value updates over minibatches;
+each pass uses every rollout sample once (the last minibatch may be smaller). Actor and critic
+are two parameter groups of one optimizer, each with its own learning rate and gradient clip.
+Under mixed precision every forward (sampling, experience, reference, reward, value, update)
+runs under the same autocast, so the first update of an iteration has ratio 1 and step 0 has KL 0.
 """
 from __future__ import annotations
 
@@ -23,11 +27,12 @@ from rlhf_core.gae import compute_token_rewards, gae_advantages
 from rlhf_core.generation import Rollout, decode_responses, sample
 from rlhf_core.kl import kl_penalty, make_kl_controller
 from rlhf_core.logprobs import entropy_from_logits, gather_last, selective_log_softmax
-from rlhf_core.loop import LogFn, StageResult, Throughput, end_of_step, fingerprint, no_log, progress, scalars
+from rlhf_core.loop import (LogFn, StageResult, Throughput, end_of_step, fingerprint, no_log, progress, scalars,
+                            uses_grad_scaler)
 from rlhf_core.losses import lm_loss, ppo_policy_loss, ppo_value_loss
 from rlhf_core.masked import masked_mean, masked_whiten
-from rlhf_core.modeling import (apply_lora, check_tokenizer_fits, forward_logits, is_peft, load_causal_lm, load_scalar_model,
-                                save_model, token_scores)
+from rlhf_core.modeling import (apply_lora, check_tokenizer_fits, enable_gradient_checkpointing, forward_logits, is_peft,
+                                load_causal_lm, load_scalar_model, save_model, token_scores)
 from rlhf_core.optim import check_finite, make_accelerator, make_optimizer, make_scheduler, seed_everything
 from rlhf_core.tokenizer import load_tokenizer
 
@@ -49,11 +54,13 @@ class Experience:
 
 
 def response_logprobs(model, rollout: Rollout, temperature: float, rows=slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs and entropies (B, R) of the response tokens under `model` at `temperature`."""
+    """Log-probs (B, R, with graph) and entropies (B, R, a metric without graph) of the response
+    tokens under `model` at `temperature`. Only the response positions' logits are used, and
+    low-precision logits are upcast a row at a time (see `selective_log_softmax`)."""
     seq, attn, P = rollout.sequences[rows], rollout.attention_mask[rows], rollout.prompt_length
     R = seq.shape[1] - P
     logits = forward_logits(model, seq, attn)[:, P - 1:P - 1 + R] / temperature  # position t predicts t+1
-    return selective_log_softmax(logits.float(), seq[:, P:]), entropy_from_logits(logits.float())
+    return selective_log_softmax(logits, seq[:, P:]), entropy_from_logits(logits)
 
 
 def response_values(critic, rollout: Rollout, rows=slice(None)) -> torch.Tensor:
@@ -107,7 +114,9 @@ def make_experience(rollout: Rollout, actor, critic, ref: Frozen, scores: torch.
 
 
 def ppo_update(exp: Experience, rows: torch.Tensor, actor, critic, cfg: PPOConfig, ptx_batch=None, pad_id=0):
-    """Losses of one micro-batch of rollout rows; returns (actor_loss, critic_loss, metrics)."""
+    """Losses of one micro-batch of rollout rows; returns (actor_loss, critic_loss, metrics).
+    The critic's parameters are disjoint from the actor's and clipped on their own, so the value
+    loss needs no weight against the policy loss."""
     r = exp.rollout
     mask = r.response_mask[rows]
     logprobs, entropy = response_logprobs(actor, r, cfg.temperature, rows)
@@ -117,13 +126,24 @@ def ppo_update(exp: Experience, rows: torch.Tensor, actor, critic, cfg: PPOConfi
     m.update(vm)
     m["objective/entropy"] = masked_mean(entropy, mask).detach()
     actor_loss = pg_loss
-    if ptx_batch is not None:  # InstructGPT PPO-ptx: keep the SFT likelihood up
+    if ptx_batch is not None:  # InstructGPT PPO-ptx: keep the pretraining (or SFT) likelihood up
         device = logprobs.device
         logits = forward_logits(actor, ptx_batch.input_ids.to(device), ptx_batch.attention_mask.to(device))
         ptx, _ = lm_loss(logits, ptx_batch.labels.to(device))
         actor_loss = actor_loss + cfg.ptx_coef * ptx
         m["loss/ptx"] = ptx.detach()
-    return actor_loss, cfg.vf_coef * vf_loss, m
+    return actor_loss, vf_loss, m
+
+
+def minibatches(order: torch.Tensor, minibatch: int, micro: int) -> list[list[torch.Tensor]]:
+    """Split a permutation of the rollout rows into minibatches (one optimizer step each) of
+    micro-batches: every row exactly once, the last minibatch possibly smaller."""
+    return [list(order[s:s + minibatch].split(micro)) for s in range(0, len(order), minibatch)]
+
+
+def ptx_split(cfg: PPOConfig) -> str | None:
+    """Tokenised split that PPO-ptx mixes in: the PT blocks or the SFT chats; None when off."""
+    return cfg.ptx_data if cfg.ptx_coef > 0 else None
 
 
 def run_ppo(cfg: PPOConfig, model_cfg: ModelConfig, data_dir: Path, init_dir: Path, reward_dir: Path | None,
@@ -136,58 +156,66 @@ def run_ppo(cfg: PPOConfig, model_cfg: ModelConfig, data_dir: Path, init_dir: Pa
     check_tokenizer_fits(actor, tokenizer, init_dir)
     actor = apply_lora(actor, cfg.lora)
     critic_src = reward_dir if reward_dir is not None else init_dir
-    critic = load_scalar_model(critic_src, model_cfg, pad)
+    critic = apply_lora(load_scalar_model(critic_src, model_cfg, pad), cfg.critic_lora, "SEQ_CLS")
     reward_model = None if reward_fn is not None else load_scalar_model(reward_dir, model_cfg, pad).to(acc.device).eval().requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(actor), enable_gradient_checkpointing(critic)
     prompts = load_split(data_dir, "prompts", "train", vocab_size=len(tokenizer))
-    sft = load_split(data_dir, "sft", "train", vocab_size=len(tokenizer)) if cfg.ptx_coef > 0 else None
+    ptx_kind = ptx_split(cfg)
+    ptx_data = load_split(data_dir, ptx_kind, "train", vocab_size=len(tokenizer)) if ptx_kind else None
     minibatch = cfg.batch_size * cfg.grad_accum
-    updates_per_iter = cfg.ppo_epochs * max(1, cfg.rollout_batch_size // minibatch)
-    opt_a = make_optimizer(actor.parameters(), cfg.learning_rate, cfg.weight_decay)
-    opt_c = make_optimizer(critic.parameters(), cfg.critic_learning_rate, cfg.weight_decay)
-    sched_a = make_scheduler(opt_a, cfg, cfg.max_steps * updates_per_iter)
-    sched_c = make_scheduler(opt_c, cfg, cfg.max_steps * updates_per_iter)
-    actor, critic, opt_a, opt_c = acc.prepare(actor, critic, opt_a, opt_c)
+    updates_per_iter = cfg.ppo_epochs * -(-cfg.rollout_batch_size // minibatch)  # ceil: a ragged last minibatch
+    micro_per_iter = cfg.ppo_epochs * cfg.rollout_batch_size // cfg.batch_size
+    opt = make_optimizer(actor.parameters(), cfg.learning_rate, cfg.weight_decay)
+    opt.add_param_group({"params": [p for p in critic.parameters() if p.requires_grad], "lr": cfg.critic_learning_rate})
+    sched = make_scheduler(opt, cfg, cfg.max_steps * updates_per_iter)
+    actor, critic, opt = acc.prepare(actor, critic, opt)
     ref = Frozen(acc.unwrap_model(actor), init_dir, model_cfg, acc.device)
     kl_ctl = make_kl_controller(cfg.kl_controller, cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
     fp = fingerprint({"stage": "ppo", **to_dict(cfg), "rule_reward": reward_fn is not None},
-                     data_dir / "prompts", init_dir, *([reward_dir] if reward_dir else []))
+                     data_dir / "prompts", init_dir, *([reward_dir] if reward_dir else []),
+                     *([data_dir / ptx_kind] if ptx_kind else []))
     state = {"models": {"actor": acc.unwrap_model(actor), "critic": acc.unwrap_model(critic)},
-             "optimizers": {"actor": opt_a, "critic": opt_c}, "schedulers": {"actor": sched_a, "critic": sched_c}}
+             "optimizers": {"ppo": opt}, "schedulers": {"ppo": sched}}
     resumed = load_checkpoint(ckpt_dir, fp, **state)
     start = 0
     if resumed:
         start = resumed[0]
         kl_ctl.load_state_dict(resumed[1]["kl_controller"])
     prompt_batches = index_batches(len(prompts), cfg.rollout_batch_size, cfg.seed, start)
-    ptx_batches = index_batches(len(sft), cfg.batch_size, cfg.seed + 1, start * updates_per_iter * cfg.grad_accum) if sft else None
+    ptx_batches = index_batches(len(ptx_data), cfg.batch_size, cfg.seed + 1, start * micro_per_iter) if ptx_kind else None
     a_params = [p for p in actor.parameters() if p.requires_grad]
-    c_params = list(critic.parameters())
+    c_params = [p for p in critic.parameters() if p.requires_grad]
     speed, bar, metrics = Throughput(), progress("ppo", cfg.max_steps, start), {}
     for it in range(start, cfg.max_steps):
         batch = collate_prompts(prompts[next(prompt_batches)], pad)
-        rollout = sample(acc.unwrap_model(actor), batch, eos, pad, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
-        scores = score_rollout(rollout, cfg, reward_model, reward_fn, tokenizer)
-        exp = make_experience(rollout, actor, critic, ref, scores, kl_ctl.value, cfg)
+        with acc.autocast():
+            rollout = sample(acc.unwrap_model(actor), batch, eos, pad, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+            scores = score_rollout(rollout, cfg, reward_model, reward_fn, tokenizer)
+            exp = make_experience(rollout, actor, critic, ref, scores, kl_ctl.value, cfg)
         B = rollout.sequences.shape[0]
         sums: dict[str, float] = {}
         n_updates = 0
         for _ in range(cfg.ppo_epochs):
-            order = torch.randperm(B)
-            for s in range(0, B - minibatch + 1, minibatch):
-                for mb in order[s:s + minibatch].split(cfg.batch_size):
-                    ptx = collate_lm(sft[next(ptx_batches)], pad) if ptx_batches else None
+            for micro in minibatches(torch.randperm(B), minibatch, cfg.batch_size):
+                for mb in micro:
+                    ptx = collate_lm(ptx_data[next(ptx_batches)], pad) if ptx_batches else None
                     with acc.autocast():
                         a_loss, c_loss, m = ppo_update(exp, mb.to(acc.device), actor, critic, cfg, ptx, pad)
-                    acc.backward((a_loss + c_loss) / cfg.grad_accum)
+                    acc.backward((a_loss + c_loss) / len(micro))
                     for k, v in m.items():
                         sums[k] = sums.get(k, 0.0) + float(v)
                     n_updates += 1
-                norm_a = acc.clip_grad_norm_(a_params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else torch.zeros(())
-                norm_c = acc.clip_grad_norm_(c_params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else torch.zeros(())
+                acc.unscale_gradients()  # fp16: once per step, before either clip
+                norm_a = torch.nn.utils.clip_grad_norm_(a_params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+                norm_c = torch.nn.utils.clip_grad_norm_(c_params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+                scaled = uses_grad_scaler(acc)  # fp16 overflow: the scaler skips this step, expected
                 check_finite("ppo", it + 1, actor_loss=a_loss.detach(), critic_loss=c_loss.detach(),
-                             actor_grad_norm=norm_a, critic_grad_norm=norm_c)
-                for opt, sched in ((opt_a, sched_a), (opt_c, sched_c)):
-                    opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
+                             actor_grad_norm=None if scaled else norm_a, critic_grad_norm=None if scaled else norm_c)
+                opt.step()
+                if not (scaled and opt.step_was_skipped):
+                    sched.step()
+                opt.zero_grad(set_to_none=True)
         mask = rollout.response_mask.float()
         kl_seq = exp.kl.sum(-1).mean().item()  # per-sequence KL summed over response tokens
         rlhf_reward = (exp.scores.to(exp.kl.device) - kl_ctl.value * exp.kl.sum(-1)).mean().item()
@@ -195,7 +223,7 @@ def run_ppo(cfg: PPOConfig, model_cfg: ModelConfig, data_dir: Path, init_dir: Pa
         metrics.update({
             "objective/kl": kl_seq, "objective/scores": exp.scores.mean().item(), "objective/rlhf_reward": rlhf_reward,
             "objective/kl_coef": kl_ctl.value, "val/num_eos_tokens": int(rollout.has_eos.sum()),
-            "val/response_length": mask.sum(-1).mean().item(), "train/lr": sched_a.get_last_lr()[0],
+            "val/response_length": mask.sum(-1).mean().item(), "train/lr": sched.get_last_lr()[0],
         })
         kl_ctl.update(kl_seq, B)
         metrics["train/tokens_per_second"] = speed.add(int(rollout.attention_mask.sum()))

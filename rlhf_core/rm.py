@@ -78,12 +78,14 @@ def run_rm(cfg: RMConfig, model_cfg: ModelConfig, data_dir: Path, init_dir: Path
         bar.set_postfix(loss=f"{float(step_loss):.3f}", acc=f"{metrics['train/accuracy']:.2f}", tok_s=f"{tps:.0f}")
         done = step + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_steps:
-            metrics.update(evaluate_rm(model, eval_ds, pad, cfg, acc.device))
+            with acc.autocast():  # held-out numbers in the precision the model trains in
+                metrics.update(evaluate_rm(model, eval_ds, pad, cfg, acc.device))
         if done % max(1, cfg.log_every) == 0 or done == cfg.max_steps or "eval/accuracy" in metrics:
             log(metrics, done)
         end_of_step(stage, cfg, done, ckpt_dir, fp, state)
     bar.close()
-    metrics.update(evaluate_rm(model, eval_ds, pad, cfg, acc.device))
+    with acc.autocast():
+        metrics.update(evaluate_rm(model, eval_ds, pad, cfg, acc.device))
     log(metrics, cfg.max_steps)
     save_model(acc.unwrap_model(model), tokenizer, out_dir, merge_lora=cfg.lora.merge)
     return StageResult(stage, cfg.max_steps, scalars(metrics), speed.seconds, metrics.get("train/tokens_per_second", 0.0), start)

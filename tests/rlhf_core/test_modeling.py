@@ -205,3 +205,67 @@ def test_load_policy_refuses_pickle_adapter_weights(saved_model, tok, tmp_path):
         load_policy(tmp_path / "adapters", TINY)
     assert "pickle" in str(info.value) and "adapter_model.bin" in str(info.value)
     assert is_peft(load_policy(tmp_path / "adapters", ModelConfig(allow_pickle=True)))
+
+
+# --- precision, gradient checkpointing, portable adapters -------------------------------------
+
+def test_a_bf16_checkpoint_loads_as_fp32_master_weights_unless_asked(tok, tmp_path):
+    path = tmp_path / "bf16"
+    hf_llama(tok).to(torch.bfloat16).save_pretrained(path)
+    tok.save_pretrained(path)
+    assert {p.dtype for p in load_causal_lm(path, ModelConfig()).parameters()} == {torch.float32}
+    assert {p.dtype for p in load_causal_lm(path, ModelConfig(dtype="bfloat16")).parameters()} == {torch.bfloat16}
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tok, batch):
+    from rlhf_core.modeling import enable_gradient_checkpointing
+
+    grads = []
+    for checkpointing in (False, True):
+        model = apply_lora(hf_llama(tok), LORA)
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+            base = model.get_base_model()
+            assert getattr(base, "is_activation_checkpointing", None) or base.is_gradient_checkpointing
+        model.train()
+        forward_logits(model, *batch).float().logsumexp(-1).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 16
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)
+
+
+def test_an_adapter_names_its_base_relative_to_itself_and_loads_after_the_project_moves(
+        saved_model, tok, batch, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    project = tmp_path / "project"
+    shutil.copytree(saved_model[0], project / "models" / "sft")
+    monkeypatch.chdir(project)  # stages run in the project root
+    peft_model = apply_lora(load_causal_lm(project / "models" / "sft", TINY), LORA)
+    _train_adapters_one_step(peft_model, batch)
+    tuned = logits(peft_model, batch)
+    save_model(peft_model, tok, project / "models" / "dpo")
+    conf = json.loads((project / "models" / "dpo" / "adapter_config.json").read_text())
+    assert conf["base_model_name_or_path"] == os.path.join("..", "sft")
+
+    moved = tmp_path / "elsewhere"
+    shutil.move(project, moved)
+    monkeypatch.chdir(tmp_path)
+    loaded = load_policy(moved / "models" / "dpo", TINY)
+    assert torch.allclose(logits(loaded, batch), tuned, atol=1e-6)
+    merged = load_causal_lm(moved / "models" / "dpo", TINY)  # what the next stage trains from
+    assert not is_peft(merged) and merged.name_or_path == str(moved / "models" / "dpo")
+    assert torch.allclose(logits(merged, batch), tuned, atol=1e-5)
+
+
+def test_an_adapter_on_a_hub_id_or_outside_base_keeps_the_name_as_given(tmp_path, monkeypatch):
+    from rlhf_core.modeling import portable_base
+
+    inside, outside = tmp_path / "p" / "models" / "sft", tmp_path / "cache" / "smollm2"
+    inside.mkdir(parents=True), outside.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "p")
+    assert portable_base("HuggingFaceTB/SmolLM2-135M-Instruct", "models/rm") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert portable_base(str(outside), "models/pt") == str(outside)
+    assert portable_base(str(inside), tmp_path / "p" / "models" / "rm") == os.path.join("..", "sft")

@@ -1,0 +1,73 @@
+"""Sampling uses only our parameters: nothing of a checkpoint's `generation_config` leaks in."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf_core.batching import PromptBatch
+from rlhf_core.generation import generation_config, response_mask, sample
+
+EOS, PAD = 1, 0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_torch_thread):
+    pass
+
+
+def tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                                        pad_token_id=PAD, eos_token_id=EOS, bos_token_id=None)).eval()
+
+
+@pytest.fixture(scope="module")
+def prompts() -> PromptBatch:
+    ids = torch.randint(2, 40, (6, 5), generator=torch.Generator().manual_seed(3))
+    ids[0, :2] = PAD  # one left-padded prompt
+    mask = (torch.arange(5) >= 2).long().expand(6, 5).clone()
+    mask[1:] = 1
+    return PromptBatch(ids, mask)
+
+
+def _draw(model, prompts, **kw):
+    torch.manual_seed(7)
+    return sample(model, prompts, EOS, PAD, max_new_tokens=12, **kw).sequences
+
+
+def test_a_checkpoints_repetition_penalty_does_not_change_the_samples(prompts):
+    plain = tiny_llama()
+    penalised = tiny_llama()
+    penalised.generation_config.repetition_penalty = 5.0
+    penalised.generation_config.no_repeat_ngram_size = 1
+    penalised.generation_config.top_k = 3
+    assert torch.equal(_draw(penalised, prompts), _draw(plain, prompts))
+    assert torch.equal(_draw(penalised, prompts, greedy=True), _draw(plain, prompts, greedy=True))
+    assert penalised.generation_config.repetition_penalty == 5.0  # the model's own config is restored
+    # the test can fail: transformers' own generate does apply the checkpoint's penalty
+    torch.manual_seed(7)
+    leaky = penalised.generate(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask,
+                               max_new_tokens=12, do_sample=True, eos_token_id=EOS, pad_token_id=PAD)
+    assert not torch.equal(leaky, _draw(plain, prompts)[:, :leaky.shape[1]])
+
+
+def test_the_generation_config_holds_our_parameters_and_no_default_top_k():
+    cfg = generation_config(EOS, PAD, 24, temperature=0.7, top_k=0, top_p=0.9)
+    assert (cfg.do_sample, cfg.temperature, cfg.top_p, cfg.max_new_tokens) == (True, 0.7, 0.9, 24)
+    assert cfg.top_k == 0  # not None, which transformers would replace by 50
+    assert (cfg.eos_token_id, cfg.pad_token_id) == (EOS, PAD)
+    assert generation_config(EOS, PAD, 5, greedy=True).do_sample is False
+
+
+def test_top_k_one_samples_the_greedy_answer(prompts):
+    model = tiny_llama(seed=1)
+    assert torch.equal(_draw(model, prompts, top_k=1), _draw(model, prompts, greedy=True))
+
+
+def test_response_mask_stops_after_the_first_eos_even_when_pad_is_eos():
+    responses = torch.tensor([[5, EOS, EOS, EOS], [5, 6, 7, 8]])
+    mask, has_eos = response_mask(responses, EOS)
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]] and has_eos.tolist() == [True, False]
