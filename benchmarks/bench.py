@@ -436,17 +436,21 @@ def anchor_child(spec: dict) -> dict:
 
 # --- the parent: builds the work, runs each measurement, prints the table ---------------------
 
-def cpu_info() -> dict:
-    """CPU model and whether it has native bf16 (AVX512-BF16 or AMX-BF16)."""
-    model, flags = "unknown", set()
+def read_cpuinfo() -> str:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model == "unknown":
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux
+        return ""
+
+
+def cpu_info(cpuinfo: str) -> dict:
+    """CPU model and whether it has native bf16 (AVX512-BF16 or AMX-BF16), from /proc/cpuinfo's text."""
+    model, flags = "unknown", set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("model name") and model == "unknown":
+            model = line.split(":", 1)[1].strip()
+        elif line.startswith("flags") and not flags:
+            flags = set(line.split(":", 1)[1].split())
     native = sorted(flags & {"avx512_bf16", "amx_bf16"})
     return {"cpu": model, "cores": os.cpu_count(), "native_bf16": ", ".join(native) if native else "no"}
 
@@ -507,16 +511,17 @@ def ratio_lines(rows: list[dict]) -> list[str]:
     return out
 
 
-DIFFERENCES = [
-    "sft: TRL also computes its per-step entropy and token-accuracy metrics (part of its trainer); same ids and labels",
-    "rm: same ids; TRL's RewardTrainer drops nothing here (every pair fits max length)",
-    "dpo: TRL renders the chats with the same template itself (it takes no pre-tokenised pairs); compare tokens/sample",
-    "ppo anchor (TRL 0.25.1, transformers 4.57.6): policy, frozen reference copy, value model and reward model are "
-    "four separate models as ours (full fine-tune); its one optimizer steps policy+value together with vf_coef 0.1 "
-    "where ours has two parameter groups; it truncates after EOS and its rollout scoring runs in chunks of "
-    "local_rollout_forward_batch_size (= the rollout); rope_theta from a transformers-5 config is not read by 4.57 "
-    "(same FLOPs); both take the same prompt ids",
-]
+DIFFERENCES = {
+    "sft": "sft: same ids and labels (TRL gets our tokenised split); TRL also computes per-step entropy and "
+           "token-accuracy metrics, which is part of its trainer's work",
+    "rm": "rm: same ids (TRL gets our tokenised pairs); same score head read at the last non-pad token",
+    "dpo": "dpo: TRL renders the same chats with the same template itself (its DPOTrainer takes no pre-tokenised "
+           "pairs): compare the rows' tokens/sample in --json",
+    "ppo": "ppo anchor (TRL 0.25.1, transformers 4.57.6): policy, frozen reference copy, value model and reward "
+           "model are four separate models as ours (full fine-tune); its one optimizer steps policy+value with "
+           "vf_coef 0.1 where ours has two parameter groups; it truncates responses after EOS; it reads no "
+           "rope_parameters from a transformers-5 config (same FLOPs); both take the same prompt ids",
+}
 
 
 def jobs_for(args) -> list[tuple[str, str, str]]:
@@ -599,7 +604,7 @@ def main(argv=None) -> None:
 
     apply_defaults()
     args.model_path = resolve_model_path(args)
-    info = cpu_info()
+    info = cpu_info(read_cpuinfo())
     for line in header_lines(args, info):
         print(line, flush=True)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -634,8 +639,8 @@ def main(argv=None) -> None:
         for line in lines:
             print("  " + line)
         print("# where the work differs:")
-        for line in DIFFERENCES:
-            print("  - " + line)
+        for stage in dict.fromkeys(r["stage"] for r in rows if r["impl"] != "ours"):
+            print("  - " + DIFFERENCES[stage])
     if args.json:
         meta = {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}, "started": started,
                 "load_average_end": load_average()}
