@@ -1,4 +1,5 @@
-"""Environment defaults for running offline and quietly; a variable the user set wins."""
+"""Environment defaults for running quietly; a variable the user set wins. `HF_HUB_OFFLINE` is
+not among them: a user may load a hub model; the demo (Makefile) and the tests (conftest) set it."""
 from __future__ import annotations
 
 import os
@@ -11,7 +12,6 @@ QUIET_OFFLINE = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "TRANSFORMERS_VERBOSITY": "error",
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
-    "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
 

@@ -14,18 +14,19 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Te
     """log_softmax(logits, -1) gathered at `index`, without building the full (B, T, V) result.
 
     logits: (..., V); index: (...) long. Returns (...) in float32 (float64 for float64 logits).
-    float32/float64: log p = logit[index] - logsumexp(logits), exact and memory-light.
-    bf16/fp16 (autocast): logsumexp in low precision loses accuracy, so rows are upcast and
-    normalised one at a time: only one (T, V) row is ever held in float32, never all of them.
+    log p = logit[index] - logsumexp(logits): exact and memory-light in float32/float64.
+    bf16/fp16 (autocast): a low-precision logsumexp loses accuracy, so rows are upcast one at a
+    time (only one (T, V) row is ever held in float32) and go through the same formula, so bf16
+    logits and the same logits upcast to float32 give identical log-probs.
     """
     if logits.dtype in (torch.float32, torch.float64):
-        picked = torch.gather(logits, -1, index.unsqueeze(-1)).squeeze(-1)
-        return picked - torch.logsumexp(logits, dim=-1)
-    rows = []
-    for row_logits, row_index in zip(logits, index):  # loop over the leading (batch) dim
-        row_logp = torch.log_softmax(row_logits.float(), dim=-1)
-        rows.append(row_logp.gather(-1, row_index.unsqueeze(-1)).squeeze(-1))
-    return torch.stack(rows)
+        return _picked_minus_logsumexp(logits, index)
+    return torch.stack([_picked_minus_logsumexp(row.float(), i) for row, i in zip(logits, index)])
+
+
+def _picked_minus_logsumexp(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    picked = torch.gather(logits, -1, index.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:

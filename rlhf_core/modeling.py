@@ -81,11 +81,14 @@ def adapter_base(path: str | Path) -> str:
 
 def _attach_adapter(base_model, path: str | Path, cfg: ModelConfig):
     """`base_model` wrapped with the (frozen) LoRA adapter saved in `path`."""
-    from peft import PeftModel
+    from peft import PeftConfig, PeftModel
 
     check_weights(path, cfg.allow_pickle)
     try:
-        return PeftModel.from_pretrained(base_model, str(path), is_trainable=False)
+        config = PeftConfig.from_pretrained(str(path))
+        if config.task_type == "CAUSAL_LM" and not hasattr(base_model, "prepare_inputs_for_generation"):
+            config.task_type = None  # an SFT adapter under a reward model / critic: same module names, no generate
+        return PeftModel.from_pretrained(base_model, str(path), config=config, is_trainable=False)
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelLoadError(f"{path}: cannot load adapters ({str(e).splitlines()[0]})") from None
 

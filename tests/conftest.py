@@ -3,6 +3,7 @@ import os
 from flows.settings import apply_defaults
 
 apply_defaults()
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never reach the hub (the demo sets it in the Makefile)
 
 import shutil  # noqa: E402
 import subprocess  # noqa: E402

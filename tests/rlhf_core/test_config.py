@@ -159,3 +159,19 @@ def test_params_empty_group_and_empty_file_use_defaults(tmp_path):
     empty = tmp_path / "params.yaml"
     empty.write_text("", encoding="utf-8")
     assert load_params(empty).sft == SFTConfig()
+
+
+def test_a_ppo_minibatch_larger_than_the_rollout_is_a_config_error():
+    """batch_size * grad_accum > rollout_batch_size used to run zero updates, silently."""
+    err = _config_error(PPOConfig, {"batch_size": 8, "grad_accum": 2, "rollout_batch_size": 8})
+    assert err.key == "rollout_batch_size" and "batch_size * grad_accum" in err.rule
+    assert from_dict(PPOConfig, {"batch_size": 4, "grad_accum": 2, "rollout_batch_size": 12}).rollout_batch_size == 12
+
+
+def test_precision_and_memory_settings():
+    assert from_dict(ModelConfig, {}).dtype == "float32"
+    assert _config_error(ModelConfig, {"dtype": "auto"}).key == "dtype"
+    assert _config_error(PPOConfig, {"ptx_data": "chats"}).key == "ptx_data"
+    assert _config_error(PPOConfig, {"vf_coef": 0.5}).key == "vf_coef"  # removed: it had no effect
+    cfg = from_dict(PPOConfig, {"gradient_checkpointing": True, "critic_lora": {"enabled": True, "r": 4}})
+    assert cfg.gradient_checkpointing and cfg.critic_lora.r == 4

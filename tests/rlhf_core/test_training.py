@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rlhf_core import demo_data, formats
-from rlhf_core.batching import collate_lm
+from rlhf_core.batching import collate_lm, collate_pairs
 from rlhf_core.config import DPOConfig, LoraConfig, ModelConfig, PPOConfig, PTConfig, RMConfig, SFTConfig, TokenizeConfig
 from rlhf_core.data_io import load_split
 from rlhf_core.dpo import run_dpo
@@ -327,15 +327,146 @@ def test_dpo_with_lora_uses_the_disabled_adapters_as_reference(demo, pt_sft):
     assert not (demo.root / "dpo_lora" / "model.safetensors").exists()
 
 
-def test_ppo_with_lora_and_ptx_mixes_the_sft_loss_into_the_actor(demo, pt_sft):
+@pytest.mark.parametrize("ptx_data", ["pt", "sft"])
+def test_ppo_with_lora_and_ptx_mixes_the_chosen_lm_loss_into_the_actor(demo, pt_sft, ptx_data):
+    """The first PPO-ptx loss is the SFT model's LM loss on the first batch of the chosen split
+    (under LoRA the actor starts as the SFT model: the adapters' B is zero)."""
+    from rlhf_core.batching import index_batches
+    from rlhf_core.modeling import load_causal_lm
+
     log = History()
     cfg = PPOConfig(max_steps=2, batch_size=8, rollout_batch_size=8, ppo_epochs=1, learning_rate=1e-3,
-                    warmup_steps=0, max_new_tokens=6, ptx_coef=0.5, kl_controller="adaptive", kl_target=1.0,
-                    lora=LoraConfig(enabled=True, r=4, alpha=8, merge=True), **QUIET)
-    res = run_ppo(cfg, TINY, demo.data, pt_sft.sft_dir, None, demo.root / "ppo_ptx", demo.root / "ckpt" / "ppo_ptx",
-                  log, reward_fn=short_answer_reward)
+                    warmup_steps=0, max_new_tokens=6, ptx_coef=0.5, ptx_data=ptx_data, kl_controller="adaptive",
+                    kl_target=1.0, lora=LoraConfig(enabled=True, r=4, alpha=8, merge=True), **QUIET)
+    res = run_ppo(cfg, TINY, demo.data, pt_sft.sft_dir, None, demo.root / f"ppo_ptx_{ptx_data}",
+                  demo.root / "ckpt" / f"ppo_ptx_{ptx_data}", log, reward_fn=short_answer_reward)
+    rows = load_split(demo.data, ptx_data, "train")
+    first = collate_lm(rows[next(index_batches(len(rows), 8, cfg.seed + 1))], demo.tok.pad_token_id)
+    with torch.no_grad():
+        want, _ = lm_loss(forward_logits(load_causal_lm(pt_sft.sft_dir, TINY).eval(), first.input_ids,
+                                         first.attention_mask), first.labels)
     ptx = log.values("loss/ptx_avg")
-    sft_loss = pt_sft.sft.metrics["eval/loss"]
-    assert len(ptx) == 2 and all(abs(v - sft_loss) < 0.5 for v in ptx), (ptx, sft_loss)  # the SFT token loss
+    assert len(ptx) == 2 and ptx[0] == pytest.approx(float(want), abs=1e-5), (ptx, float(want))
     assert res.metrics["objective/kl_coef"] != 0.05, "the adaptive controller moved the coefficient"
-    assert (demo.root / "ppo_ptx" / "model.safetensors").is_file(), "merge=True saves plain weights"
+    assert (demo.root / f"ppo_ptx_{ptx_data}" / "model.safetensors").is_file(), "merge=True saves plain weights"
+
+
+# --- PPO: precision and minibatches ----------------------------------------------------------
+
+class Updates:
+    """Wraps `ppo.ppo_update` to record each micro-batch's rows, metrics and autocast state."""
+
+    def __init__(self, monkeypatch):
+        import rlhf_core.ppo as ppo
+
+        self.calls: list[dict] = []
+        original = ppo.ppo_update
+
+        def record(exp, rows, *args, **kwargs):
+            a_loss, c_loss, m = original(exp, rows, *args, **kwargs)
+            self.calls.append({"rows": rows.tolist(), "m": {k: float(v) for k, v in m.items()},
+                               "autocast": torch.is_autocast_enabled("cpu")})
+            return a_loss, c_loss, m
+
+        monkeypatch.setattr(ppo, "ppo_update", record)
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_ppo_first_minibatch_has_ratio_one_and_zero_kl(demo, pt_sft, monkeypatch, precision):
+    """Before any update the actor is the policy that sampled and scored the rollout, and the
+    reference is the same weights: ratio exp(logp - logp_old) == 1 and KL == 0 exactly, also when
+    every forward runs under bf16 autocast (experience, reference and update alike)."""
+    updates, log = Updates(monkeypatch), History()
+    cfg = PPOConfig(max_steps=1, batch_size=4, rollout_batch_size=8, ppo_epochs=1, warmup_steps=0,
+                    max_new_tokens=8, mixed_precision=precision, **QUIET)
+    run_ppo(cfg, TINY, demo.data, pt_sft.sft_dir, None, demo.root / f"ppo_{precision}",
+            demo.root / "ckpt" / f"ppo_{precision}", log, reward_fn=short_answer_reward)
+    first = updates.calls[0]
+    assert first["autocast"] is (precision == "bf16")
+    assert first["m"]["val/ratio"] == 1.0 and first["m"]["policy/approxkl"] == 0.0
+    assert first["m"]["policy/clipfrac"] == 0.0
+    assert log.values("objective/kl") == [0.0]
+
+
+def test_ppo_uses_every_rollout_sample_once_per_epoch_with_a_ragged_last_minibatch(demo, pt_sft, monkeypatch):
+    """rollout 12, micro-batch 4 x accumulation 2: minibatches of 8 and 4 rows, so each epoch
+    sees all 12 rows once and takes 2 optimizer steps (the old loop took one and dropped 4 rows)."""
+    from rlhf_core.ppo import minibatches
+
+    split = minibatches(torch.arange(10), 4, 2)
+    assert [[mb.tolist() for mb in micro] for micro in split] == [[[0, 1], [2, 3]], [[4, 5], [6, 7]], [[8, 9]]]
+
+    updates, log = Updates(monkeypatch), History()
+    cfg = PPOConfig(max_steps=1, batch_size=4, grad_accum=2, rollout_batch_size=12, ppo_epochs=2,
+                    warmup_steps=0, lr_scheduler="constant", max_new_tokens=6, **QUIET)
+    run_ppo(cfg, TINY, demo.data, pt_sft.sft_dir, None, demo.root / "ppo_ragged", demo.root / "ckpt" / "ppo_ragged",
+            log, reward_fn=short_answer_reward)
+    rows = [c["rows"] for c in updates.calls]
+    assert [len(r) for r in rows] == [4, 4, 4] * 2
+    for epoch in (rows[:3], rows[3:]):
+        assert sorted(i for r in epoch for i in r) == list(range(12))
+
+
+def test_ppo_with_a_lora_reward_model_and_a_lora_critic(demo, pt_sft, monkeypatch):
+    """RM under LoRA saves only its adapter (and score head); PPO loads it as the frozen reward
+    model and as a critic that trains new LoRA adapters and its score head."""
+    import json
+
+    import rlhf_core.ppo as ppo
+    from rlhf_core.modeling import load_scalar_model
+    from rlhf_core.rm import pair_rewards
+
+    rm_dir = demo.root / "rm_lora"
+    rm_cfg = RMConfig(max_steps=3, batch_size=8, learning_rate=1e-3, warmup_steps=0,
+                      lora=LoraConfig(enabled=True, r=4, alpha=8), **QUIET)
+    res = run_rm(rm_cfg, TINY, demo.small, pt_sft.sft_dir, rm_dir, demo.root / "ckpt" / "rm_lora")
+    assert (rm_dir / "adapter_model.safetensors").is_file() and not (rm_dir / "model.safetensors").exists()
+    assert json.loads((rm_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == str(pt_sft.sft_dir)
+    from safetensors.torch import load_file
+
+    rm = load_scalar_model(rm_dir, TINY, demo.tok.pad_token_id).eval()
+    saved = load_file(rm_dir / "adapter_model.safetensors")
+    score = [v for k, v in saved.items() if "score" in k]
+    assert len(score) == 1 and torch.equal(rm.score.weight, score[0]), "the trained score head was loaded"
+    pairs = collate_pairs(load_split(demo.small, "preference", "train")[:8], demo.tok.pad_token_id)
+    with torch.no_grad():
+        rc, rr = pair_rewards(rm, pairs, "cpu")
+    assert torch.isfinite(rc).all() and res.steps == 3
+
+    critics = []
+    original = ppo.apply_lora
+    monkeypatch.setattr(ppo, "apply_lora", lambda m, lora, task="CAUSAL_LM": critics.append(original(m, lora, task))
+                        or critics[-1])
+    log = History()
+    cfg = PPOConfig(max_steps=1, batch_size=4, rollout_batch_size=8, ppo_epochs=1, warmup_steps=0, max_new_tokens=6,
+                    critic_lora=LoraConfig(enabled=True, r=4, alpha=8), **QUIET)
+    run_ppo(cfg, TINY, demo.data, pt_sft.sft_dir, rm_dir, demo.root / "ppo_rm_lora", demo.root / "ckpt" / "ppo_rm_lora", log)
+    critic = critics[-1]
+    trainable = [n for n, p in critic.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or "score" in n for n in trainable)
+    assert any("score" in n for n in trainable)
+    assert log.values("objective/kl") == [0.0] and log.values("objective/scores")
+
+
+def test_a_reward_model_trains_from_an_sft_lora_adapter(demo, pt_sft):
+    """SFT under LoRA saves only a causal-LM adapter; the RM (a sequence classifier) must start
+    from it: the adapter is merged into the classifier's backbone, whose logits then match."""
+    from rlhf_core.modeling import apply_lora, load_causal_lm, load_scalar_model, save_model
+
+    sft = apply_lora(load_causal_lm(pt_sft.sft_dir, TINY), LoraConfig(enabled=True, r=4, alpha=8))
+    with torch.no_grad():
+        for name, p in sft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)  # an adapter that changes the model
+    save_model(sft, demo.tok, demo.root / "sft_lora")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    mask = torch.ones_like(ids)
+    rm = load_scalar_model(demo.root / "sft_lora", TINY, demo.tok.pad_token_id).eval()
+    merged = load_causal_lm(demo.root / "sft_lora", TINY).eval()
+    plain = load_scalar_model(pt_sft.sft_dir, TINY, demo.tok.pad_token_id).eval()
+    with torch.no_grad():
+        hidden = rm.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        want = merged.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        base = plain.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(hidden, want, atol=1e-5, rtol=1e-5)
+    assert (hidden - base).abs().max() > 1e-3, "the adapter was applied"

@@ -1,0 +1,42 @@
+"""A checkpoint restores every random generator a step draws from: torch's CPU generator,
+Python's, and (where CUDA is present) each CUDA device's."""
+from __future__ import annotations
+
+import random
+
+import torch
+
+from rlhf_core import checkpoint
+from rlhf_core.checkpoint import load_checkpoint, save_checkpoint
+
+
+def _state(model):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return {"models": {"m": model}, "optimizers": {"o": opt},
+            "schedulers": {"s": torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)}}
+
+
+def test_cpu_and_python_generators_continue_where_the_checkpoint_left_them(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    torch.manual_seed(0), random.seed(0)
+    save_checkpoint(tmp_path / "ck", "fp", 3, **_state(model))
+    want = (torch.rand(3), random.random())
+    torch.manual_seed(123), random.seed(123)
+    assert load_checkpoint(tmp_path / "ck", "fp", **_state(model)) == (3, {})
+    got = (torch.rand(3), random.random())
+    assert torch.equal(got[0], want[0]) and got[1] == want[1]
+
+
+def test_cuda_generators_are_saved_and_restored(tmp_path, monkeypatch):
+    """Without a GPU here, CUDA's generator calls are replaced by a recorder of what they get."""
+    saved = [torch.tensor([1, 2, 3], dtype=torch.uint8), torch.tensor([4, 5], dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: saved)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    model = torch.nn.Linear(2, 2)
+    save_checkpoint(tmp_path / "ck", "fp", 1, **_state(model))
+    load_checkpoint(tmp_path / "ck", "fp", **_state(model))
+    assert len(restored) == 1 and [t.tolist() for t in restored[0]] == [[1, 2, 3], [4, 5]]
+    assert "cuda" in torch.load(tmp_path / "ck" / "rng.pt", weights_only=True)
+    assert checkpoint.rng_state()["cuda"] is saved
