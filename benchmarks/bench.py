@@ -483,10 +483,10 @@ def print_row(r: dict, header: bool) -> None:
     if header:
         print(f"{'stage':5} {'variant':7} {'impl':6} {'steps':>5} {'samples/s':>10} {'tokens/s':>9} {'ms/step':>9} "
               f"{'peak RSS MB':>11} {'pad %':>6}{'  CUDA peak MB' if 'cuda_peak_mb' in r else ''}")
-    tokens = "-" if r["tokens_per_s"] != r["tokens_per_s"] else f"{r['tokens_per_s']:.0f}"
+    tokens = "-" if r["tokens_per_s"] != r["tokens_per_s"] else f"{r['tokens_per_s']:.3g}"
     pad = "-" if r.get("padding_fraction") is None else f"{100 * r['padding_fraction']:.1f}"
     cuda = f"  {r['cuda_peak_mb']:13.0f}" if "cuda_peak_mb" in r else ""
-    print(f"{r['stage']:5} {r['variant']:7} {r['impl']:6} {r['steps']:5d} {r['samples_per_s']:10.2f} {tokens:>9} "
+    print(f"{r['stage']:5} {r['variant']:7} {r['impl']:6} {r['steps']:5d} {r['samples_per_s']:10.3g} {tokens:>9} "
           f"{r['ms_per_step']:9.1f} {r['peak_rss_mb']:11.0f} {pad:>6}{cuda}", flush=True)
 
 
@@ -506,7 +506,7 @@ def ratio_lines(rows: list[dict]) -> list[str]:
         met = ratio >= TARGET and o[mem_key] <= r[mem_key]
         unit = "prompts/s" if r["stage"] == "ppo" else "samples/s"
         out.append(f"{r['stage']:5} {r['variant']:7} ours/{r['impl']:6} {ratio:5.2f}x {unit} "
-                   f"({o['samples_per_s']:.2f} vs {r['samples_per_s']:.2f}); {mem_key} {o[mem_key]:.0f} vs "
+                   f"({o['samples_per_s']:.3g} vs {r['samples_per_s']:.3g}); {mem_key} {o[mem_key]:.0f} vs "
                    f"{r[mem_key]:.0f} MB; target >= {TARGET}x at <= memory: {'met' if met else 'NOT met'}")
     return out
 
@@ -599,6 +599,7 @@ def main(argv=None) -> None:
         print("BENCH " + json.dumps(row), flush=True)
         return
     args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model here is a local folder
     sys.path.insert(0, str(ROOT))
     from flows.settings import apply_defaults
 
