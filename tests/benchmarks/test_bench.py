@@ -119,6 +119,7 @@ def run_bench(tmp_path, *extra) -> tuple[subprocess.CompletedProcess, list[dict]
     return proc, json.loads(out.read_text())["rows"]
 
 
+@pytest.mark.slow  # four training processes
 def test_bench_times_our_loop_and_trls_trainer_on_the_same_token_ids(tmp_path):
     proc, rows = run_bench(tmp_path, "--stages", "sft", "dpo", "--trl")
     assert [(r["stage"], r["impl"]) for r in rows] == [("sft", "ours"), ("sft", "trl"), ("dpo", "ours"), ("dpo", "trl")]
