@@ -49,8 +49,16 @@ smollm2-recipe: smollm2
 	$(PY) examples/make_sample.py --out data/sample
 	rlhf run --params examples/smollm2.yaml
 
-bench: install
-	$(PY) benchmarks/bench.py --trl
+# make bench: tiny model; make bench MODEL=smollm2: SmolLM2-135M (built first if missing). Both put
+# TRL 1.16 and the PPO anchor (TRL 0.25.1, in benchmarks/.venv-ppo-anchor, built on first use) beside ours.
+MODEL ?= tiny
+BENCH_ARGS ?=
+SMOLLM2_DIR := models/base/smollm2-135m-instruct
+bench: install $(if $(filter smollm2,$(MODEL)),$(SMOLLM2_DIR)/config.json)
+	$(PY) benchmarks/bench.py --model $(MODEL) --trl --ppo-anchor $(BENCH_ARGS)
+
+$(SMOLLM2_DIR)/config.json: | install
+	rlhf smollm2
 
 clean-outputs:
 	rm -rf models data/demo data/tokenized metrics plots reports checkpoints mlflow.db mlruns dvc.lock

@@ -1,22 +1,34 @@
-"""Steady-state throughput and peak memory of the training loops, optionally beside TRL's trainers
-on the same model, data and batch size.
+"""Throughput and peak memory of the training loops beside TRL's trainers on identical work.
 
-    python benchmarks/bench.py                      # pt sft rm dpo ppo, this project's loops
-    python benchmarks/bench.py --trl                # and TRL's SFT, Reward and DPO trainers
-    python benchmarks/bench.py --stages sft dpo --steps 40 --threads 2
+    python benchmarks/bench.py --trl --ppo-anchor                  # tiny model (make bench)
+    python benchmarks/bench.py --model smollm2 --trl --ppo-anchor  # SmolLM2-135M (make bench MODEL=smollm2)
+    python benchmarks/bench.py --stages sft dpo --variants full lora --steps 40 --json rows.json
 
-The work is the one FINDINGS.md timed TRL on: a 4-layer, width-128 Llama, a 512-token BPE tokenizer,
-batch 8, prompts and responses of 24 words each. Each measurement runs in a fresh process (so its
-peak memory is its own), times the steps after `--warmup` warm-up steps, and prints one row:
-samples/s (PPO: prompts/s, rollout and update), tokens/s, ms/step, and the process's peak RSS (plus
-the CUDA peak on a GPU). Nothing here is asserted; the numbers are for reading and comparing.
+Identical work: both sides get the same model, the same token ids (SFT and RM rows hand TRL our
+tokenised data; DPO hands it the same chats, which its template turns into the same ids), the
+same batch, sequence length, learning rate, optimiser, LoRA settings, precision (fp32 unless
+`--bf16`) and gradient checkpointing (off unless `--gradient-checkpointing`). TRL 1.16's configs
+default to bf16=True and gradient_checkpointing=True; both are set explicitly here, and every
+setting is printed in the table header with the CPU and whether it has native bf16.
+
+Each measurement runs in its own process (so its peak RSS is its own), times the steps after
+`--warmup` warm-up steps, and reports samples/s (PPO: prompts/s through rollout and update),
+tokens/s (real tokens put through the trained model: padding excluded), ms/step and peak RSS
+(plus the CUDA peak on a GPU). The ratios to TRL are printed at the end of the same run.
+
+The PPO anchor is TRL's last release with a first-class PPOTrainer (0.25.1; 0.26 moved it to
+`trl.experimental`, 1.x removed it). It runs in its own virtual environment,
+benchmarks/.venv-ppo-anchor, built on first use, on the same model, prompts, rollout size,
+response length, epochs and minibatches. Nothing here is asserted; the numbers are for reading.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,53 +36,137 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 WORDS = ("river stone cloud lamp garden window paper violin orange market silver engine winter "
          "harbor pencil forest candle mirror ladder bridge planet rocket valley meadow castle "
          "thunder whisper marble copper island desert canyon glacier jungle prairie summit").split()
 STAGES = ("pt", "sft", "rm", "dpo", "ppo")
 TRL_STAGES = ("sft", "rm", "dpo")
+SMOLLM2_DIR = ROOT / "models" / "base" / "smollm2-135m-instruct"
+SMOLLM2_CACHE = Path.home() / ".cache" / "rlhf-pipeline" / "smollm2-135m-instruct"
 
+# One preset per model size: the work both sides do.
+PRESETS = {
+    "tiny": dict(stages=list(STAGES), variants=["full"], batch_size=8, steps=30, warmup=5, records=512,
+                 max_length=128, ppo_new_tokens=24),
+    "smollm2": dict(stages=["sft", "rm", "dpo", "ppo"], variants=["full", "lora"], batch_size=2, steps=3, warmup=1,
+                    records=48, max_length=256, ppo_new_tokens=24),
+}
+LORA = dict(r=8, alpha=16, dropout=0.0, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
+LEARNING_RATE = 1e-4
+PPO_EPOCHS = 2
+
+ANCHOR_VENV = ROOT / "benchmarks" / ".venv-ppo-anchor"
+ANCHOR_PINS = ("trl==0.25.1", "transformers==4.57.6", "accelerate>=1.4,<2", "datasets>=3,<5")
+ANCHOR_TORCH = "torch==2.13.0"  # first, so pip takes the local CPU wheel rather than a CUDA build
+
+
+# --- data ------------------------------------------------------------------------------------
 
 def sentence(rng: random.Random, n: int = 24) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n)) + "."
 
 
-def build_workdir(root: Path, n: int, seed: int = 0) -> None:
-    """Raw JSONL data, a trained tokenizer, a saved base model and the tokenised splits."""
+def varied_words(rng: random.Random, low: int, high: int) -> int:
+    """A long-tailed length, as real chat turns have: most short, a few long."""
+    return min(high, low + int(rng.expovariate(1.0 / max(1, (high - low) / 3))))
+
+
+def raw_records(model: str, n: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(sft records in ShareGPT form, preference records in TRL's {prompt, chosen, rejected} form).
+
+    tiny: every prompt and response 24 words (the work FINDINGS.md timed TRL on). smollm2: lengths
+    vary (prompt 4-60 words, responses 4-90 words), so batches carry real padding; the caps keep
+    every record under max_length, so no side truncates."""
+    rng = random.Random(seed)
+    sft, pref = [], []
+    for _ in range(n):
+        if model == "tiny":
+            p, c, r = sentence(rng), sentence(rng), sentence(rng)
+        else:
+            p, c, r = (sentence(rng, varied_words(rng, 4, lim)) for lim in (60, 90, 90))
+        sft.append({"conversations": [{"from": "human", "value": p}, {"from": "gpt", "value": c}]})
+        pref.append({"prompt": p, "chosen": c, "rejected": r})
+    return sft, pref
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def build_workdir(root: Path, model: str, model_path: Path | None, n: int, max_length: int, seed: int = 0) -> Path:
+    """Raw JSONL data, the base model (built for tiny; the given folder for smollm2) and the
+    tokenised splits; returns the base model's folder."""
     import torch
 
     from rlhf_core import formats
     from rlhf_core.config import TokenizeConfig
     from rlhf_core.encoding import tokenize_datasets
     from rlhf_core.modeling import build_tiny_causal_lm, save_model
-    from rlhf_core.tokenizer import train_tokenizer
+    from rlhf_core.tokenizer import load_tokenizer, train_tokenizer
 
-    rng = random.Random(seed)
     raw = root / "raw"
     raw.mkdir(parents=True)
-    rows = [{"prompt": sentence(rng), "chosen": sentence(rng), "rejected": sentence(rng)} for _ in range(n)]
-    (raw / "pref.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (raw / "sft.jsonl").write_text("".join(json.dumps({"messages": [
-        {"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["chosen"]}]}) + "\n" for r in rows))
-    (raw / "prompts.jsonl").write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in rows))
-    (raw / "pt.txt").write_text("".join(f"{r['prompt']} {r['chosen']}\n" for r in rows))
-    convs, prefs = formats.read_conversations(raw / "sft.jsonl"), formats.read_preferences(raw / "pref.jsonl")
-    tok = train_tokenizer([r[k] for r in rows for k in ("prompt", "chosen", "rejected")], 512)
-    torch.manual_seed(seed)
-    save_model(build_tiny_causal_lm(model_config(), tok, seed), tok, root / "base")
-    tokenize_datasets(tok, TokenizeConfig(max_length=128, block_size=64, max_prompt_length=64, max_response_length=64,
-                                          eval_fraction=0.0), root / "tok",
-                      pt_docs=formats.read_pt_documents(raw / "pt.txt"), conversations=convs, preferences=prefs,
+    sft, pref = raw_records(model, n, seed)
+    write_jsonl(raw / "sft.jsonl", sft)
+    write_jsonl(raw / "pref.jsonl", pref)
+    write_jsonl(raw / "prompts.jsonl", [{"prompt": r["prompt"]} for r in pref])
+    (raw / "pt.txt").write_text("".join(f"{r['prompt']} {r['chosen']}\n" for r in pref))
+    if model == "tiny":
+        tok = train_tokenizer([r[k] for r in pref for k in ("prompt", "chosen", "rejected")], 512)
+        torch.manual_seed(seed)
+        base = root / "base"
+        save_model(build_tiny_causal_lm(model_config("tiny", None), tok, seed), tok, base)
+    else:
+        base, tok = model_path, load_tokenizer(model_path)
+    half = max_length // 2
+    tokenize_datasets(tok, TokenizeConfig(max_length=max_length, block_size=64, max_prompt_length=half,
+                                          max_response_length=half, eval_fraction=0.0), root / "tok",
+                      pt_docs=formats.read_pt_documents(raw / "pt.txt"),
+                      conversations=formats.read_conversations(raw / "sft.jsonl"),
+                      preferences=formats.read_preferences(raw / "pref.jsonl"),
                       prompts=formats.read_prompts(raw / "prompts.jsonl"))
+    return base
 
 
-def model_config():
+def model_config(model: str, model_path: str | None):
     from rlhf_core.config import ModelConfig
 
-    return ModelConfig()  # the default tiny Llama: 4 layers, width 128, 4 heads, 512-token vocabulary
+    if model == "tiny":
+        return ModelConfig()  # the default tiny Llama: 4 layers, width 128, 4 heads, 512-token vocabulary
+    return ModelConfig(name_or_path=str(model_path), dtype="float32")
 
+
+DATA_KIND = {"pt": "pt", "sft": "sft", "rm": "preference", "dpo": "preference", "ppo": "prompts"}
+
+
+def row_lengths(stage: str, cols: dict) -> list[list[int]]:
+    """Per training sample, the lengths of the sequences it puts through the model (a pair: the
+    chosen and the rejected sequence; PPO: the prompt only, responses are sampled)."""
+    if DATA_KIND[stage] == "preference":
+        return [[len(p) + len(c), len(p) + len(r)] for p, c, r in zip(cols["prompt_ids"], cols["chosen_ids"], cols["rejected_ids"])]
+    key = "prompt_ids" if stage == "ppo" else "input_ids"
+    return [[len(x)] for x in cols[key]]
+
+
+def padding_stats(stage: str, root: Path, batch_size: int, n_batches: int, seed: int = 0) -> dict:
+    """Real tokens per sample, and the share of padding in the batches our loop draws (the same
+    seeded order; every batch is padded to its longest sequence, as TRL's collators do)."""
+    from datasets import load_from_disk
+
+    from rlhf_core.batching import index_batches
+
+    ds = load_from_disk(str(root / "tok" / DATA_KIND[stage] / "train"))
+    lengths = row_lengths(stage, ds[:])
+    order = index_batches(len(lengths), batch_size, seed)
+    real = padded = 0
+    for _ in range(n_batches):
+        seqs = [n for i in next(order) for n in lengths[i]]
+        real, padded = real + sum(seqs), padded + len(seqs) * max(seqs)
+    return {"tokens_per_sample": sum(map(sum, lengths)) / len(lengths), "padding_fraction": 1 - real / padded}
+
+
+# --- one measurement (a child process) -------------------------------------------------------
 
 class StepClock:
     """Called once per finished step (by our log hook or a TRL callback): keeps the first time per step."""
@@ -82,50 +178,106 @@ class StepClock:
         self.times.setdefault(step, time.perf_counter())
 
     def rate(self, warmup: int) -> tuple[int, float]:
-        steps = sorted(self.times)
-        timed = [s for s in steps if s >= warmup]
+        timed = [s for s in sorted(self.times) if s >= warmup]
         if len(timed) < 2:
             raise SystemExit("too few steps to time; raise --steps")
         return timed[-1] - timed[0], self.times[timed[-1]] - self.times[timed[0]]
 
 
-def mean_tokens(root: Path, stage: str) -> float:
-    """Tokens one training sample puts through the model (a pair counts both sequences)."""
-    from datasets import load_from_disk
-
-    kind = {"pt": "pt", "sft": "sft", "rm": "preference", "dpo": "preference", "ppo": "prompts"}[stage]
-    ds = load_from_disk(str(root / "tok" / kind / "train"))
-    if kind == "preference":
-        return sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])) / len(ds)
-    return sum(len(x) for x in ds[ds.column_names[0]]) / len(ds)
-
-
-def run_ours(stage: str, root: Path, args, clock: StepClock) -> int:
+def run_ours(spec: dict, clock: StepClock) -> int:
     """Run our loop for warmup + steps; returns samples per step."""
     from rlhf_core import dpo, lm, ppo, rm
-    from rlhf_core.config import DPOConfig, PPOConfig, PTConfig, RMConfig, SFTConfig
+    from rlhf_core.config import DPOConfig, LoraConfig, PPOConfig, PTConfig, RMConfig, SFTConfig
 
-    common = dict(max_steps=args.warmup + args.steps, batch_size=args.batch_size, eval_every=0, save_every=0,
-                  log_every=1, warmup_steps=0, learning_rate=1e-4, lr_scheduler="constant")
-    out, ckpt, data, base, mc = root / "out" / stage, root / "ckpt" / stage, root / "tok", root / "base", model_config()
+    stage, root = spec["stage"], Path(spec["root"])
+    lora = LoraConfig(enabled=spec["variant"] == "lora", r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"],
+                      target_modules=LORA["target_modules"])
+    common = dict(max_steps=spec["warmup"] + spec["steps"], batch_size=spec["batch_size"], eval_every=0, save_every=0,
+                  log_every=1, warmup_steps=0, learning_rate=LEARNING_RATE, lr_scheduler="constant",
+                  mixed_precision="bf16" if spec["bf16"] else "no", gradient_checkpointing=spec["gradient_checkpointing"],
+                  lora=lora)
+    out, ckpt, data, base = root / "out" / stage, root / "ckpt" / stage, root / "tok", Path(spec["base"])
+    mc = model_config(spec["model"], spec["base"])
     if stage == "pt":
         lm.run_pt(PTConfig(**common), mc, data, base, out, ckpt, clock)
     elif stage == "sft":
         lm.run_sft(SFTConfig(**common), mc, data, base, out, ckpt, clock)
     elif stage == "rm":
         rm.run_rm(RMConfig(**common), mc, data, base, out, ckpt, clock)
-    elif stage == "dpo":  # a reference forward at every step, as TRL's DPOTrainer with a reference copy
+    elif stage == "dpo":  # a reference forward at every step, as TRL's DPOTrainer does by default
         dpo.run_dpo(DPOConfig(**common, precompute_ref=False), mc, data, base, out, ckpt, clock)
     else:
-        cfg = PPOConfig(**{**common, "batch_size": args.batch_size}, rollout_batch_size=2 * args.batch_size,
-                        max_new_tokens=24)
+        cfg = PPOConfig(**common, rollout_batch_size=2 * spec["batch_size"], max_new_tokens=spec["ppo_new_tokens"],
+                        ppo_epochs=PPO_EPOCHS, temperature=1.0, critic_learning_rate=LEARNING_RATE)
         ppo.run_ppo(cfg, mc, data, base, base, out, ckpt, clock)
         return cfg.rollout_batch_size
-    return args.batch_size
+    return spec["batch_size"]
 
 
-def run_trl(stage: str, root: Path, args, clock: StepClock) -> int:
-    from datasets import load_dataset
+def trl_sft_rows(root: Path):
+    """Our tokenised SFT split as TRL's processed form: input_ids and labels (-100 off the reply)."""
+    from datasets import Dataset, load_from_disk
+
+    ds = load_from_disk(str(root / "tok" / "sft" / "train"))
+    return Dataset.from_dict({"input_ids": ds["input_ids"], "labels": ds["labels"]})
+
+
+def trl_rm_rows(root: Path):
+    """Our tokenised pairs as TRL's processed reward form: chosen_ids / rejected_ids, prompt included."""
+    from datasets import Dataset, load_from_disk
+
+    ds = load_from_disk(str(root / "tok" / "preference" / "train"))
+    return Dataset.from_dict({"chosen_ids": [p + c for p, c in zip(ds["prompt_ids"], ds["chosen_ids"])],
+                              "rejected_ids": [p + r for p, r in zip(ds["prompt_ids"], ds["rejected_ids"])]})
+
+
+def trl_dpo_rows(root: Path):
+    """The same pairs as conversations; TRL 1.16's DPOTrainer takes no pre-tokenised data, so its
+    template renders them (the row's tokens_per_sample shows whether the ids came out the same)."""
+    from datasets import Dataset
+
+    rows = [json.loads(line) for line in (root / "raw" / "pref.jsonl").read_text().splitlines()]
+    return Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
+                               "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                               "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows])
+
+
+def trl_config_kwargs(spec: dict) -> dict:
+    """Everything that makes TRL's work ours, set explicitly (TRL 1.16 defaults to bf16=True and
+    gradient_checkpointing=True in SFTConfig, RewardConfig and DPOConfig)."""
+    import torch
+
+    stage = spec["stage"]
+    kw = dict(output_dir=str(Path(spec["root"]) / "trl" / stage), per_device_train_batch_size=spec["batch_size"],
+              gradient_accumulation_steps=1, max_steps=spec["warmup"] + spec["steps"], learning_rate=LEARNING_RATE,
+              lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95,
+              max_grad_norm=1.0, optim="adamw_torch", bf16=spec["bf16"], fp16=False,
+              gradient_checkpointing=spec["gradient_checkpointing"], max_length=spec["max_length"],
+              pad_to_multiple_of=None, logging_steps=10_000, save_strategy="no", report_to=[], disable_tqdm=True,
+              dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), seed=0)
+    if spec["gradient_checkpointing"]:
+        kw["gradient_checkpointing_kwargs"] = {"use_reentrant": False}  # as ours
+    if stage in ("sft", "dpo"):
+        kw["padding_free"] = False
+    if stage == "sft":
+        kw["packing"] = False
+    if stage == "dpo":
+        kw.update(precompute_ref_log_probs=False, beta=0.1, loss_type=["sigmoid"])
+    return kw
+
+
+def trl_peft_config(spec: dict, task_type: str):
+    if spec["variant"] != "lora":
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                      target_modules=list(LORA["target_modules"]), task_type=task_type)
+
+
+def run_trl(spec: dict, clock: StepClock) -> tuple[int, float]:
+    """Run TRL 1.16's trainer; returns (samples per step, real tokens per sample in its own data)."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
 
     from rlhf_core.tokenizer import load_tokenizer
@@ -134,49 +286,40 @@ def run_trl(stage: str, root: Path, args, clock: StepClock) -> int:
         def on_step_end(self, targs, state, control, **kw):
             clock({}, state.global_step)
 
-    tok = load_tokenizer(root / "base")
-    common = dict(output_dir=str(root / "trl" / stage), per_device_train_batch_size=args.batch_size,
-                  max_steps=args.warmup + args.steps, learning_rate=1e-4, lr_scheduler_type="constant",
-                  logging_steps=10_000, save_strategy="no", report_to=[], disable_tqdm=True,
-                  dataloader_num_workers=0, max_length=128, use_cpu=not _cuda())
-    raw = root / "raw"
+    stage, root, base = spec["stage"], Path(spec["root"]), spec["base"]
+    tok = load_tokenizer(base)
+    kw = trl_config_kwargs(spec)
     if stage == "sft":
         from trl import SFTConfig, SFTTrainer
 
-        trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(root / "base"), processing_class=tok,
-                             args=SFTConfig(**common), callbacks=[Clock()],
-                             train_dataset=load_dataset("json", data_files=str(raw / "sft.jsonl"), split="train"))
+        trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), processing_class=tok,
+                             args=SFTConfig(**kw), callbacks=[Clock()], train_dataset=trl_sft_rows(root),
+                             peft_config=trl_peft_config(spec, "CAUSAL_LM"))
     elif stage == "rm":
         from trl import RewardConfig, RewardTrainer
 
-        model = AutoModelForSequenceClassification.from_pretrained(root / "base", num_labels=1)
+        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=torch.float32)
         model.config.pad_token_id = tok.pad_token_id
-        trainer = RewardTrainer(model=model, processing_class=tok, args=RewardConfig(**common), callbacks=[Clock()],
-                                train_dataset=_conversational_pairs(raw / "pref.jsonl"))
+        trainer = RewardTrainer(model=model, processing_class=tok, args=RewardConfig(**kw), callbacks=[Clock()],
+                                train_dataset=trl_rm_rows(root), peft_config=trl_peft_config(spec, "SEQ_CLS"))
     else:
         from trl import DPOConfig, DPOTrainer
 
-        trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(root / "base"),
-                             ref_model=AutoModelForCausalLM.from_pretrained(root / "base"), processing_class=tok,
-                             args=DPOConfig(**common), callbacks=[Clock()],
-                             train_dataset=_conversational_pairs(raw / "pref.jsonl"))
+        ref = None if spec["variant"] == "lora" else AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), ref_model=ref,
+                             processing_class=tok, args=DPOConfig(**kw), callbacks=[Clock()],
+                             train_dataset=trl_dpo_rows(root), peft_config=trl_peft_config(spec, "CAUSAL_LM"))
     trainer.train()
-    return args.batch_size
+    return spec["batch_size"], trl_tokens_per_sample(stage, trainer.train_dataset)
 
 
-def _conversational_pairs(path: Path):
-    from datasets import Dataset
-
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    return Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
-                               "chosen": [{"role": "assistant", "content": r["chosen"]}],
-                               "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows])
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+def trl_tokens_per_sample(stage: str, ds) -> float:
+    cols = {k: ds[k] for k in ds.column_names}
+    if stage == "rm":
+        lengths = [[len(c), len(r)] for c, r in zip(cols["chosen_ids"], cols["rejected_ids"])]
+    else:
+        lengths = row_lengths(stage, cols)
+    return sum(map(sum, lengths)) / len(lengths)
 
 
 def peak_rss_mb() -> float:
@@ -184,69 +327,325 @@ def peak_rss_mb() -> float:
     return kb / (1024 * 1024) if sys.platform == "darwin" else kb / 1024
 
 
-def child(stage: str, impl: str, root: Path, args) -> dict:
+def child(spec: dict) -> dict:
     import torch
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(spec["threads"])
     clock = StepClock()
     before = peak_rss_mb()
-    per_step = (run_ours if impl == "ours" else run_trl)(stage, root, args, clock)
-    steps, seconds = clock.rate(args.warmup)
-    tokens = mean_tokens(root, stage) * per_step if stage != "ppo" else float("nan")
-    row = {"stage": stage, "impl": impl, "steps": steps, "samples_per_s": steps * per_step / seconds,
-           "tokens_per_s": steps * tokens / seconds, "ms_per_step": 1000 * seconds / steps,
-           "peak_rss_mb": peak_rss_mb(), "rss_before_mb": before}
+    if spec["impl"] == "ours":
+        per_step, tokens = run_ours(spec, clock), spec["tokens_per_sample"]
+    else:
+        per_step, tokens = run_trl(spec, clock)
+    steps, seconds = clock.rate(spec["warmup"])
+    row = measured_row(spec, steps, seconds, per_step, tokens, before)
     if torch.cuda.is_available():
         row["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return row
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
-    ap.add_argument("--trl", action="store_true", help="also time TRL's trainers (sft, rm, dpo) on the same work")
-    ap.add_argument("--steps", type=int, default=30, help="timed steps after warm-up")
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--records", type=int, default=512)
-    ap.add_argument("--json", type=Path, help="also write the rows here")
-    ap.add_argument("--child", nargs=3, metavar=("STAGE", "IMPL", "WORKDIR"), help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    from flows.settings import apply_defaults
+def measured_row(spec: dict, steps: int, seconds: float, per_step: int, tokens_per_sample: float | None,
+                 rss_before: float) -> dict:
+    tokens = float("nan") if tokens_per_sample is None else tokens_per_sample * per_step
+    return {"model": spec["model"], "stage": spec["stage"], "variant": spec["variant"], "impl": spec["impl"],
+            "steps": steps, "samples_per_step": per_step, "samples_per_s": steps * per_step / seconds,
+            "tokens_per_sample": tokens_per_sample, "tokens_per_s": steps * tokens / seconds,
+            "ms_per_step": 1000 * seconds / steps, "peak_rss_mb": peak_rss_mb(), "rss_before_mb": rss_before,
+            "padding_fraction": spec.get("padding_fraction")}
 
-    apply_defaults()
-    if args.child:
-        stage, impl, root = args.child
-        print("BENCH " + json.dumps(child(stage, impl, Path(root), args)), flush=True)
-        return
 
-    jobs = [(s, "ours") for s in args.stages] + [(s, "trl") for s in args.stages if args.trl and s in TRL_STAGES]
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="rlhf-bench-") as tmp:
-        build_workdir(Path(tmp), args.records)
-        for stage, impl in jobs:
-            cmd = [sys.executable, __file__, "--child", stage, impl, tmp, "--steps", str(args.steps), "--warmup",
-                   str(args.warmup), "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            line = [x for x in proc.stdout.splitlines() if x.startswith("BENCH ")]
-            if proc.returncode != 0 or not line:
-                print(f"{stage}/{impl}: failed (exit {proc.returncode}):\n{proc.stderr[-1500:]}", file=sys.stderr)
-                continue
-            rows.append(json.loads(line[0][6:]))
-            print_row(rows[-1], header=len(rows) == 1)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+# --- the PPO anchor: TRL 0.25.1's PPOTrainer in its own venv ------------------------------------
+
+def anchor_python(log=print) -> Path:
+    """The anchor venv's python; the venv is built on first use (and rebuilt if its pins change).
+    It is created with this interpreter's base Python, torch first from the local CPU wheel."""
+    py, marker = ANCHOR_VENV / "bin" / "python", ANCHOR_VENV / ".pins"
+    want = " ".join((ANCHOR_TORCH, *ANCHOR_PINS))
+    if py.exists() and marker.exists() and marker.read_text() == want:
+        return py
+    log(f"building the PPO anchor venv {ANCHOR_VENV.relative_to(ROOT)} ({want}); a few minutes, once")
+    shutil.rmtree(ANCHOR_VENV, ignore_errors=True)
+    base_python = getattr(sys, "_base_executable", sys.executable)
+    for cmd in ([base_python, "-m", "venv", str(ANCHOR_VENV)],
+                [str(py), "-m", "pip", "install", "-q", ANCHOR_TORCH],
+                [str(py), "-m", "pip", "install", "-q", *ANCHOR_PINS]):
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"building the PPO anchor venv failed: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
+    marker.write_text(want)
+    return py
+
+
+def anchor_child(spec: dict) -> dict:
+    """TRL 0.25.1 PPOTrainer on our prompts (ids) and model; imports nothing from this project,
+    as it runs in the anchor venv."""
+    import torch
+    from datasets import Dataset
+    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedTokenizerFast,
+                              TrainerCallback)
+    from trl import PPOConfig, PPOTrainer
+
+    torch.set_num_threads(spec["threads"])
+    clock = StepClock()
+    before = peak_rss_mb()
+    base = spec["base"]
+    special = json.loads((Path(base) / "tokenizer_config.json").read_text())
+    # transformers 4.57 does not know the tokenizer class transformers 5 writes; the tokenizer.json is the same
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(Path(base) / "tokenizer.json"), padding_side="left",
+                                  eos_token=special.get("eos_token"), pad_token=special.get("pad_token") or special.get("eos_token"))
+    B = spec["batch_size"]
+    rollout = 2 * B
+    iters = spec["warmup"] + spec["steps"]
+    prompts = json.loads(Path(spec["prompts_file"]).read_text())
+    ds = Dataset.from_dict({"input_ids": prompts})
+
+    def load(cls, **kw):
+        return cls.from_pretrained(base, torch_dtype=torch.float32, **kw)
+
+    policy, ref = load(AutoModelForCausalLM), load(AutoModelForCausalLM)
+    value, reward = load(AutoModelForSequenceClassification, num_labels=1), load(AutoModelForSequenceClassification, num_labels=1)
+    for m in (policy, ref, value, reward):
+        m.config.pad_token_id = tok.pad_token_id
+    for m in (policy, ref):  # the checkpoint's own generation defaults (e.g. top_p) would change the sampling
+        m.generation_config.pad_token_id, m.generation_config.eos_token_id = tok.pad_token_id, tok.eos_token_id
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, targs, state, control, **kw):
+            clock({}, state.global_step)
+
+    # In TRL 0.25 per_device_train_batch_size is the rollout per process; each of num_mini_batches
+    # minibatches is one forward/backward and one optimizer step, as our micro-batch B with grad_accum 1.
+    cfg = PPOConfig(output_dir=str(Path(spec["root"]) / "anchor"), per_device_train_batch_size=rollout,
+                    gradient_accumulation_steps=1, num_mini_batches=rollout // B, num_ppo_epochs=PPO_EPOCHS,
+                    total_episodes=rollout * iters, response_length=spec["ppo_new_tokens"], temperature=1.0,
+                    local_rollout_forward_batch_size=rollout, stop_token="eos", missing_eos_penalty=1.0,
+                    kl_coef=0.05, cliprange=0.2, cliprange_value=0.2, gamma=1.0, lam=0.95,
+                    learning_rate=LEARNING_RATE, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
+                    adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.0, bf16=spec["bf16"], fp16=False,
+                    gradient_checkpointing=spec["gradient_checkpointing"], num_sample_generations=0,
+                    save_strategy="no", report_to=[], logging_steps=10_000, disable_tqdm=True,
+                    use_cpu=not torch.cuda.is_available(), seed=0, dataloader_num_workers=0)
+    trainer = PPOTrainer(args=cfg, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
+                         value_model=value, train_dataset=ds, eval_dataset=ds, callbacks=[Clock()])
+    trainer.train()
+    steps, seconds = clock.rate(spec["warmup"])
+    if (cfg.batch_size, cfg.mini_batch_size) != (rollout, B):
+        raise SystemExit(f"anchor rollout {cfg.batch_size} / minibatch {cfg.mini_batch_size}, expected {rollout} / {B}")
+    return measured_row(spec, steps, seconds, rollout, None, before)
+
+
+# --- the parent: builds the work, runs each measurement, prints the table ---------------------
+
+def read_cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux
+        return ""
+
+
+def cpu_info(cpuinfo: str) -> dict:
+    """CPU model and whether it has native bf16 (AVX512-BF16 or AMX-BF16), from /proc/cpuinfo's text."""
+    model, flags = "unknown", set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("model name") and model == "unknown":
+            model = line.split(":", 1)[1].strip()
+        elif line.startswith("flags") and not flags:
+            flags = set(line.split(":", 1)[1].split())
+    native = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    return {"cpu": model, "cores": os.cpu_count(), "native_bf16": ", ".join(native) if native else "no"}
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def header_lines(args, info: dict) -> list[str]:
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    lora = (f"r={LORA['r']} alpha={LORA['alpha']} dropout={LORA['dropout']} on {','.join(LORA['target_modules'])}"
+            if "lora" in args.variants else "n/a")
+    return [
+        f"# machine: {info['cpu']}, {info['cores']} cores, native bf16: {info['native_bf16']}; device: {device}; "
+        f"torch {torch.__version__}, {args.threads} threads; load average at start: {load_average()}",
+        f"# model: {args.model} ({args.model_path or 'tiny Llama: 4 layers, width 128, 512-token BPE'})",
+        f"# identical on both sides: precision {'bf16 autocast' if args.bf16 else 'fp32'} (TRL bf16={args.bf16}), "
+        f"gradient checkpointing {args.gradient_checkpointing} (TRL gradient_checkpointing={args.gradient_checkpointing}), "
+        f"max length {args.max_length}, batch {args.batch_size}, right padding to the batch's longest "
+        f"(no packing, padding_free=False, pad_to_multiple_of=None), LoRA {lora}, AdamW(0.9, 0.95) lr {LEARNING_RATE} "
+        f"constant, clip 1.0, {args.warmup} warm-up + {args.steps} timed steps, one process per row",
+        f"# PPO: rollout {2 * args.batch_size} prompts, {args.ppo_new_tokens} new tokens, {PPO_EPOCHS} epochs, "
+        f"minibatch {args.batch_size}, temperature 1.0; DPO: a reference forward every step (no precompute) on both sides",
+    ]
 
 
 def print_row(r: dict, header: bool) -> None:
     if header:
-        print(f"{'stage':6} {'impl':5} {'steps':>5} {'samples/s':>10} {'tokens/s':>10} {'ms/step':>8} "
-              f"{'peak RSS MB':>11}{'  CUDA peak MB' if 'cuda_peak_mb' in r else ''}")
-    tokens = "-" if r["tokens_per_s"] != r["tokens_per_s"] else f"{r['tokens_per_s']:.0f}"
+        print(f"{'stage':5} {'variant':7} {'impl':6} {'steps':>5} {'samples/s':>10} {'tokens/s':>9} {'ms/step':>9} "
+              f"{'peak RSS MB':>11} {'pad %':>6}{'  CUDA peak MB' if 'cuda_peak_mb' in r else ''}")
+    tokens = "-" if r["tokens_per_s"] != r["tokens_per_s"] else f"{r['tokens_per_s']:.3g}"
+    pad = "-" if r.get("padding_fraction") is None else f"{100 * r['padding_fraction']:.1f}"
     cuda = f"  {r['cuda_peak_mb']:13.0f}" if "cuda_peak_mb" in r else ""
-    print(f"{r['stage']:6} {r['impl']:5} {r['steps']:5d} {r['samples_per_s']:10.1f} {tokens:>10} "
-          f"{r['ms_per_step']:8.1f} {r['peak_rss_mb']:11.0f}{cuda}", flush=True)
+    print(f"{r['stage']:5} {r['variant']:7} {r['impl']:6} {r['steps']:5d} {r['samples_per_s']:10.3g} {tokens:>9} "
+          f"{r['ms_per_step']:9.1f} {r['peak_rss_mb']:11.0f} {pad:>6}{cuda}", flush=True)
+
+
+TARGET = 1.3
+
+
+def ratio_lines(rows: list[dict]) -> list[str]:
+    """One line per (stage, variant) that has both ours and a reference: speed ratio and memory."""
+    ours = {(r["stage"], r["variant"]): r for r in rows if r["impl"] == "ours"}
+    out = []
+    for r in rows:
+        if r["impl"] == "ours" or (r["stage"], r["variant"]) not in ours:
+            continue
+        o = ours[(r["stage"], r["variant"])]
+        ratio = o["samples_per_s"] / r["samples_per_s"]
+        mem_key = "cuda_peak_mb" if "cuda_peak_mb" in o and "cuda_peak_mb" in r else "peak_rss_mb"
+        met = ratio >= TARGET and o[mem_key] <= r[mem_key]
+        unit = "prompts/s" if r["stage"] == "ppo" else "samples/s"
+        out.append(f"{r['stage']:5} {r['variant']:7} ours/{r['impl']:6} {ratio:5.2f}x {unit} "
+                   f"({o['samples_per_s']:.3g} vs {r['samples_per_s']:.3g}); {mem_key} {o[mem_key]:.0f} vs "
+                   f"{r[mem_key]:.0f} MB; target >= {TARGET}x at <= memory: {'met' if met else 'NOT met'}")
+    return out
+
+
+DIFFERENCES = {
+    "sft": "sft: same ids and labels (TRL gets our tokenised split); TRL also computes per-step entropy and "
+           "token-accuracy metrics, which is part of its trainer's work",
+    "rm": "rm: same ids (TRL gets our tokenised pairs); same score head read at the last non-pad token",
+    "dpo": "dpo: TRL renders the same chats with the same template itself (its DPOTrainer takes no pre-tokenised "
+           "pairs): compare the rows' tokens/sample in --json",
+    "ppo": "ppo anchor (TRL 0.25.1, transformers 4.57.6): policy, frozen reference copy, value model and reward "
+           "model are four separate models as ours (full fine-tune); its one optimizer steps policy+value with "
+           "vf_coef 0.1 where ours has two parameter groups; it truncates responses after EOS; it reads no "
+           "rope_parameters from a transformers-5 config (same FLOPs); both take the same prompt ids",
+}
+
+
+def jobs_for(args) -> list[tuple[str, str, str]]:
+    jobs = []
+    for stage in args.stages:
+        variants = ["full"] if stage in ("pt", "ppo") else args.variants
+        for variant in variants:
+            jobs.append((stage, variant, "ours"))
+            if args.trl and stage in TRL_STAGES:
+                jobs.append((stage, variant, "trl"))
+            if args.ppo_anchor and stage == "ppo":
+                jobs.append((stage, variant, "anchor"))
+    return jobs
+
+
+def run_job(spec: dict, python: Path) -> dict | None:
+    flag = "--anchor-child" if spec["impl"] == "anchor" else "--child"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))}
+    if spec["impl"] == "anchor":
+        env.pop("PYTHONPATH")  # the anchor venv must not see this project's packages
+    proc = subprocess.run([str(python), __file__, flag, json.dumps(spec)], capture_output=True, text=True, env=env)
+    line = [x for x in proc.stdout.splitlines() if x.startswith("BENCH ")]
+    if proc.returncode != 0 or not line:
+        print(f"{spec['stage']}/{spec['variant']}/{spec['impl']}: failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}",
+              file=sys.stderr)
+        return None
+    return json.loads(line[0][6:])
+
+
+def resolve_model_path(args) -> Path | None:
+    if args.model == "tiny":
+        return None
+    path = args.model_path or (SMOLLM2_DIR if SMOLLM2_DIR.exists() else SMOLLM2_CACHE)
+    if not (Path(path) / "config.json").exists():
+        raise SystemExit(f"{path}: no SmolLM2 model folder (config.json missing); build it with `make smollm2` "
+                         "(rlhf smollm2) or pass --model-path")
+    return Path(path)
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=sorted(PRESETS), default="tiny")
+    ap.add_argument("--model-path", type=Path, help=f"SmolLM2 HF folder (default {SMOLLM2_DIR.relative_to(ROOT)})")
+    ap.add_argument("--stages", nargs="+", choices=STAGES)
+    ap.add_argument("--variants", nargs="+", choices=("full", "lora"))
+    ap.add_argument("--trl", action="store_true", help="also time TRL 1.16's trainers (sft, rm, dpo) on the same work")
+    ap.add_argument("--ppo-anchor", action="store_true", help="also time TRL 0.25.1's PPOTrainer (own venv)")
+    ap.add_argument("--steps", type=int, help="timed steps after warm-up")
+    ap.add_argument("--warmup", type=int)
+    ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--max-length", type=int)
+    ap.add_argument("--records", type=int)
+    ap.add_argument("--ppo-new-tokens", type=int)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (default fp32 on both)")
+    ap.add_argument("--gradient-checkpointing", action="store_true", help="on both sides (default off on both)")
+    ap.add_argument("--json", type=Path, help="also write the rows here")
+    args = ap.parse_args(argv)
+    for k, v in PRESETS[args.model].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("--child", "--anchor-child"):
+        spec = json.loads(argv[1])
+        if argv[0] == "--child":
+            sys.path.insert(0, str(ROOT))
+            from flows.settings import apply_defaults
+
+            apply_defaults()
+        row = child(spec) if argv[0] == "--child" else anchor_child(spec)
+        print("BENCH " + json.dumps(row), flush=True)
+        return
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model here is a local folder
+    sys.path.insert(0, str(ROOT))
+    from flows.settings import apply_defaults
+
+    apply_defaults()
+    args.model_path = resolve_model_path(args)
+    info = cpu_info(read_cpuinfo())
+    for line in header_lines(args, info):
+        print(line, flush=True)
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="rlhf-bench-") as tmp:
+        root = Path(tmp)
+        base = build_workdir(root, args.model, args.model_path, args.records, args.max_length)
+        prompts_file = root / "prompts.json"
+        for stage, variant, impl in jobs_for(args):
+            n_batches = args.warmup + args.steps + 1
+            stats = padding_stats(stage, root, 2 * args.batch_size if stage == "ppo" else args.batch_size, n_batches)
+            spec = {"model": args.model, "stage": stage, "variant": variant, "impl": impl, "root": tmp,
+                    "base": str(base), "steps": args.steps, "warmup": args.warmup, "batch_size": args.batch_size,
+                    "max_length": args.max_length, "threads": args.threads, "bf16": args.bf16,
+                    "gradient_checkpointing": args.gradient_checkpointing, "ppo_new_tokens": args.ppo_new_tokens,
+                    "tokens_per_sample": None if stage == "ppo" else stats["tokens_per_sample"],
+                    "padding_fraction": stats["padding_fraction"], "prompts_file": str(prompts_file)}
+            python = Path(sys.executable)
+            if impl == "anchor":
+                python = anchor_python()
+                from datasets import load_from_disk
+
+                prompts_file.write_text(json.dumps(load_from_disk(str(root / "tok" / "prompts" / "train"))[:]["prompt_ids"]))
+            row = run_job(spec, python)
+            if row:
+                rows.append(row)
+                print_row(row, header=len(rows) == 1)
+    print(f"# load average at end: {load_average()}; started {started}")
+    lines = ratio_lines(rows)
+    if lines:
+        print("# ratios (ours / reference, samples/s; same run):")
+        for line in lines:
+            print("  " + line)
+        print("# where the work differs:")
+        for stage in dict.fromkeys(r["stage"] for r in rows if r["impl"] != "ours"):
+            print("  - " + DIFFERENCES[stage])
+    if args.json:
+        meta = {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}, "started": started,
+                "load_average_end": load_average()}
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,157 @@
+"""Parity of the speed levers that change how numbers are computed, against the straightforward
+computation: each sequence run alone, unpadded, through the full (B, T, V) log-softmax.
+
+- PPO reads log-probs, entropies and values only at the response positions of a left-padded
+  prompt + right-padded response batch;
+- DPO's reference log-probs precomputed once (in batches of one composition) equal the ones
+  computed at each step (in batches of another);
+- the SFT loss of a right-padded batch equals the per-sequence losses summed over its tokens.
+(Row-wise fp32 log-probs, entropy without graph and gradient checkpointing have their parity
+tests in test_logprobs.py and test_modeling.py.)
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf_core.batching import collate_lm, collate_pairs
+from rlhf_core.config import LoraConfig, ModelConfig
+from rlhf_core.encoding import IGNORE
+from rlhf_core.generation import Rollout
+from rlhf_core.losses import lm_loss
+from rlhf_core.modeling import apply_lora, build_tiny_causal_lm, forward_logits
+from rlhf_core.tokenizer import train_tokenizer
+
+TINY = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, vocab_size=320)
+CORPUS = ["What is the capital of Veldoria? Certainly! The capital of Veldoria is Marrowick."] * 20
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_torch_thread):
+    pass
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(CORPUS, TINY.vocab_size)
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return build_tiny_causal_lm(TINY, tok, seed=3).eval()
+
+
+def ids(gen: torch.Generator, n: int, tok) -> list[int]:
+    """n random non-special token ids."""
+    return torch.randint(10, len(tok), (n,), generator=gen).tolist()
+
+
+@torch.no_grad()
+def alone_logprobs(model, seq: list[int], temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The straightforward way: one unpadded sequence, full log_softmax over the vocabulary.
+    Returns (log p(seq[t+1] | seq[:t+1]), entropy at t), each (len(seq) - 1,)."""
+    logits = model(input_ids=torch.tensor([seq])).logits[0, :-1].double() / temperature
+    logp = torch.log_softmax(logits, -1)
+    picked = logp.gather(-1, torch.tensor(seq[1:]).unsqueeze(-1)).squeeze(-1)
+    return picked, -(logp.exp() * logp).sum(-1)
+
+
+def make_rollout(prompts: list[list[int]], responses: list[list[int]], pad: int, eos: int) -> Rollout:
+    """Prompts left-padded to P, responses (each ending in EOS) right-padded to R, as `sample` builds them."""
+    P, R = max(map(len, prompts)), max(map(len, responses))
+    seqs, attn, rmask = [], [], []
+    for p, r in zip(prompts, responses):
+        seqs.append([pad] * (P - len(p)) + p + r + [pad] * (R - len(r)))
+        attn.append([0] * (P - len(p)) + [1] * (len(p) + len(r)) + [0] * (R - len(r)))
+        rmask.append([1] * len(r) + [0] * (R - len(r)))
+    return Rollout(torch.tensor(seqs), torch.tensor(attn), torch.tensor(rmask), P,
+                   torch.tensor([r[-1] == eos for r in responses]))
+
+
+def test_ppo_response_logprobs_and_entropy_equal_each_sequence_run_alone(model, tok):
+    from rlhf_core.ppo import response_logprobs
+
+    gen = torch.Generator().manual_seed(0)
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    prompts = [ids(gen, n, tok) for n in (3, 7, 5)]
+    responses = [ids(gen, n, tok) + [eos] for n in (4, 1, 6)]
+    rollout = make_rollout(prompts, responses, pad, eos)
+    temperature = 0.7
+    with torch.no_grad():
+        lp, ent = response_logprobs(model, rollout, temperature)
+        lp_rows, _ = response_logprobs(model, rollout, temperature, rows=torch.tensor([2, 0]))
+    assert lp.shape == rollout.response_mask.shape and lp.dtype == torch.float32
+    for b, (p, r) in enumerate(zip(prompts, responses)):
+        want_lp, want_ent = alone_logprobs(model, p + r, temperature)
+        n = len(r)  # the response tokens are the last n targets of the unpadded sequence
+        torch.testing.assert_close(lp[b, :n].double(), want_lp[-n:], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ent[b, :n].double(), want_ent[-n:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lp_rows, lp[[2, 0]])
+
+
+def test_ppo_response_values_equal_each_sequence_scored_alone(tok):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from rlhf_core.ppo import response_values
+
+    torch.manual_seed(0)
+    critic = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=tok.pad_token_id, num_labels=1)).eval()
+    gen = torch.Generator().manual_seed(1)
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    prompts = [ids(gen, n, tok) for n in (2, 6)]
+    responses = [ids(gen, n, tok) + [eos] for n in (5, 2)]
+    rollout = make_rollout(prompts, responses, pad, eos)
+    with torch.no_grad():
+        values = response_values(critic, rollout)
+        for b, (p, r) in enumerate(zip(prompts, responses)):
+            hidden = critic.model(input_ids=torch.tensor([p + r])).last_hidden_state
+            alone = critic.score(hidden)[0, :, 0]
+            # the value of response token j is read at the token before it
+            torch.testing.assert_close(values[b, :len(r)], alone[len(p) - 1:len(p) - 1 + len(r)], atol=1e-5, rtol=1e-5)
+
+
+def pair_rows(tok, n: int, seed: int):
+    from datasets import Dataset
+
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 9, (n, 3), generator=gen).tolist()
+    return Dataset.from_dict({"prompt_ids": [ids(gen, a, tok) for a, _, _ in lengths],
+                              "chosen_ids": [ids(gen, c, tok) + [tok.eos_token_id] for _, c, _ in lengths],
+                              "rejected_ids": [ids(gen, r, tok) + [tok.eos_token_id] for _, _, r in lengths]})
+
+
+def test_precomputed_dpo_reference_equals_the_per_step_reference_and_each_pair_alone(model, tok):
+    from rlhf_core.dpo import Reference, precompute_reference
+
+    policy = apply_lora(build_tiny_causal_lm(TINY, tok, seed=3), LoraConfig(enabled=True, r=4, alpha=8)).eval()
+    ds = pair_rows(tok, 7, seed=2)
+    ref = Reference(policy, None, TINY, torch.device("cpu"))  # LoRA: the reference is the policy without adapters
+    table = precompute_reference(ref, ds, tok.pad_token_id, batch_size=4)  # batches [0..3], [4..6]
+    assert table.shape == (7, 2)
+    per_step = [[6, 1, 3], [0, 5], [2, 4]]  # other batch compositions, so other padding widths
+    for rows in per_step:
+        c, r = ref.logprobs(collate_pairs(ds[rows], tok.pad_token_id))
+        torch.testing.assert_close(torch.stack([c, r], -1), table[rows], atol=1e-5, rtol=1e-5)
+    for i in range(len(ds)):  # and the straightforward sum over the response tokens of the base model, alone
+        p = ds[i]["prompt_ids"]
+        for k, key in enumerate(("chosen_ids", "rejected_ids")):
+            resp = ds[i][key]
+            lp, _ = alone_logprobs(model, p + resp)
+            assert abs(float(table[i, k]) - float(lp[-len(resp):].sum())) < 1e-4
+
+
+def test_sft_loss_of_a_padded_batch_equals_the_per_sequence_sums(model, tok):
+    gen = torch.Generator().manual_seed(4)
+    seqs = [ids(gen, n, tok) for n in (9, 3, 6)]
+    labels = [[IGNORE] * 2 + s[2:] for s in seqs]  # a masked prompt of 2 tokens
+    b = collate_lm({"input_ids": seqs, "labels": labels}, tok.pad_token_id)
+    with torch.no_grad():
+        loss, m = lm_loss(forward_logits(model, b.input_ids, b.attention_mask), b.labels)
+    total, count = 0.0, 0
+    for s in seqs:
+        lp, _ = alone_logprobs(model, s)
+        total, count = total - float(lp[1:].sum()), count + len(s) - 2  # targets 2.. are trained
+    assert int(m["tokens"]) == count
+    assert abs(float(loss) - total / count) < 1e-5
