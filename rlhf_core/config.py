@@ -333,6 +333,9 @@ class EvalConfig:
     """Prompts per generation batch."""
     promotion_margin: float = 0.05
     """The best of PPO and DPO becomes `champion` only if its judge score beats SFT by this."""
+    mixed_precision: str = "no"
+    """'no' or 'bf16': every forward of the evaluation (generation, judge, reward, KL, preference
+    accuracy) runs under bf16 autocast, as the training loops do."""
     judge: str = "auto"
     """Who scores the answers: 'oracle' (the demo task's rule-based judge; refused on other data),
     'heldout_rm' (a reward model trained by the `judge` stage on `preference/judge`, which no policy
@@ -342,6 +345,7 @@ class EvalConfig:
     """Seed of the sampling."""
 
     def __post_init__(self):
+        _check(self.mixed_precision in ("no", "bf16"), "mixed_precision", "must be no or bf16")
         _check(self.num_samples > 0, "num_samples", "must be > 0")
         _check(self.temperature > 0, "temperature", "must be > 0")
         _check(self.max_new_tokens > 0, "max_new_tokens", "must be > 0")

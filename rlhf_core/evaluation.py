@@ -364,8 +364,23 @@ def evaluate_policies(policies: dict[str, Path], reference: str, reward_dir: Pat
     ref_model = _frozen(load_policy(policies[reference], model_cfg), device)
     reward_model = _frozen(load_scalar_model(reward_dir, model_cfg, tokenizer.pad_token_id), device)
     pairs = preference_eval if preference_eval is not None and len(preference_eval) > 0 else None
-    batch_size = max(1, cfg.batch_size)
 
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
+        results, pref_acc, accuracy = _evaluate_all(policies, reference, ref_model, reward_model, tokenizer, prompt_ids,
+                                                    prompts, cfg, model_cfg, judge, pairs, device)
+    report: dict = {"judge": judge.name, "rm": rm_metrics(results, cfg.num_samples, accuracy)}
+    for name, result in results.items():
+        report[name] = policy_metrics(result, results[reference])
+        if name in pref_acc:
+            report[name]["preference_accuracy"] = clean(pref_acc[name])
+    report["examples"] = {name: policy_examples(r, questions, cfg.num_samples) for name, r in results.items()}
+    return report
+
+
+def _evaluate_all(policies, reference, ref_model, reward_model, tokenizer, prompt_ids, prompts, cfg, model_cfg,
+                  judge, pairs, device) -> tuple[dict[str, PolicyEval], dict[str, float], float | None]:
+    """Each policy's answers and scores, its held-out preference accuracy, and the RM's accuracy."""
+    batch_size = max(1, cfg.batch_size)
     results: dict[str, PolicyEval] = {}
     pref_acc: dict[str, float] = {}
     for name, path in policies.items():
@@ -377,10 +392,4 @@ def evaluate_policies(policies: dict[str, Path], reference: str, reward_dir: Pat
         del model
 
     accuracy = None if pairs is None else rm_accuracy(reward_model, pairs, tokenizer.pad_token_id, batch_size, device)
-    report: dict = {"judge": judge.name, "rm": rm_metrics(results, cfg.num_samples, accuracy)}
-    for name, result in results.items():
-        report[name] = policy_metrics(result, results[reference])
-        if name in pref_acc:
-            report[name]["preference_accuracy"] = clean(pref_acc[name])
-    report["examples"] = {name: policy_examples(r, questions, cfg.num_samples) for name, r in results.items()}
-    return report
+    return results, pref_acc, accuracy

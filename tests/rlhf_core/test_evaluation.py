@@ -228,3 +228,16 @@ def test_a_judge_with_its_own_tokenizer_rerenders_the_answers(tiny, tmp_path):
     with torch.no_grad():
         alone = gather_last(token_scores(judge.model, batch.input_ids, batch.attention_mask), batch.attention_mask)
     assert float(scores[3]) == pytest.approx(float(alone[0]), abs=1e-5)
+
+
+def test_bf16_evaluation_runs_under_autocast_and_keeps_the_reference_identities(tiny, report):
+    import dataclasses
+
+    dirs, rm_dir, prefs = tiny
+    cfg = dataclasses.replace(CFG, mixed_precision="bf16")
+    bf16 = evaluate_policies({n: dirs[n] for n in ("sft", "dpo")}, "sft", rm_dir, PROMPTS, cfg, MODEL_CFG,
+                             TextJudge("length", length_judge), prefs)
+    assert bf16["sft"]["kl_to_sft"] == 0.0 and bf16["sft"]["preference_accuracy"] == 0.5
+    # reward-model scores carry bf16 rounding: the forwards really ran in low precision
+    assert bf16["sft"]["rm_score"] != report["sft"]["rm_score"]
+    assert bf16["sft"]["rm_score"] == pytest.approx(report["sft"]["rm_score"], abs=0.05)
