@@ -124,3 +124,21 @@ def smollm2_tokenizer():
     path = full if is_imported(full, weights=False) else import_gguf(
         smollm2_gguf(), SMOLLM2_CACHE / "smollm2-tokenizer", weights=False)
     return load_tokenizer(path)
+
+
+def build_tiny_sft_project(root: Path, model_cfg) -> Path:
+    """A small demo SFT set tokenised under root/tok and an untrained tiny model in root/base."""
+    from rlhf_core import demo_data, formats
+    from rlhf_core.config import TokenizeConfig
+    from rlhf_core.encoding import tokenize_datasets
+    from rlhf_core.modeling import build_tiny_causal_lm, save_model
+    from rlhf_core.tokenizer import train_tokenizer
+
+    demo_data.generate(root / "raw", demo_data.DemoDataConfig(n_pt_docs=20, n_sft=48, n_preferences=8,
+                                                             n_prompts=8, n_eval_prompts=2))
+    convs = formats.read_conversations(root / "raw" / "sft.jsonl")
+    tok = train_tokenizer([t.content for c in convs for t in c.turns], model_cfg.vocab_size)
+    tokenize_datasets(tok, TokenizeConfig(max_length=64, block_size=32, max_prompt_length=32), root / "tok",
+                      conversations=convs)
+    save_model(build_tiny_causal_lm(model_cfg, tok), tok, root / "base")
+    return root

@@ -7,30 +7,24 @@ import shutil
 from pathlib import Path
 
 import pytest
+
+from conftest import build_tiny_sft_project
 import torch
 
-from rlhf_core import demo_data, formats, lm
+from rlhf_core import lm
 from rlhf_core.config import LoraConfig, ModelConfig, SFTConfig, TokenizeConfig
 from rlhf_core.encoding import tokenize_datasets
 from rlhf_core.errors import ConfigError, DataError, ModelLoadError
 from rlhf_core.formats import Conversation, PreferencePair, Prompt, Turn
 from rlhf_core.modeling import (apply_lora, build_tiny_causal_lm, load_causal_lm, load_scalar_model, save_model)
-from rlhf_core.tokenizer import load_tokenizer, train_tokenizer
+from rlhf_core.tokenizer import load_tokenizer
 
 TINY = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, vocab_size=320)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, one_torch_thread):
-    root = tmp_path_factory.mktemp("refusals")
-    demo_data.generate(root / "raw", demo_data.DemoDataConfig(n_pt_docs=20, n_sft=48, n_preferences=8,
-                                                             n_prompts=8, n_eval_prompts=2))
-    convs = formats.read_conversations(root / "raw" / "sft.jsonl")
-    tok = train_tokenizer([t.content for c in convs for t in c.turns], TINY.vocab_size)
-    tokenize_datasets(tok, TokenizeConfig(max_length=64, block_size=32, max_prompt_length=32), root / "tok",
-                      conversations=convs)
-    save_model(build_tiny_causal_lm(TINY, tok), tok, root / "base")
-    return root
+    return build_tiny_sft_project(tmp_path_factory.mktemp("refusals"), TINY)
 
 
 # --- models that are not what they seem ----------------------------------------------------------

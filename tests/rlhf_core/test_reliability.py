@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_core import demo_data, formats, lm
+from conftest import build_tiny_sft_project
+
+from rlhf_core import formats, lm
 from rlhf_core.atomic import atomic_dir, atomic_write_text
 from rlhf_core.config import ModelConfig, SFTConfig, TokenizeConfig
 from rlhf_core.encoding import tokenize_datasets
@@ -48,15 +50,7 @@ def test_atomic_write_text_replaces_whole_files_only(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("reliability")
-    demo_data.generate(root / "raw", demo_data.DemoDataConfig(n_pt_docs=20, n_sft=48, n_preferences=8,
-                                                             n_prompts=8, n_eval_prompts=2))
-    convs = formats.read_conversations(root / "raw" / "sft.jsonl")
-    tok = train_tokenizer([t.content for c in convs for t in c.turns], TINY.vocab_size)
-    tokenize_datasets(tok, TokenizeConfig(max_length=64, block_size=32, max_prompt_length=32), root / "tok",
-                      conversations=convs)
-    save_model(build_tiny_causal_lm(TINY, tok), tok, root / "base")
-    return root
+    return build_tiny_sft_project(tmp_path_factory.mktemp("reliability"), TINY)
 
 
 def test_nan_loss_stops_the_stage_naming_step_and_keeps_the_last_checkpoint(tiny, monkeypatch):
