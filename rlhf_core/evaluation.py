@@ -333,15 +333,16 @@ def _check_names(policies: dict[str, Path], reference: str, prompts: Sequence[Pr
         raise ValueError("no prompts to evaluate")
 
 
-def load_judge(ref: str | Path, policy_tokenizer, model_cfg: ModelConfig, device=None) -> Judge:
+def load_judge(ref: str | Path, policy_tokenizer, model_cfg: ModelConfig, device=None, name: str | None = None) -> Judge:
     """A reward-model judge from a directory: it scores the sampled token ids when it shares the
-    policies' vocabulary, and re-renders the answers with its own chat template otherwise."""
+    policies' vocabulary, and re-renders the answers with its own chat template otherwise. `name`
+    (default: the directory) is what the report calls it."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = load_tokenizer(ref, model_cfg.trust_remote_code)
     model = _frozen(load_scalar_model(ref, model_cfg, tokenizer.pad_token_id), device)
     if tokenizer.get_vocab() == policy_tokenizer.get_vocab():
-        return RolloutRMJudge(str(ref), model)
-    return TextRMJudge(str(ref), model, tokenizer)
+        return RolloutRMJudge(name or str(ref), model)
+    return TextRMJudge(name or str(ref), model, tokenizer)
 
 
 def evaluate_policies(policies: dict[str, Path], reference: str, reward_dir: Path, prompts: list[Prompt],

@@ -307,14 +307,13 @@ def make_judge(root: Path, p: Params):
         if (path / NO_JUDGE).exists():
             raise RLHFError(f"evaluate.judge is heldout_rm but {path} holds no judge model: "
                             f"{json.loads((path / NO_JUDGE).read_text())['reason']}")
-        judge_model = load_judge(path, policy_tokenizer, p.model)
-        judge_model.name = "heldout_rm"
-        return judge_model
+        return load_judge(path, policy_tokenizer, p.model, name="heldout_rm")
+    path = judge
     if judge.startswith(("models:/", "runs:/")):  # the stage's MLflow tracking URI is already set
         import mlflow
 
-        judge = mlflow.artifacts.download_artifacts(judge)
-    return load_judge(judge, policy_tokenizer, p.model)
+        path = mlflow.artifacts.download_artifacts(judge)
+    return load_judge(path, policy_tokenizer, p.model, name=judge)  # the report names the URI, not a download dir
 
 
 def evaluate(root: Path, p: Params, run) -> dict:

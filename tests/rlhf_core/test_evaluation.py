@@ -219,7 +219,9 @@ def test_a_judge_with_its_own_tokenizer_rerenders_the_answers(tiny, tmp_path):
     torch.manual_seed(1)
     save_model(load_scalar_model(tmp_path / "lm", MODEL_CFG, own.pad_token_id), own, tmp_path / "judge")
     judge = load_judge(tmp_path / "judge", load_tokenizer(dirs["sft"]), MODEL_CFG, "cpu")
-    assert isinstance(judge, TextRMJudge)
+    assert isinstance(judge, TextRMJudge) and judge.name == str(tmp_path / "judge")
+    named = load_judge(tmp_path / "judge", load_tokenizer(dirs["sft"]), MODEL_CFG, "cpu", name="models:/team-judge@prod")
+    assert named.name == "models:/team-judge@prod"  # the report names what the user gave, not a download folder
     texts = ["Marrowick.", "I do not know", "Kelmford!", "x"]
     scores = judge(PROMPTS[:2], Answers(texts, []), 2)
     assert scores.shape == (4,)
