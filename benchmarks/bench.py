@@ -99,11 +99,11 @@ def build_workdir(root: Path, model: str, model_path: Path | None, n: int, max_l
     tokenised splits; returns the base model's folder."""
     import torch
 
-    from rlhf_core import formats
     from rlhf_core.config import TokenizeConfig
-    from rlhf_core.encoding import tokenize_datasets
-    from rlhf_core.modeling import build_tiny_causal_lm, save_model
-    from rlhf_core.tokenizer import load_tokenizer, train_tokenizer
+    from rlhf_core.data import formats
+    from rlhf_core.data.encoding import tokenize_datasets
+    from rlhf_core.data.tokenizer import load_tokenizer, train_tokenizer
+    from rlhf_core.training.modeling import build_tiny_causal_lm, save_model
 
     raw = root / "raw"
     raw.mkdir(parents=True)
@@ -154,7 +154,7 @@ def padding_stats(stage: str, root: Path, batch_size: int, n_batches: int, seed:
     seeded order; every batch is padded to its longest sequence, as TRL's collators do)."""
     from datasets import load_from_disk
 
-    from rlhf_core.batching import index_batches
+    from rlhf_core.data.batching import index_batches
 
     ds = load_from_disk(str(root / "tok" / DATA_KIND[stage] / "train"))
     lengths = row_lengths(stage, ds[:])
@@ -186,8 +186,8 @@ class StepClock:
 
 def run_ours(spec: dict, clock: StepClock) -> int:
     """Run our loop for warmup + steps; returns samples per step."""
-    from rlhf_core import dpo, lm, ppo, rm
     from rlhf_core.config import DPOConfig, LoraConfig, PPOConfig, PTConfig, RMConfig, SFTConfig
+    from rlhf_core.stages import dpo, lm, ppo, rm
 
     stage, root = spec["stage"], Path(spec["root"])
     lora = LoraConfig(enabled=spec["variant"] == "lora", r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"],
@@ -280,7 +280,7 @@ def run_trl(spec: dict, clock: StepClock) -> tuple[int, float]:
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
 
-    from rlhf_core.tokenizer import load_tokenizer
+    from rlhf_core.data.tokenizer import load_tokenizer
 
     class Clock(TrainerCallback):
         def on_step_end(self, targs, state, control, **kw):
@@ -381,8 +381,12 @@ def anchor_child(spec: dict) -> dict:
     as it runs in the anchor venv."""
     import torch
     from datasets import Dataset
-    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedTokenizerFast,
-                              TrainerCallback)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        PreTrainedTokenizerFast,
+        TrainerCallback,
+    )
     from trl import PPOConfig, PPOTrainer
 
     torch.set_num_threads(spec["threads"])

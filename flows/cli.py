@@ -28,9 +28,7 @@ def use_params(project_dir: str, params: str | None) -> None:
 
 
 def cmd_run(a) -> int:
-    from flows.pipeline import pipeline
-
-    from flows.pipeline import StageFailed
+    from flows.pipeline import StageFailed, pipeline
 
     use_params(a.project_dir, a.params)
     try:
@@ -46,7 +44,7 @@ def cmd_run(a) -> int:
 def cmd_stage(a) -> int:
     import signal
 
-    from rlhf_core.loop import Stopped, request_stop
+    from rlhf_core.training.loop import Stopped, request_stop
     from tasks.layout import TRAINED
     from tasks.stages import run_stage
 
@@ -118,13 +116,13 @@ def check_predict_args(a) -> None:
 def cmd_predict(a) -> int:
     import torch
 
-    from rlhf_core.batching import collate_prompts
     from rlhf_core.config import ModelConfig
-    from rlhf_core.encoding import encode_prompt
-    from rlhf_core.formats import Prompt, Turn
-    from rlhf_core.generation import decode_responses, sample
-    from rlhf_core.modeling import load_policy
-    from rlhf_core.tokenizer import load_tokenizer
+    from rlhf_core.data.batching import collate_prompts
+    from rlhf_core.data.encoding import encode_prompt
+    from rlhf_core.data.formats import Prompt, Turn
+    from rlhf_core.data.tokenizer import load_tokenizer
+    from rlhf_core.stages.generation import decode_responses, sample
+    from rlhf_core.training.modeling import load_policy
 
     check_predict_args(a)
     path = resolve_model(a.model)

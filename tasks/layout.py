@@ -69,30 +69,30 @@ def _core(*modules: str) -> tuple[str, ...]:
     return tuple(f"{CORE}/{m}.py" for m in modules)
 
 
-TRAIN_CODE = _core("config", "loop", "optim", "checkpoint", "batching", "modeling", "losses", "logprobs", "data_io")
+TRAIN_CODE = _core("config", "training/loop", "training/optim", "training/checkpoint", "data/batching", "training/modeling", "ops/losses", "ops/logprobs", "data/splits")
 
 STAGES: tuple[StageSpec, ...] = (
-    StageSpec("generate", (), _core("demo_data", "oracle"), ("demo",), (DEMO_DIR,)),
-    StageSpec("validate", DATA_FILES + ("${data.eval_prompts}",), ("tasks/validation.py", f"{CORE}/formats.py", f"{CORE}/sources.py"),
+    StageSpec("generate", (), _core("demo/data", "demo/oracle"), ("demo",), (DEMO_DIR,)),
+    StageSpec("validate", DATA_FILES + ("${data.eval_prompts}",), ("tasks/validation.py", f"{CORE}/data/formats.py", f"{CORE}/data/sources.py"),
               ("data", "validate", "model"), (VALIDATION_REPORT,)),
-    StageSpec("tokenize", DATA_FILES + (VALIDATION_REPORT,), _core("formats", "sources", "encoding", "tokenizer"),
+    StageSpec("tokenize", DATA_FILES + (VALIDATION_REPORT,), _core("data/formats", "data/sources", "data/encoding", "data/tokenizer"),
               ("data", "model", "tokenize"), (TOKENIZED, TOKENIZER)),
-    StageSpec("pt", (TOKENIZED, TOKENIZER), TRAIN_CODE + _core("lm"), ("model", "pt"), (model_dir("pt"),),
+    StageSpec("pt", (TOKENIZED, TOKENIZER), TRAIN_CODE + _core("stages/lm"), ("model", "pt"), (model_dir("pt"),),
               ("train/loss", "eval/loss")),
-    StageSpec("sft", (TOKENIZED, model_dir("pt")), TRAIN_CODE + _core("lm"), ("model", "sft"), (model_dir("sft"),),
+    StageSpec("sft", (TOKENIZED, model_dir("pt")), TRAIN_CODE + _core("stages/lm"), ("model", "sft"), (model_dir("sft"),),
               ("train/loss", "eval/loss")),
-    StageSpec("rm", (TOKENIZED, model_dir("sft")), TRAIN_CODE + _core("rm"), ("model", "rm"), (model_dir("rm"),),
+    StageSpec("rm", (TOKENIZED, model_dir("sft")), TRAIN_CODE + _core("stages/rm"), ("model", "rm"), (model_dir("rm"),),
               ("train/loss", "train/accuracy", "eval/accuracy")),
     # the held-out judge RM: trains on preference/judge (tokenize.judge_fraction > 0), else records
     # that there is none; evaluate scores with it under evaluate.judge: heldout_rm
-    StageSpec("judge", (TOKENIZED, model_dir("sft")), TRAIN_CODE + _core("rm"), ("model", "judge"), (model_dir("judge"),),
+    StageSpec("judge", (TOKENIZED, model_dir("sft")), TRAIN_CODE + _core("stages/rm"), ("model", "judge"), (model_dir("judge"),),
               ("train/loss", "train/accuracy", "eval/accuracy")),
-    StageSpec("dpo", (TOKENIZED, model_dir("sft")), TRAIN_CODE + _core("dpo"), ("model", "dpo"), (model_dir("dpo"),),
+    StageSpec("dpo", (TOKENIZED, model_dir("sft")), TRAIN_CODE + _core("stages/dpo"), ("model", "dpo"), (model_dir("dpo"),),
               ("train/loss", "train/rewards/margins", "train/rewards/accuracies")),
-    StageSpec("ppo", (TOKENIZED, model_dir("sft"), model_dir("rm")), TRAIN_CODE + _core("ppo", "gae", "kl", "generation"),
+    StageSpec("ppo", (TOKENIZED, model_dir("sft"), model_dir("rm")), TRAIN_CODE + _core("stages/ppo", "ops/gae", "ops/kl", "stages/generation"),
               ("model", "ppo"), (model_dir("ppo"),), ("objective/scores", "objective/kl", "objective/rlhf_reward")),
     StageSpec("evaluate", (TOKENIZED, "${data.eval_prompts}", model_dir("sft"), model_dir("rm"), model_dir("judge"),
-                           model_dir("dpo"), model_dir("ppo")), _core("evaluation", "oracle", "generation"),
+                           model_dir("dpo"), model_dir("ppo")), _core("evaluation/evaluate", "demo/oracle", "stages/generation"),
               ("data", "model", "tokenize", "evaluate", "tracking"), ("plots/eval",)),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)

@@ -8,14 +8,22 @@ from pathlib import Path
 
 import yaml
 
-from rlhf_core.config import (DPOConfig, EvalConfig, ModelConfig, PPOConfig, PTConfig, RMConfig, SFTConfig,
-                              TokenizeConfig, from_dict)
-from rlhf_core.demo_data import DemoDataConfig
+from rlhf_core.config import (
+    DPOConfig,
+    EvalConfig,
+    ModelConfig,
+    PPOConfig,
+    PTConfig,
+    RMConfig,
+    SFTConfig,
+    TokenizeConfig,
+    from_dict,
+)
+from rlhf_core.data.formats import FIELDS
+from rlhf_core.demo.data import DemoDataConfig
 from rlhf_core.errors import ConfigError
-from rlhf_core.formats import FIELDS
 from tasks.layout import DEMO_DIR
 from tasks.validation import ValidationLimits
-
 
 INPUTS = {"pt": "pt", "sft": "sft", "preference": "preference", "prompts": "prompts", "eval_prompts": "prompts"}
 """Input name in the `data` group -> the kind of records it holds."""

@@ -48,7 +48,7 @@ def _dvc_deps_hash(root: Path, stage: str) -> str:
 # --- data stages -----------------------------------------------------------------------------
 
 def generate(root: Path, p: Params) -> dict:
-    from rlhf_core import demo_data
+    from rlhf_core.demo import data as demo_data
 
     with atomic_dir(root / layout.DEMO_DIR) as tmp:
         counts = demo_data.generate(tmp, p.demo)
@@ -109,9 +109,9 @@ def _set_aside(root: Path, p: Params) -> dict[str, set[int]]:
 
 
 def tokenize(root: Path, p: Params) -> dict:
-    from rlhf_core import formats
-    from rlhf_core.encoding import tokenize_datasets
-    from rlhf_core.tokenizer import load_tokenizer, train_tokenizer
+    from rlhf_core.data import formats
+    from rlhf_core.data.encoding import tokenize_datasets
+    from rlhf_core.data.tokenizer import load_tokenizer, train_tokenizer
     from tasks.validation import tokenized_checks
 
     skip, cols = _set_aside(root, p), p.data.columns
@@ -166,7 +166,7 @@ def init_dir(root: Path, stage: str) -> Path | None:
 
 def _train_key(root: Path, p: Params, stage: str) -> str:
     """Hash of the stage's params and input files: a finished result with this key is reused."""
-    from rlhf_core.loop import fingerprint
+    from rlhf_core.training.loop import fingerprint
 
     deps = [root / d for d in layout.SPECS[stage].deps if (root / d).exists()]
     return fingerprint(_group_params(p, stage), *deps)
@@ -174,7 +174,7 @@ def _train_key(root: Path, p: Params, stage: str) -> str:
 
 def _fit(root: Path, p: Params, stage: str, logger) -> dict:
     """Run the stage's training loop (resuming from its last checkpoint if there is one)."""
-    from rlhf_core import dpo, lm, ppo, rm
+    from rlhf_core.stages import dpo, lm, ppo, rm
 
     out, ckpt, data = root / layout.model_dir(stage), root / layout.checkpoint_dir(stage), root / layout.TOKENIZED
     cfg = getattr(p, stage)
@@ -294,9 +294,9 @@ def no_judge(root: Path) -> dict:
 
 def make_judge(root: Path, p: Params):
     """The judge `evaluate.judge` names (see tasks.params.resolve_judge)."""
-    from rlhf_core import oracle
-    from rlhf_core.evaluation import TextJudge, load_judge
-    from rlhf_core.tokenizer import load_tokenizer
+    from rlhf_core.data.tokenizer import load_tokenizer
+    from rlhf_core.demo import oracle
+    from rlhf_core.evaluation.evaluate import TextJudge, load_judge
 
     judge = resolve_judge(p)
     if judge == "oracle":
@@ -317,9 +317,9 @@ def make_judge(root: Path, p: Params):
 
 
 def evaluate(root: Path, p: Params, run) -> dict:
-    from rlhf_core import formats
-    from rlhf_core.data_io import load_split
-    from rlhf_core.evaluation import evaluate_policies
+    from rlhf_core.data import formats
+    from rlhf_core.data.splits import load_split
+    from rlhf_core.evaluation.evaluate import evaluate_policies
 
     models = ["sft", "dpo", "ppo"]
     prompts = formats.read_prompts(root / p.data.eval_prompts, p.data.columns.get("eval_prompts"),

@@ -236,8 +236,8 @@ class MetricLogger:
 def log_dataset(path: Path, name: str, context: str) -> str:
     """Record a dataset as a run input with its content hash; returns the hash."""
     import mlflow
-    from mlflow.data.meta_dataset import MetaDataset
     from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
 
     digest = file_hash(path)
     source = HTTPDatasetSource(url=Path(path).resolve().as_uri())

@@ -4,7 +4,7 @@
 never raises for bad data, it reports it:
 
 1. Structural pass. Every record is read on its own, so one bad record does not hide the next:
-   bad UTF-8, malformed JSON, duplicate keys, records the `rlhf_core.formats` parser rejects and
+   bad UTF-8, malformed JSON, duplicate keys, records the `rlhf_core.data.formats` parser rejects and
    records whose shape differs from the file's first shape each become a `Failure` with the
    1-based line (expectation `record_format`). A missing, empty or unreadable file, a directory or
    a symlink loop is one `Failure` at line 0 (expectation `file_readable`).
@@ -40,8 +40,7 @@ from typing import Any, Callable, Iterable
 
 import pandas as pd
 
-from rlhf_core.errors import ConfigError, DataError
-from rlhf_core.formats import (
+from rlhf_core.data.formats import (
     KINDS,
     RecordError,
     check_text,
@@ -53,7 +52,8 @@ from rlhf_core.formats import (
     parse_sft,
     rename_columns,
 )
-from rlhf_core.sources import iter_objects, open_source, text_documents
+from rlhf_core.data.sources import iter_objects, open_source, text_documents
+from rlhf_core.errors import ConfigError, DataError
 
 __all__ = [
     "COLUMNS",
@@ -162,7 +162,7 @@ class ValidationReport:
     """Lines of the records set aside (every line with a failure)."""
     max_invalid_fraction: float = 0.0
     shape: str | None = None
-    """The file's shape (`rlhf_core.formats.SHAPES`), from its first record that has one."""
+    """The file's shape (`rlhf_core.data.formats.SHAPES`), from its first record that has one."""
     bom_stripped: bool = False
     duplicates: int = 0
     duplicate_lines: list[int] = field(default_factory=list)
@@ -742,7 +742,7 @@ def tokenized_checks(out_dir: Path, sources: dict[str, str]) -> dict[str, dict]:
 
     from datasets import load_from_disk
 
-    from rlhf_core.encoding import IGNORE
+    from rlhf_core import IGNORE_INDEX
 
     manifest = json.loads((Path(out_dir) / "manifest.json").read_text()) if (Path(out_dir) / "manifest.json").exists() else {}
     checks: dict[str, dict] = {}
@@ -757,7 +757,7 @@ def tokenized_checks(out_dir: Path, sources: dict[str, str]) -> dict[str, dict]:
         if kind == "sft":
             total = trained = nothing = 0
             for labels in ds["labels"]:
-                n = sum(1 for x in labels if x != IGNORE)
+                n = sum(1 for x in labels if x != IGNORE_INDEX)
                 total, trained, nothing = total + len(labels), trained + n, nothing + (n == 0)
             entry.update(labels_aligned=True, trainable_share=round(trained / total, 4) if total else 0.0,
                          rows_nothing_to_train=nothing)

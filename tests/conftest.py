@@ -117,8 +117,8 @@ def smollm2_dir() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
     """SmolLM2's own tokenizer and chat template (no weights: a few seconds to build)."""
+    from rlhf_core.data.tokenizer import load_tokenizer
     from rlhf_core.gguf_import import import_gguf, is_imported, smollm2_gguf
-    from rlhf_core.tokenizer import load_tokenizer
 
     full = SMOLLM2_CACHE / "smollm2-135m-instruct"
     path = full if is_imported(full, weights=False) else import_gguf(
@@ -128,11 +128,12 @@ def smollm2_tokenizer():
 
 def build_tiny_sft_project(root: Path, model_cfg) -> Path:
     """A small demo SFT set tokenised under root/tok and an untrained tiny model in root/base."""
-    from rlhf_core import demo_data, formats
     from rlhf_core.config import TokenizeConfig
-    from rlhf_core.encoding import tokenize_datasets
-    from rlhf_core.modeling import build_tiny_causal_lm, save_model
-    from rlhf_core.tokenizer import train_tokenizer
+    from rlhf_core.data import formats
+    from rlhf_core.data.encoding import tokenize_datasets
+    from rlhf_core.data.tokenizer import train_tokenizer
+    from rlhf_core.demo import data as demo_data
+    from rlhf_core.training.modeling import build_tiny_causal_lm, save_model
 
     demo_data.generate(root / "raw", demo_data.DemoDataConfig(n_pt_docs=20, n_sft=48, n_preferences=8,
                                                              n_prompts=8, n_eval_prompts=2))

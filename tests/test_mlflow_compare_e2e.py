@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, set_params
 
 pytestmark = pytest.mark.slow
@@ -54,8 +53,8 @@ def test_second_run_reran_only_dpo_and_evaluate(two_runs):
 
 def test_both_parents_carry_every_param_and_the_headline_metrics(two_runs):
     from tasks.layout import STAGE_NAMES
-    from tasks.parent_run import EVAL_KEYS, EVAL_MODELS, resolved_params
     from tasks.params import load_params
+    from tasks.parent_run import EVAL_KEYS, EVAL_MODELS, resolved_params
 
     project, first, second, _ = two_runs
     client = _client(project)

@@ -3,8 +3,8 @@ through DVC in a real git repo, with MLflow on SQLite. Then DVC's staleness is c
 import json
 
 import pytest
-
-from conftest import TINY, dvc as _dvc, set_params
+from conftest import TINY, set_params
+from conftest import dvc as _dvc
 
 pytestmark = pytest.mark.slow
 
@@ -91,10 +91,10 @@ def test_stage_runs_carry_the_flow_run_id_and_predict_loads_a_registered_model(e
 
 
 def test_bad_data_stops_the_flow_at_validate_and_leaves_earlier_outputs_alone(e2e_project, e2e_flow_run):
+    import mlflow
+
     from flows.pipeline import StageFailed, pipeline
     from tasks.layout import STAGE_NAMES
-
-    import mlflow
 
     def outputs():
         files = [p for d in ("models", "data/tokenized", "metrics", "plots") for p in (e2e_project / d).rglob("*") if p.is_file()]

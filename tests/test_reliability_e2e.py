@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import clean_env, dvc, set_params
 
 pytestmark = pytest.mark.slow
@@ -240,7 +239,6 @@ def test_two_flow_runs_at_once_in_separate_checkouts_share_one_prefect_db(e2e_pr
     import shutil
 
     import mlflow
-
     import yaml
 
     current = yaml.safe_load((e2e_project / "params.yaml").read_text())["dpo"]["beta"]

@@ -9,7 +9,6 @@ import json
 
 import pytest
 import yaml
-
 from conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -58,8 +57,8 @@ def test_registered_models_load_back_and_sft_still_answers(recipe):
     import torch
 
     from rlhf_core.config import ModelConfig
-    from rlhf_core.modeling import load_policy, load_scalar_model
-    from rlhf_core.tokenizer import load_tokenizer
+    from rlhf_core.data.tokenizer import load_tokenizer
+    from rlhf_core.training.modeling import load_policy, load_scalar_model
     from tasks import tracking
 
     root, _ = recipe

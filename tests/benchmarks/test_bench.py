@@ -89,7 +89,7 @@ def test_ratio_lines_compare_the_same_stage_and_variant():
 
 
 def test_smollm2_records_are_public_formats_of_varied_length(tmp_path):
-    from rlhf_core import formats
+    from rlhf_core.data import formats
 
     sft, pref = bench.raw_records("smollm2", 60, seed=1)
     bench.write_jsonl(tmp_path / "sft.jsonl", sft)

@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from flows.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -6,8 +6,8 @@ import random
 
 import torch
 
-from rlhf_core import checkpoint
-from rlhf_core.checkpoint import load_checkpoint, save_checkpoint
+from rlhf_core.training import checkpoint
+from rlhf_core.training.checkpoint import load_checkpoint, save_checkpoint
 
 
 def _state(model):

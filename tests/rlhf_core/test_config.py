@@ -6,9 +6,20 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_core.config import (DPOConfig, EvalConfig, LoraConfig, ModelConfig, PPOConfig, PTConfig, RMConfig,
-                              SFTConfig, TokenizeConfig, TrainConfig, from_dict, to_dict)
-from rlhf_core.demo_data import DemoDataConfig
+from rlhf_core.config import (
+    DPOConfig,
+    EvalConfig,
+    LoraConfig,
+    ModelConfig,
+    PPOConfig,
+    PTConfig,
+    RMConfig,
+    SFTConfig,
+    TokenizeConfig,
+    TrainConfig,
+    from_dict,
+    to_dict,
+)
 from rlhf_core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]

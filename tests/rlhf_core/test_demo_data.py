@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_core import demo_data, oracle
-from rlhf_core.demo_data import DemoDataConfig
+from rlhf_core.demo import data as demo_data
+from rlhf_core.demo import oracle
+from rlhf_core.demo.data import DemoDataConfig
 
 SMALL = DemoDataConfig(
     seed=7, n_pt_docs=60, n_sft=200, n_preferences=200, n_prompts=60, n_eval_prompts=40
@@ -222,7 +223,7 @@ def test_demo_data_imports_only_the_standard_library_and_oracle() -> None:
     outside = {
         name
         for name in imported
-        if name.split(".")[0] not in sys.stdlib_module_names and name != "rlhf_core.oracle"
+        if name.split(".")[0] not in sys.stdlib_module_names and name != "rlhf_core.demo.oracle"
     }
     assert outside == set()
 

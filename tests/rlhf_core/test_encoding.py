@@ -7,13 +7,21 @@ import json
 
 import pytest
 
-from rlhf_core.batching import collate_lm
+from rlhf_core import IGNORE_INDEX
 from rlhf_core.config import TokenizeConfig
-from rlhf_core.data_io import load_split
-from rlhf_core.encoding import (IGNORE, encode_preference, encode_prompt, encode_sft, pack_blocks, render_ids,
-                                split_indices, tokenize_datasets)
-from rlhf_core.formats import Conversation, PreferencePair, Prompt, Turn, parse_preference
-from rlhf_core.tokenizer import EOS, ROLE_TOKENS, train_tokenizer
+from rlhf_core.data.batching import collate_lm
+from rlhf_core.data.encoding import (
+    encode_preference,
+    encode_prompt,
+    encode_sft,
+    pack_blocks,
+    render_ids,
+    split_indices,
+    tokenize_datasets,
+)
+from rlhf_core.data.formats import Conversation, PreferencePair, Prompt, Turn, parse_preference
+from rlhf_core.data.splits import load_split
+from rlhf_core.data.tokenizer import EOS, ROLE_TOKENS, train_tokenizer
 
 CORPUS = [
     "What is the capital of Veldoria?",
@@ -105,12 +113,12 @@ def _check_multi_turn_masks(tok):
     assert len(spans) == 2
     trained = {j for s, e in spans for j in range(s, e)}
     for j, (i, l) in enumerate(zip(ids, labels)):
-        assert l == (i if j in trained else IGNORE), j
+        assert l == (i if j in trained else IGNORE_INDEX), j
     replies = [ids[s:e] for s, e in spans]
     assert all(r[-1] == tok.eos_token_id for r in replies)  # every turn ends with a trained EOS
     assert [tok.decode(r[:-1]) for r in replies] == ["Hello!", "Certainly! The capital of Veldoria is Marrowick."]
     # the non-trained part decodes to the system/user turns and role markers only
-    masked = tok.decode([i for i, l in zip(ids, labels) if l == IGNORE])
+    masked = tok.decode([i for i, l in zip(ids, labels) if l == IGNORE_INDEX])
     assert masked == "<|system|>Be brief.<|user|>Hi there<|assistant|><|user|>What is the capital of Veldoria?<|assistant|>"
     return ids, labels
 
@@ -127,7 +135,7 @@ def test_sft_eos_is_trained_when_pad_is_eos(tok, tok_pad_is_eos):
     batch = collate_lm({"input_ids": [ids, short[0]], "labels": [labels, short[1]]}, tok_pad_is_eos.pad_token_id)
     n_short = len(short[0])
     assert batch.labels[1, n_short - 1].item() == tok.eos_token_id
-    assert batch.labels[1, n_short:].tolist() == [IGNORE] * (len(ids) - n_short)
+    assert batch.labels[1, n_short:].tolist() == [IGNORE_INDEX] * (len(ids) - n_short)
     assert batch.attention_mask[1].tolist() == [1] * n_short + [0] * (len(ids) - n_short)
     assert (batch.labels[0] == tok.eos_token_id).sum().item() == 2
 
@@ -144,7 +152,7 @@ def test_sft_truncation(tok):
 def test_overlong_records_are_truncated_dropped_or_refused_as_configured(tok, tmp_path):
     import json
 
-    from rlhf_core import formats
+    from rlhf_core.data import formats
     from rlhf_core.errors import DataError
 
     chat = lambda answer: json.dumps({"messages": [{"role": "user", "content": "Hi"},  # noqa: E731
@@ -263,7 +271,8 @@ def test_split_sizes(n, fraction, n_eval):
 
 
 def test_manifest_counts_add_up(tok, tmp_path):
-    from rlhf_core import demo_data, formats
+    from rlhf_core.data import formats
+    from rlhf_core.demo import data as demo_data
 
     raw = tmp_path / "raw"
     demo_data.generate(raw, demo_data.DemoDataConfig(n_pt_docs=30, n_sft=40, n_preferences=30, n_prompts=20,

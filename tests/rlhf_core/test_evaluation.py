@@ -7,9 +7,18 @@ import pytest
 import torch
 
 from rlhf_core.config import EvalConfig, ModelConfig
-from rlhf_core.evaluation import (RolloutRMJudge, TextJudge, TextRMJudge, evaluate_policies, load_judge,
-                                  pairwise_agreement, prompt_text, win_rate, win_rate_rows)
-from rlhf_core.formats import Prompt, Turn
+from rlhf_core.data.formats import Prompt, Turn
+from rlhf_core.evaluation.evaluate import (
+    RolloutRMJudge,
+    TextJudge,
+    TextRMJudge,
+    evaluate_policies,
+    load_judge,
+    pairwise_agreement,
+    prompt_text,
+    win_rate,
+    win_rate_rows,
+)
 
 # --- pure functions --------------------------------------------------------------------------
 
@@ -86,10 +95,10 @@ def tiny(tmp_path_factory):
     from datasets import Dataset
 
     from rlhf_core.config import TokenizeConfig
-    from rlhf_core.encoding import encode_preference
-    from rlhf_core.formats import PreferencePair
-    from rlhf_core.modeling import build_tiny_causal_lm, load_scalar_model, save_model
-    from rlhf_core.tokenizer import train_tokenizer
+    from rlhf_core.data.encoding import encode_preference
+    from rlhf_core.data.formats import PreferencePair
+    from rlhf_core.data.tokenizer import train_tokenizer
+    from rlhf_core.training.modeling import build_tiny_causal_lm, load_scalar_model, save_model
 
     root = tmp_path_factory.mktemp("eval")
     tok = train_tokenizer(SENTENCES, 300)
@@ -173,9 +182,9 @@ def test_win_rate_rows_hand_case():
 
 
 def test_preference_accuracy_of_the_reference_is_one_half_and_matches_a_naive_count(tiny, report):
-    from rlhf_core.batching import collate_pairs
-    from rlhf_core.dpo import pair_logprobs
-    from rlhf_core.modeling import load_policy
+    from rlhf_core.data.batching import collate_pairs
+    from rlhf_core.stages.dpo import pair_logprobs
+    from rlhf_core.training.modeling import load_policy
 
     assert report["sft"]["preference_accuracy"] == 0.5  # every log-ratio is exactly 0: all ties
     dirs, _, prefs = tiny
@@ -193,7 +202,7 @@ def test_preference_accuracy_of_the_reference_is_one_half_and_matches_a_naive_co
 
 def test_heldout_rm_judge_scores_the_sampled_tokens_like_the_policy_rm(tiny):
     """With the policy RM itself as the judge, judge scores are the RM scores, answer by answer."""
-    from rlhf_core.tokenizer import load_tokenizer
+    from rlhf_core.data.tokenizer import load_tokenizer
 
     dirs, rm_dir, _ = tiny
     judge = load_judge(rm_dir, load_tokenizer(dirs["sft"]), MODEL_CFG, "cpu")
@@ -206,12 +215,12 @@ def test_heldout_rm_judge_scores_the_sampled_tokens_like_the_policy_rm(tiny):
 
 
 def test_a_judge_with_its_own_tokenizer_rerenders_the_answers(tiny, tmp_path):
-    from rlhf_core.batching import collate_prompts
-    from rlhf_core.encoding import render_ids
-    from rlhf_core.evaluation import Answers
-    from rlhf_core.logprobs import gather_last
-    from rlhf_core.modeling import build_tiny_causal_lm, load_scalar_model, save_model, token_scores
-    from rlhf_core.tokenizer import load_tokenizer, train_tokenizer
+    from rlhf_core.data.batching import collate_prompts
+    from rlhf_core.data.encoding import render_ids
+    from rlhf_core.data.tokenizer import load_tokenizer, train_tokenizer
+    from rlhf_core.evaluation.evaluate import Answers
+    from rlhf_core.ops.logprobs import gather_last
+    from rlhf_core.training.modeling import build_tiny_causal_lm, load_scalar_model, save_model, token_scores
 
     dirs, _, _ = tiny
     own = train_tokenizer(["A different corpus entirely, for another vocabulary."] * 5 + SENTENCES[::2], 280)

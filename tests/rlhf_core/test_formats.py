@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_core import formats, sources
+from rlhf_core.data import formats, sources
+from rlhf_core.data.formats import Conversation, PreferencePair, Prompt, Turn
 from rlhf_core.errors import DataError
-from rlhf_core.formats import Conversation, PreferencePair, Prompt, Turn
 
 
 def write_jsonl(path: Path, records: list) -> Path:

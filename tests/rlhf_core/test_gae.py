@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf_core.gae import compute_token_rewards, gae_advantages
+from rlhf_core.ops.gae import compute_token_rewards, gae_advantages
 
 
 def test_compute_token_rewards():

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf_core.batching import PromptBatch
-from rlhf_core.generation import generation_config, response_mask, sample
+from rlhf_core.data.batching import PromptBatch
+from rlhf_core.stages.generation import generation_config, response_mask, sample
 
 EOS, PAD = 1, 0
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlhf_core.kl import (
+from rlhf_core.ops.kl import (
     AdaptiveKLController,
     FixedKLController,
     kl_penalty,

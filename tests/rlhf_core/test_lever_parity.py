@@ -14,13 +14,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf_core.batching import collate_lm, collate_pairs
+from rlhf_core import IGNORE_INDEX
 from rlhf_core.config import LoraConfig, ModelConfig
-from rlhf_core.encoding import IGNORE
-from rlhf_core.generation import Rollout
-from rlhf_core.losses import lm_loss
-from rlhf_core.modeling import apply_lora, build_tiny_causal_lm, forward_logits
-from rlhf_core.tokenizer import train_tokenizer
+from rlhf_core.data.batching import collate_lm, collate_pairs
+from rlhf_core.data.tokenizer import train_tokenizer
+from rlhf_core.ops.losses import lm_loss
+from rlhf_core.stages.generation import Rollout
+from rlhf_core.training.modeling import apply_lora, build_tiny_causal_lm, forward_logits
 
 TINY = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, vocab_size=320)
 CORPUS = ["What is the capital of Veldoria? Certainly! The capital of Veldoria is Marrowick."] * 20
@@ -69,7 +69,7 @@ def make_rollout(prompts: list[list[int]], responses: list[list[int]], pad: int,
 
 
 def test_ppo_response_logprobs_and_entropy_equal_each_sequence_run_alone(model, tok):
-    from rlhf_core.ppo import response_logprobs
+    from rlhf_core.stages.ppo import response_logprobs
 
     gen = torch.Generator().manual_seed(0)
     eos, pad = tok.eos_token_id, tok.pad_token_id
@@ -92,7 +92,7 @@ def test_ppo_response_logprobs_and_entropy_equal_each_sequence_run_alone(model, 
 def test_ppo_response_values_equal_each_sequence_scored_alone(tok):
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from rlhf_core.ppo import response_values
+    from rlhf_core.stages.ppo import response_values
 
     torch.manual_seed(0)
     critic = LlamaForSequenceClassification(LlamaConfig(
@@ -123,7 +123,7 @@ def pair_rows(tok, n: int, seed: int):
 
 
 def test_precomputed_dpo_reference_equals_the_per_step_reference_and_each_pair_alone(model, tok):
-    from rlhf_core.dpo import Reference, precompute_reference
+    from rlhf_core.stages.dpo import Reference, precompute_reference
 
     policy = apply_lora(build_tiny_causal_lm(TINY, tok, seed=3), LoraConfig(enabled=True, r=4, alpha=8)).eval()
     ds = pair_rows(tok, 7, seed=2)
@@ -145,7 +145,7 @@ def test_precomputed_dpo_reference_equals_the_per_step_reference_and_each_pair_a
 def test_sft_loss_of_a_padded_batch_equals_the_per_sequence_sums(model, tok):
     gen = torch.Generator().manual_seed(4)
     seqs = [ids(gen, n, tok) for n in (9, 3, 6)]
-    labels = [[IGNORE] * 2 + s[2:] for s in seqs]  # a masked prompt of 2 tokens
+    labels = [[IGNORE_INDEX] * 2 + s[2:] for s in seqs]  # a masked prompt of 2 tokens
     b = collate_lm({"input_ids": seqs, "labels": labels}, tok.pad_token_id)
     with torch.no_grad():
         loss, m = lm_loss(forward_logits(model, b.input_ids, b.attention_mask), b.labels)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlhf_core.logprobs import (
+from rlhf_core.ops.logprobs import (
     entropy_from_logits,
     gather_last,
     last_token_index,

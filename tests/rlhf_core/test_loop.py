@@ -9,8 +9,8 @@ import torch
 
 from rlhf_core.config import SFTConfig
 from rlhf_core.errors import TrainingError
-from rlhf_core.loop import optimizer_step
-from rlhf_core.optim import make_accelerator
+from rlhf_core.training.loop import optimizer_step
+from rlhf_core.training.optim import make_accelerator
 
 
 class ScalingAccelerator(SimpleNamespace):

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rlhf_core.logprobs import selective_log_softmax
-from rlhf_core.losses import (
+from rlhf_core.ops.logprobs import selective_log_softmax
+from rlhf_core.ops.losses import (
     dpo_loss,
     dpo_sigmoid_loss,
     ipo_loss,

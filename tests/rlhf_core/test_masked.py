@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from rlhf_core.masked import masked_mean, masked_sum, masked_var, masked_whiten
+from rlhf_core.ops.masked import masked_mean, masked_sum, masked_var, masked_whiten
 
 
 def test_masked_sum_and_mean_by_hand():

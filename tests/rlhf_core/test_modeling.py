@@ -9,10 +9,17 @@ import pytest
 import torch
 
 from rlhf_core.config import LoraConfig, ModelConfig
+from rlhf_core.data.tokenizer import DEFAULT_CHAT_TEMPLATE, load_tokenizer, train_tokenizer
 from rlhf_core.errors import ModelLoadError
-from rlhf_core.modeling import (apply_lora, build_tiny_causal_lm, forward_logits, is_peft, load_causal_lm,
-                                load_policy, save_model)
-from rlhf_core.tokenizer import DEFAULT_CHAT_TEMPLATE, load_tokenizer, train_tokenizer
+from rlhf_core.training.modeling import (
+    apply_lora,
+    build_tiny_causal_lm,
+    forward_logits,
+    is_peft,
+    load_causal_lm,
+    load_policy,
+    save_model,
+)
 
 TINY = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, vocab_size=320)
 LORA = LoraConfig(enabled=True, r=4, alpha=8)
@@ -133,7 +140,7 @@ def test_directory_without_weights(tmp_path, tok):
 # --- LoRA ------------------------------------------------------------------------------------
 
 def _train_adapters_one_step(model, batch) -> None:
-    from rlhf_core.losses import lm_loss
+    from rlhf_core.ops.losses import lm_loss
 
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -218,7 +225,7 @@ def test_a_bf16_checkpoint_loads_as_fp32_master_weights_unless_asked(tok, tmp_pa
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tok, batch):
-    from rlhf_core.modeling import enable_gradient_checkpointing
+    from rlhf_core.training.modeling import enable_gradient_checkpointing
 
     grads = []
     for checkpointing in (False, True):
@@ -261,7 +268,7 @@ def test_an_adapter_names_its_base_relative_to_itself_and_loads_after_the_projec
 
 
 def test_an_adapter_on_a_hub_id_or_outside_base_keeps_the_name_as_given(tmp_path, monkeypatch):
-    from rlhf_core.modeling import portable_base
+    from rlhf_core.training.modeling import portable_base
 
     inside, outside = tmp_path / "p" / "models" / "sft", tmp_path / "cache" / "smollm2"
     inside.mkdir(parents=True), outside.mkdir(parents=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_core import oracle
+from rlhf_core.demo import oracle
 
 PROMPT = "What is the capital of Veldoria?"
 

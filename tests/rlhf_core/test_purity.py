@@ -30,16 +30,16 @@ for name in FORBIDDEN:
 
 import rlhf_core
 imported = []
-for info in sorted(pkgutil.iter_modules(rlhf_core.__path__), key=lambda i: i.name):
-    importlib.import_module("rlhf_core." + info.name)
+for info in sorted(pkgutil.walk_packages(rlhf_core.__path__, "rlhf_core."), key=lambda i: i.name):
+    importlib.import_module(info.name)
     imported.append(info.name)
 
 # the lazily imported stack (tokenizers, transformers, peft, accelerate) works without it too
 import torch
 from rlhf_core.config import LoraConfig, ModelConfig, SFTConfig
-from rlhf_core.modeling import apply_lora, build_tiny_causal_lm, forward_logits
-from rlhf_core.optim import make_accelerator
-from rlhf_core.tokenizer import train_tokenizer
+from rlhf_core.training.modeling import apply_lora, build_tiny_causal_lm, forward_logits
+from rlhf_core.training.optim import make_accelerator
+from rlhf_core.data.tokenizer import train_tokenizer
 tok = train_tokenizer(["the capital of Veldoria is Marrowick"] * 5, 300)
 model = apply_lora(build_tiny_causal_lm(ModelConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
                                                     vocab_size=300), tok), LoraConfig(enabled=True, r=2))
@@ -58,9 +58,12 @@ def test_every_module_imports_without_the_orchestration_stack():
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["blocked"] == list(FORBIDDEN)  # the block works, so the import below means something
-    expected = sorted(p.stem for p in PACKAGE_DIR.glob("*.py") if p.stem != "__init__")
+    expected = sorted(".".join(("rlhf_core",) + p.relative_to(PACKAGE_DIR).with_suffix("").parts).removesuffix(".__init__")
+                      for p in PACKAGE_DIR.rglob("*.py") if p != PACKAGE_DIR / "__init__.py")
     assert out["imported"] == expected
-    assert {"formats", "encoding", "config", "lm", "rm", "dpo", "ppo", "modeling"} <= set(out["imported"])
+    assert {"rlhf_core.data.formats", "rlhf_core.data.encoding", "rlhf_core.config", "rlhf_core.stages.lm",
+            "rlhf_core.stages.rm", "rlhf_core.stages.dpo", "rlhf_core.stages.ppo",
+            "rlhf_core.training.modeling"} <= set(out["imported"])
     assert out["leaked"] == []
     assert out["shape"] == [1, out["n_ids"], out["vocab"]] and out["n_ids"] > 0
 

@@ -7,17 +7,16 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from conftest import build_tiny_sft_project
 import torch
+from conftest import build_tiny_sft_project
 
-from rlhf_core import lm
 from rlhf_core.config import LoraConfig, ModelConfig, SFTConfig, TokenizeConfig
-from rlhf_core.encoding import tokenize_datasets
+from rlhf_core.data.encoding import tokenize_datasets
+from rlhf_core.data.formats import Conversation, PreferencePair, Prompt, Turn
+from rlhf_core.data.tokenizer import load_tokenizer
 from rlhf_core.errors import ConfigError, DataError, ModelLoadError
-from rlhf_core.formats import Conversation, PreferencePair, Prompt, Turn
-from rlhf_core.modeling import (apply_lora, build_tiny_causal_lm, load_causal_lm, load_scalar_model, save_model)
-from rlhf_core.tokenizer import load_tokenizer
+from rlhf_core.stages import lm
+from rlhf_core.training.modeling import apply_lora, build_tiny_causal_lm, load_causal_lm, load_scalar_model, save_model
 
 TINY = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, vocab_size=320)
 

@@ -5,16 +5,16 @@ import os
 from pathlib import Path
 
 import pytest
-
 from conftest import build_tiny_sft_project
 
-from rlhf_core import formats, lm
 from rlhf_core.atomic import atomic_dir, atomic_write_text
 from rlhf_core.config import ModelConfig, SFTConfig, TokenizeConfig
-from rlhf_core.encoding import tokenize_datasets
+from rlhf_core.data import formats
+from rlhf_core.data.encoding import tokenize_datasets
+from rlhf_core.data.tokenizer import train_tokenizer
 from rlhf_core.errors import TrainingError
-from rlhf_core.modeling import build_tiny_causal_lm, check_tokenizer_fits, save_model
-from rlhf_core.tokenizer import train_tokenizer
+from rlhf_core.stages import lm
+from rlhf_core.training.modeling import build_tiny_causal_lm, check_tokenizer_fits, save_model
 
 TINY = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, vocab_size=320)
 
@@ -71,7 +71,7 @@ def test_nan_loss_stops_the_stage_naming_step_and_keeps_the_last_checkpoint(tiny
 
 
 def test_a_save_that_misses_its_weights_never_replaces_the_good_model(tiny, monkeypatch):
-    from rlhf_core.tokenizer import load_tokenizer
+    from rlhf_core.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tiny / "base")
     model = build_tiny_causal_lm(TINY, tok)
@@ -83,7 +83,7 @@ def test_a_save_that_misses_its_weights_never_replaces_the_good_model(tiny, monk
 
 
 def test_tokenizer_that_does_not_fit_the_model_is_refused(tiny):
-    from rlhf_core.tokenizer import load_tokenizer
+    from rlhf_core.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tiny / "base")
     small = build_tiny_causal_lm(ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
@@ -111,7 +111,7 @@ GOOD = {
 
 @pytest.mark.parametrize("kind", sorted(GOOD))
 def test_well_formed_splits_pass_the_shape_check(kind):
-    from rlhf_core.data_io import check_split
+    from rlhf_core.data.splits import check_split
 
     check_split(_ds(**GOOD[kind]), kind, "tok", vocab_size=9, block_size=4 if kind == "pt" else None)
 
@@ -141,14 +141,14 @@ BAD = [
 @pytest.mark.parametrize("kind,cols,message", BAD, ids=[m.split("[")[-1].rstrip("]\\") + f"-{i}"
                                                           for i, (_, _, m) in enumerate(BAD)])
 def test_malformed_splits_are_named_with_row_and_rule(kind, cols, message):
-    from rlhf_core.data_io import check_split
+    from rlhf_core.data.splits import check_split
 
     with pytest.raises(TrainingError, match=message):
         check_split(_ds(**cols), kind, "tok", vocab_size=9, block_size=4 if kind == "pt" else None)
 
 
 def test_tokenize_whose_output_is_malformed_fails_and_keeps_the_good_data(tiny, monkeypatch):
-    from rlhf_core import encoding
+    from rlhf_core.data import encoding
 
     convs = formats.read_conversations(tiny / "raw" / "sft.jsonl")
     tok = train_tokenizer([t.content for c in convs for t in c.turns], TINY.vocab_size)
@@ -191,7 +191,7 @@ def test_training_refuses_tokenised_data_of_the_wrong_shape_before_touching_torc
 
 
 def test_a_save_whose_weights_have_the_wrong_shape_never_replaces_the_good_model(tiny, monkeypatch):
-    from rlhf_core.tokenizer import load_tokenizer
+    from rlhf_core.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tiny / "base")
     model = build_tiny_causal_lm(TINY, tok)
@@ -208,8 +208,8 @@ def test_a_save_whose_weights_have_the_wrong_shape_never_replaces_the_good_model
 
 def test_a_good_save_passes_the_shape_check_with_tied_weights_and_lora(tiny, tmp_path):
     from rlhf_core.config import LoraConfig
-    from rlhf_core.modeling import apply_lora, verify_saved
-    from rlhf_core.tokenizer import load_tokenizer
+    from rlhf_core.data.tokenizer import load_tokenizer
+    from rlhf_core.training.modeling import apply_lora, verify_saved
 
     tok = load_tokenizer(tiny / "base")
     model = build_tiny_causal_lm(TINY, tok)

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_core import formats
+from rlhf_core import IGNORE_INDEX
 from rlhf_core.config import TokenizeConfig
-from rlhf_core.encoding import IGNORE, encode_preference, encode_prompt, encode_sft
+from rlhf_core.data import formats
+from rlhf_core.data.encoding import encode_preference, encode_prompt, encode_sft
 
 SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 CFG = TokenizeConfig(max_length=512, max_response_length=128)
@@ -26,7 +27,7 @@ def _read(tmp_path: Path, read, record: dict):
 
 
 def trained(tok, ids: list[int], labels: list[int]) -> str:
-    return tok.decode([i for i, label in zip(ids, labels) if label != IGNORE])
+    return tok.decode([i for i, label in zip(ids, labels) if label != IGNORE_INDEX])
 
 
 SFT = [
@@ -62,7 +63,7 @@ def test_observation_is_rendered_as_a_tool_turn_and_masked(tmp_path, smollm2_tok
     assert tok.decode(ids) == (SYSTEM + "<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n" + CALL +
                                '<|im_end|>\n<|im_start|>tool\n{"result": 5}<|im_end|>\n'
                                "<|im_start|>assistant\nIt is 5.<|im_end|>\n")
-    masked = tok.decode([i for i, label in zip(ids, labels) if label == IGNORE])
+    masked = tok.decode([i for i, label in zip(ids, labels) if label == IGNORE_INDEX])
     assert '<|im_start|>tool\n{"result": 5}<|im_end|>' in masked
 
 
@@ -132,8 +133,8 @@ def test_prompts_from_sft_shapes(tmp_path, smollm2_tokenizer):
 
 
 def test_tokenized_checks_report_the_trainable_share_per_file(tmp_path, smollm2_tokenizer):
-    from rlhf_core.encoding import tokenize_datasets
-    from rlhf_core.formats import Conversation, PreferencePair, Turn
+    from rlhf_core.data.encoding import tokenize_datasets
+    from rlhf_core.data.formats import Conversation, PreferencePair, Turn
     from tasks.validation import tokenized_checks
 
     tok = smollm2_tokenizer

@@ -10,10 +10,16 @@ import copy
 import pytest
 
 from rlhf_core.config import TokenizeConfig
-from rlhf_core.encoding import (IGNORE, TemplateError, encode_preference, encode_prompt, encode_sft,
-                                tokenize_datasets)
+from rlhf_core.data.encoding import (
+    IGNORE_INDEX,
+    TemplateError,
+    encode_preference,
+    encode_prompt,
+    encode_sft,
+    tokenize_datasets,
+)
+from rlhf_core.data.formats import Conversation, PreferencePair, Prompt, Turn
 from rlhf_core.errors import DataError
-from rlhf_core.formats import Conversation, PreferencePair, Prompt, Turn
 
 CHAT = Conversation((Turn("user", "hi"), Turn("assistant", "hello"), Turn("user", "and?"), Turn("assistant", "there")))
 SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
@@ -22,8 +28,8 @@ SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, train
 def trained_spans(tok, labels: list[int]) -> list[str]:
     """Decode each maximal run of trained (not -100) labels."""
     spans, run = [], []
-    for label in labels + [IGNORE]:
-        if label != IGNORE:
+    for label in labels + [IGNORE_INDEX]:
+        if label != IGNORE_INDEX:
             run.append(label)
         elif run:
             spans.append(tok.decode(run))
@@ -94,7 +100,7 @@ def test_tokenize_names_file_and_line_of_a_template_problem(history_rewriting, t
 def test_default_template_closes_turns_with_the_tokenizers_own_eos(smollm2_tokenizer, tmp_path):
     """A base model without a template gets the default one, closed by *its* EOS (a special
     token), not by the tiny tokenizer's `<|endoftext|>` as plain text."""
-    from rlhf_core.tokenizer import load_tokenizer
+    from rlhf_core.data.tokenizer import load_tokenizer
 
     tok = copy.deepcopy(smollm2_tokenizer)
     tok.chat_template = None

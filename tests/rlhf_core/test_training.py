@@ -9,18 +9,28 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rlhf_core import demo_data, formats
-from rlhf_core.batching import collate_lm, collate_pairs
-from rlhf_core.config import DPOConfig, LoraConfig, ModelConfig, PPOConfig, PTConfig, RMConfig, SFTConfig, TokenizeConfig
-from rlhf_core.data_io import load_split
-from rlhf_core.dpo import run_dpo
-from rlhf_core.encoding import tokenize_datasets
-from rlhf_core.lm import run_pt, run_sft
-from rlhf_core.losses import lm_loss
-from rlhf_core.modeling import build_tiny_causal_lm, forward_logits
-from rlhf_core.ppo import run_ppo
-from rlhf_core.rm import run_rm
-from rlhf_core.tokenizer import load_tokenizer, train_tokenizer
+from rlhf_core.config import (
+    DPOConfig,
+    LoraConfig,
+    ModelConfig,
+    PPOConfig,
+    PTConfig,
+    RMConfig,
+    SFTConfig,
+    TokenizeConfig,
+)
+from rlhf_core.data import formats
+from rlhf_core.data.batching import collate_lm, collate_pairs
+from rlhf_core.data.encoding import tokenize_datasets
+from rlhf_core.data.splits import load_split
+from rlhf_core.data.tokenizer import load_tokenizer, train_tokenizer
+from rlhf_core.demo import data as demo_data
+from rlhf_core.ops.losses import lm_loss
+from rlhf_core.stages.dpo import run_dpo
+from rlhf_core.stages.lm import run_pt, run_sft
+from rlhf_core.stages.ppo import run_ppo
+from rlhf_core.stages.rm import run_rm
+from rlhf_core.training.modeling import build_tiny_causal_lm, forward_logits
 
 TINY = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, vocab_size=320)
 TOKENIZE = TokenizeConfig(max_length=64, block_size=32, max_prompt_length=32, max_response_length=32)
@@ -236,7 +246,7 @@ def test_a_requested_stop_checkpoints_the_current_step_and_resumes_from_it(demo,
     between `save_every` checkpoints, the loop raises Stopped, and the next run resumes there."""
     import signal
 
-    from rlhf_core.loop import Stopped, request_stop
+    from rlhf_core.training.loop import Stopped, request_stop
 
     root = demo.root / "stop"
     cfg = SFTConfig(max_steps=6, batch_size=8, learning_rate=1e-3, warmup_steps=2, save_every=4, eval_every=0,
@@ -299,7 +309,7 @@ def test_pt_with_lora_from_scratch_output_loads_in_the_next_stage(demo):
     """`pt.lora.enabled` is accepted for the tiny model built from scratch; the PT output must then
     be loadable by SFT (its base weights exist nowhere else), or PT must refuse up front."""
     from rlhf_core.errors import RLHFError
-    from rlhf_core.modeling import load_causal_lm, load_policy
+    from rlhf_core.training.modeling import load_causal_lm, load_policy
 
     root = demo.root / "pt_lora"
     cfg = PTConfig(max_steps=2, batch_size=8, warmup_steps=0, lora=LoraConfig(enabled=True, r=4), **QUIET)
@@ -331,8 +341,8 @@ def test_dpo_with_lora_uses_the_disabled_adapters_as_reference(demo, pt_sft):
 def test_ppo_with_lora_and_ptx_mixes_the_chosen_lm_loss_into_the_actor(demo, pt_sft, ptx_data):
     """The first PPO-ptx loss is the SFT model's LM loss on the first batch of the chosen split
     (under LoRA the actor starts as the SFT model: the adapters' B is zero)."""
-    from rlhf_core.batching import index_batches
-    from rlhf_core.modeling import load_causal_lm
+    from rlhf_core.data.batching import index_batches
+    from rlhf_core.training.modeling import load_causal_lm
 
     log = History()
     cfg = PPOConfig(max_steps=2, batch_size=8, rollout_batch_size=8, ppo_epochs=1, learning_rate=1e-3,
@@ -357,7 +367,7 @@ class Updates:
     """Wraps `ppo.ppo_update` to record each micro-batch's rows, metrics and autocast state."""
 
     def __init__(self, monkeypatch):
-        import rlhf_core.ppo as ppo
+        import rlhf_core.stages.ppo as ppo
 
         self.calls: list[dict] = []
         original = ppo.ppo_update
@@ -391,7 +401,7 @@ def test_ppo_first_minibatch_has_ratio_one_and_zero_kl(demo, pt_sft, monkeypatch
 def test_ppo_uses_every_rollout_sample_once_per_epoch_with_a_ragged_last_minibatch(demo, pt_sft, monkeypatch):
     """rollout 12, micro-batch 4 x accumulation 2: minibatches of 8 and 4 rows, so each epoch
     sees all 12 rows once and takes 2 optimizer steps (the old loop took one and dropped 4 rows)."""
-    from rlhf_core.ppo import minibatches
+    from rlhf_core.stages.ppo import minibatches
 
     split = minibatches(torch.arange(10), 4, 2)
     assert [[mb.tolist() for mb in micro] for micro in split] == [[[0, 1], [2, 3]], [[4, 5], [6, 7]], [[8, 9]]]
@@ -412,9 +422,9 @@ def test_ppo_with_a_lora_reward_model_and_a_lora_critic(demo, pt_sft, monkeypatc
     model and as a critic that trains new LoRA adapters and its score head."""
     import json
 
-    import rlhf_core.ppo as ppo
-    from rlhf_core.modeling import load_scalar_model
-    from rlhf_core.rm import pair_rewards
+    import rlhf_core.stages.ppo as ppo
+    from rlhf_core.stages.rm import pair_rewards
+    from rlhf_core.training.modeling import load_scalar_model
 
     rm_dir = demo.root / "rm_lora"
     rm_cfg = RMConfig(max_steps=3, batch_size=8, learning_rate=1e-3, warmup_steps=0,
@@ -451,7 +461,7 @@ def test_ppo_with_a_lora_reward_model_and_a_lora_critic(demo, pt_sft, monkeypatc
 def test_a_reward_model_trains_from_an_sft_lora_adapter(demo, pt_sft):
     """SFT under LoRA saves only a causal-LM adapter; the RM (a sequence classifier) must start
     from it: the adapter is merged into the classifier's backbone, whose logits then match."""
-    from rlhf_core.modeling import apply_lora, load_causal_lm, load_scalar_model, save_model
+    from rlhf_core.training.modeling import apply_lora, load_causal_lm, load_scalar_model, save_model
 
     sft = apply_lora(load_causal_lm(pt_sft.sft_dir, TINY), LoraConfig(enabled=True, r=4, alpha=8))
     with torch.no_grad():

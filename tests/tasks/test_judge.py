@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rlhf_core.config import TokenizeConfig
-from rlhf_core.encoding import _group_split, split_indices
+from rlhf_core.data.encoding import _group_split, split_indices
 from rlhf_core.errors import ConfigError
 from tasks.params import parse_params, resolve_judge
 

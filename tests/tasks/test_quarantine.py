@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_core import formats
+from rlhf_core.data import formats
 from rlhf_core.errors import ConfigError
 from tasks import stages, tracking
 from tasks.params import DataConfig, Params, parse_params

@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_no_subprocess_call_uses_a_shell():
     offenders = []
-    for f in [*ROOT.glob("rlhf_core/*.py"), *ROOT.glob("tasks/*.py"), *ROOT.glob("flows/*.py")]:
+    for f in [*ROOT.glob("rlhf_core/**/*.py"), *ROOT.glob("tasks/*.py"), *ROOT.glob("flows/*.py")]:
         for node in ast.walk(ast.parse(f.read_text())):
             if isinstance(node, ast.Call):
                 for kw in node.keywords:
@@ -29,10 +29,9 @@ def test_remote_code_and_pickle_are_off_unless_set(tmp_path):
 
 def test_loaders_pass_the_safety_switches_to_transformers(tmp_path, monkeypatch):
     import transformers
-
-    from rlhf_core import modeling
-
     from safetensors.torch import save_file
+
+    from rlhf_core.training import modeling
 
     save_file({}, str(tmp_path / "model.safetensors"))  # a valid (empty) file: the header check passes
     monkeypatch.setattr(modeling, "check_causal", lambda model, where: None)  # the fake model is a string

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import TINY, clean_env
+
 from flows.cli import main
 from rlhf_core.errors import ConfigError, DataError, RLHFError
 from tasks import stages, tracking
@@ -143,7 +143,7 @@ def test_tokenize_with_useless_output_fails_and_keeps_the_previous_data(project)
 
 
 def test_sigterm_stops_tokenize_at_once_and_keeps_the_previous_data(project, monkeypatch, capsys):
-    from rlhf_core import encoding
+    from rlhf_core.data import encoding
 
     before = _files(project / "data" / "tokenized")
 

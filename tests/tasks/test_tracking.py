@@ -33,8 +33,8 @@ def test_names_that_only_contain_a_secret_word_are_not_masked(name):
 def test_every_shipped_param_is_logged_in_clear():
     from pathlib import Path
 
-    from tasks.parent_run import resolved_params
     from tasks.params import load_params
+    from tasks.parent_run import resolved_params
 
     flat = resolved_params(load_params(Path(__file__).resolve().parents[2] / "params.yaml"))
     assert "***" not in flat.values()

@@ -328,7 +328,7 @@ def test_limits_out_of_range_raise_config_error(kwargs, key):
 
 
 def test_columns_cover_every_kind():
-    from rlhf_core.formats import KINDS
+    from rlhf_core.data.formats import KINDS
     assert set(COLUMNS) == set(KINDS)
 
 

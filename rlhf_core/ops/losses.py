@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rlhf_core.logprobs import IGNORE_INDEX
-from rlhf_core.masked import masked_mean
+from rlhf_core import IGNORE_INDEX
+from rlhf_core.ops.masked import masked_mean
 
 Metrics = dict[str, torch.Tensor]
 

@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import torch
 
-from rlhf_core.batching import PromptBatch
+from rlhf_core.data.batching import PromptBatch
 
 
 class Rollout(NamedTuple):

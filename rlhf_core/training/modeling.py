@@ -192,7 +192,8 @@ def check_lora_targets(model, target_modules) -> None:
 def apply_lora(model, lora: LoraConfig, task_type: str = "CAUSAL_LM"):
     if not lora.enabled:
         return model
-    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
 
     check_lora_targets(model, lora.target_modules)
 

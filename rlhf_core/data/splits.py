@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rlhf_core.encoding import IGNORE
+from rlhf_core import IGNORE_INDEX
 from rlhf_core.errors import TrainingError
 
 COLUMNS = {
@@ -54,7 +54,7 @@ def check_split(ds, kind: str, where: str | Path, vocab_size: int | None = None,
         if (n == 0).any():
             fail(_first(n == 0), f"'{col}' is empty", "non_empty")
         flat[col] = ids = pc.list_flatten(arr).to_numpy(zero_copy_only=False)
-        bad = (ids < 0) & ~((ids == IGNORE) & (col == "labels"))
+        bad = (ids < 0) & ~((ids == IGNORE_INDEX) & (col == "labels"))
         if vocab_size is not None:
             bad |= ids >= vocab_size
         if bad.any():
@@ -68,11 +68,11 @@ def check_split(ds, kind: str, where: str | Path, vocab_size: int | None = None,
             i = _first(n_lab != n_in)
             fail(i, f"'labels' has {n_lab[i]} tokens but 'input_ids' has {n_in[i]}", "labels_aligned")
         labels = flat["labels"]
-        wrong = (labels != IGNORE) & (labels != flat["input_ids"])
+        wrong = (labels != IGNORE_INDEX) & (labels != flat["input_ids"])
         if wrong.any():
             fail(int(np.repeat(np.arange(len(n_lab)), n_lab)[_first(wrong)]),
                  "'labels' differs from 'input_ids' at an unmasked position", "labels_aligned")
-        trained = np.add.reduceat(labels != IGNORE, np.concatenate([[0], np.cumsum(n_lab)[:-1]]))
+        trained = np.add.reduceat(labels != IGNORE_INDEX, np.concatenate([[0], np.cumsum(n_lab)[:-1]]))
         if (trained == 0).any():
             fail(_first(trained == 0), "every label is masked (-100): nothing to train on", "labels_aligned")
     if kind == "pt":

@@ -7,16 +7,26 @@ from pathlib import Path
 
 import torch
 
-from rlhf_core.batching import PairBatch, collate_pairs, index_batches
 from rlhf_core.config import ModelConfig, RMConfig, to_dict
-from rlhf_core.data_io import load_split
-from rlhf_core.logprobs import gather_last
-from rlhf_core.loop import (LogFn, StageResult, Throughput, end_of_step, fingerprint, no_log, optimizer_step, prepare,
-                            progress, scalars)
-from rlhf_core.losses import reward_pair_loss
-from rlhf_core.modeling import apply_lora, check_tokenizer_fits, load_scalar_model, save_model, token_scores
-from rlhf_core.optim import seed_everything
-from rlhf_core.tokenizer import load_tokenizer
+from rlhf_core.data.batching import PairBatch, collate_pairs, index_batches
+from rlhf_core.data.splits import load_split
+from rlhf_core.data.tokenizer import load_tokenizer
+from rlhf_core.ops.logprobs import gather_last
+from rlhf_core.ops.losses import reward_pair_loss
+from rlhf_core.training.loop import (
+    LogFn,
+    StageResult,
+    Throughput,
+    end_of_step,
+    fingerprint,
+    no_log,
+    optimizer_step,
+    prepare,
+    progress,
+    scalars,
+)
+from rlhf_core.training.modeling import apply_lora, check_tokenizer_fits, load_scalar_model, save_model, token_scores
+from rlhf_core.training.optim import seed_everything
 
 
 def pair_rewards(model, batch: PairBatch, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,16 +12,34 @@ from pathlib import Path
 
 import torch
 
-from rlhf_core.batching import PairBatch, collate_pairs, index_batches
+from rlhf_core import IGNORE_INDEX
 from rlhf_core.config import DPOConfig, ModelConfig, to_dict
-from rlhf_core.data_io import load_split
-from rlhf_core.logprobs import sequence_logprobs
-from rlhf_core.loop import (LogFn, StageResult, Throughput, end_of_step, fingerprint, no_log, optimizer_step, prepare,
-                            progress, scalars)
-from rlhf_core.losses import dpo_loss
-from rlhf_core.modeling import apply_lora, check_tokenizer_fits, forward_logits, is_peft, load_causal_lm, save_model
-from rlhf_core.optim import seed_everything
-from rlhf_core.tokenizer import load_tokenizer
+from rlhf_core.data.batching import PairBatch, collate_pairs, index_batches
+from rlhf_core.data.splits import load_split
+from rlhf_core.data.tokenizer import load_tokenizer
+from rlhf_core.ops.logprobs import sequence_logprobs
+from rlhf_core.ops.losses import dpo_loss
+from rlhf_core.training.loop import (
+    LogFn,
+    StageResult,
+    Throughput,
+    end_of_step,
+    fingerprint,
+    no_log,
+    optimizer_step,
+    prepare,
+    progress,
+    scalars,
+)
+from rlhf_core.training.modeling import (
+    apply_lora,
+    check_tokenizer_fits,
+    forward_logits,
+    is_peft,
+    load_causal_lm,
+    save_model,
+)
+from rlhf_core.training.optim import seed_everything
 
 
 def pair_logprobs(model, batch: PairBatch, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -29,7 +47,7 @@ def pair_logprobs(model, batch: PairBatch, device) -> tuple[torch.Tensor, torch.
     logits = forward_logits(model, batch.input_ids.to(device), batch.attention_mask.to(device))
     labels = batch.labels.to(device)
     logps = sequence_logprobs(logits, labels)
-    n_tokens = (labels[:, 1:] != -100).sum(-1)
+    n_tokens = (labels[:, 1:] != IGNORE_INDEX).sum(-1)
     chosen, rejected = logps.chunk(2)
     return chosen, rejected, n_tokens.chunk(2)[0]
 

@@ -19,22 +19,40 @@ from typing import Callable
 
 import torch
 
-from rlhf_core.batching import collate_lm, collate_prompts, index_batches
-from rlhf_core.checkpoint import load_checkpoint
 from rlhf_core.config import ModelConfig, PPOConfig, to_dict
-from rlhf_core.data_io import load_split
-from rlhf_core.gae import compute_token_rewards, gae_advantages
-from rlhf_core.generation import Rollout, decode_responses, sample
-from rlhf_core.kl import kl_penalty, make_kl_controller
-from rlhf_core.logprobs import entropy_from_logits, gather_last, selective_log_softmax
-from rlhf_core.loop import (LogFn, StageResult, Throughput, end_of_step, fingerprint, no_log, progress, scalars,
-                            uses_grad_scaler)
-from rlhf_core.losses import lm_loss, ppo_policy_loss, ppo_value_loss
-from rlhf_core.masked import masked_mean, masked_whiten
-from rlhf_core.modeling import (apply_lora, check_tokenizer_fits, enable_gradient_checkpointing, forward_logits, is_peft,
-                                load_causal_lm, load_scalar_model, save_model, token_scores)
-from rlhf_core.optim import check_finite, make_accelerator, make_optimizer, make_scheduler, seed_everything
-from rlhf_core.tokenizer import load_tokenizer
+from rlhf_core.data.batching import collate_lm, collate_prompts, index_batches
+from rlhf_core.data.splits import load_split
+from rlhf_core.data.tokenizer import load_tokenizer
+from rlhf_core.ops.gae import compute_token_rewards, gae_advantages
+from rlhf_core.ops.kl import kl_penalty, make_kl_controller
+from rlhf_core.ops.logprobs import entropy_from_logits, gather_last, selective_log_softmax
+from rlhf_core.ops.losses import lm_loss, ppo_policy_loss, ppo_value_loss
+from rlhf_core.ops.masked import masked_mean, masked_whiten
+from rlhf_core.stages.generation import Rollout, decode_responses, sample
+from rlhf_core.training.checkpoint import load_checkpoint
+from rlhf_core.training.loop import (
+    LogFn,
+    StageResult,
+    Throughput,
+    end_of_step,
+    fingerprint,
+    no_log,
+    progress,
+    scalars,
+    uses_grad_scaler,
+)
+from rlhf_core.training.modeling import (
+    apply_lora,
+    check_tokenizer_fits,
+    enable_gradient_checkpointing,
+    forward_logits,
+    is_peft,
+    load_causal_lm,
+    load_scalar_model,
+    save_model,
+    token_scores,
+)
+from rlhf_core.training.optim import check_finite, make_accelerator, make_optimizer, make_scheduler, seed_everything
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
 """Optional rule-based reward: (prompts, responses) -> scores, used instead of the reward model."""

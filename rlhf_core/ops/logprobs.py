@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from rlhf_core import IGNORE_INDEX
 
 
 def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_core.logprobs import last_token_index
+from rlhf_core.ops.logprobs import last_token_index
 
 
 def compute_token_rewards(

@@ -20,17 +20,17 @@ from typing import Callable, Iterator, NamedTuple, Protocol, Sequence
 
 import torch
 
-from rlhf_core.batching import PromptBatch, collate_pairs, collate_prompts
 from rlhf_core.config import EvalConfig, ModelConfig
-from rlhf_core.dpo import pair_logprobs
-from rlhf_core.encoding import encode_prompt, render_ids
-from rlhf_core.formats import Prompt, Turn
-from rlhf_core.generation import Rollout, decode_responses, sample
-from rlhf_core.logprobs import gather_last
-from rlhf_core.modeling import load_policy, load_scalar_model, token_scores
-from rlhf_core.ppo import response_logprobs
-from rlhf_core.rm import pair_rewards
-from rlhf_core.tokenizer import load_tokenizer
+from rlhf_core.data.batching import PromptBatch, collate_pairs, collate_prompts
+from rlhf_core.data.encoding import encode_prompt, render_ids
+from rlhf_core.data.formats import Prompt, Turn
+from rlhf_core.data.tokenizer import load_tokenizer
+from rlhf_core.ops.logprobs import gather_last
+from rlhf_core.stages.dpo import pair_logprobs
+from rlhf_core.stages.generation import Rollout, decode_responses, sample
+from rlhf_core.stages.ppo import response_logprobs
+from rlhf_core.stages.rm import pair_rewards
+from rlhf_core.training.modeling import load_policy, load_scalar_model, token_scores
 
 TextScore = Callable[[str, str], float]
 """(question text, answer text) -> score, e.g. `oracle.score`."""

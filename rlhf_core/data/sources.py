@@ -5,7 +5,7 @@ LLaMA-Factory's `.json` files; a record's line is the line its element starts on
 written by `datasets`' `save_to_disk`; a `.parquet` file (a record's "line" is its 1-based row);
 `.txt` (any case) for PT text. A UTF-8 byte order mark is stripped (and counted). Duplicate JSON
 keys are an error, never "last one wins". JSON lines and Parquet are streamed; a JSON array and a
-text file are read once. What the records mean is `rlhf_core.formats`' business.
+text file are read once. What the records mean is `rlhf_core.data.formats`' business.
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from rlhf_core.errors import DataError
-
 
 # --- files -----------------------------------------------------------------------------------
 

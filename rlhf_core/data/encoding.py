@@ -23,13 +23,11 @@ import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from rlhf_core import IGNORE_INDEX
 from rlhf_core.atomic import atomic_dir, atomic_write_text
 from rlhf_core.config import TokenizeConfig
+from rlhf_core.data.formats import TRAINED_ROLES, Conversation, PreferencePair, Prompt, Turn
 from rlhf_core.errors import DataError
-from rlhf_core.formats import TRAINED_ROLES, Conversation, PreferencePair, Prompt, Turn
-
-IGNORE = -100
-
 
 # Chat-template roles of the turns: a function call is the assistant speaking (trained, see
 # formats.TRAINED_ROLES), a function's result is a `tool` message, as HF chat templates expect.
@@ -106,10 +104,10 @@ def encode_sft(tokenizer, conv: Conversation, max_length: int) -> tuple[list[int
         trained, tail = split_reply(tokenizer, full[len(prefix):])
         context = prefix[len(rendered):]  # system/user tokens (and the last reply's tail) since then
         input_ids += context + trained
-        labels += [IGNORE] * len(context) + trained
+        labels += [IGNORE_INDEX] * len(context) + trained
         if tail:  # e.g. ChatML's newline after <|im_end|>: part of the chat, not trained
             input_ids += tail
-            labels += [IGNORE] * len(tail)
+            labels += [IGNORE_INDEX] * len(tail)
         rendered = full
     truncated = len(input_ids) > max_length
     return input_ids[:max_length], labels[:max_length], truncated
@@ -300,7 +298,7 @@ def tokenize_datasets(tokenizer, cfg: TokenizeConfig, out_dir: Path, *, pt_docs:
     if conversations is not None:
         def enc_sft(conv):
             ids, labels, truncated = encode_sft(tokenizer, conv, cfg.max_length)
-            if all(l == IGNORE for l in labels):
+            if all(l == IGNORE_INDEX for l in labels):
                 return None, truncated
             return {"input_ids": ids, "labels": labels}, truncated
         write_split("sft", conversations, enc_sft, _train_eval(len(conversations), cfg), out_dir, manifest,
@@ -336,7 +334,7 @@ def tokenize_datasets(tokenizer, cfg: TokenizeConfig, out_dir: Path, *, pt_docs:
                     ("prompt_ids",), overlong=cfg.overlong, limit=f"tokenize.max_prompt_length={cfg.max_prompt_length}",
                     source=sources.get("prompts", ""))
     check_useful(manifest, cfg, cut, sources)
-    from rlhf_core.data_io import check_tokenized
+    from rlhf_core.data.splits import check_tokenized
 
     check_tokenized(out_dir, len(tokenizer), cfg.block_size)  # post-condition: nothing malformed goes downstream
     atomic_write_text(out_dir / "manifest.json", json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n")

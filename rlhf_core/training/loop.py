@@ -12,11 +12,11 @@ from typing import Callable
 
 import torch
 
-from rlhf_core.checkpoint import load_checkpoint, save_checkpoint
 from rlhf_core.config import TrainConfig
 from rlhf_core.errors import RLHFError
-from rlhf_core.modeling import enable_gradient_checkpointing
-from rlhf_core.optim import check_finite, make_accelerator, make_optimizer, make_scheduler
+from rlhf_core.training.checkpoint import load_checkpoint, save_checkpoint
+from rlhf_core.training.modeling import enable_gradient_checkpointing
+from rlhf_core.training.optim import check_finite, make_accelerator, make_optimizer, make_scheduler
 
 LogFn = Callable[[dict, int], None]
 """Tracking callback: `log(metrics, step)`. The library never imports a tracker itself."""

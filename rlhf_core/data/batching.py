@@ -5,7 +5,7 @@ from typing import Iterator, NamedTuple
 
 import torch
 
-from rlhf_core.encoding import IGNORE
+from rlhf_core import IGNORE_INDEX
 
 
 class LMBatch(NamedTuple):
@@ -38,7 +38,7 @@ def collate_lm(rows: dict, pad_id: int) -> LMBatch:
     ids = rows["input_ids"]
     labels = rows.get("labels") or ids
     mask = _pad([[1] * len(s) for s in ids], 0)
-    return LMBatch(_pad(ids, pad_id), mask, _pad(labels, IGNORE))
+    return LMBatch(_pad(ids, pad_id), mask, _pad(labels, IGNORE_INDEX))
 
 
 def collate_pairs(rows: dict, pad_id: int) -> PairBatch:
@@ -46,9 +46,9 @@ def collate_pairs(rows: dict, pad_id: int) -> PairBatch:
     for key in ("chosen_ids", "rejected_ids"):
         for p, r in zip(rows["prompt_ids"], rows[key]):
             seqs.append(p + r)
-            labels.append([IGNORE] * len(p) + r)
+            labels.append([IGNORE_INDEX] * len(p) + r)
     mask = _pad([[1] * len(s) for s in seqs], 0)
-    return PairBatch(_pad(seqs, pad_id), mask, _pad(labels, IGNORE),
+    return PairBatch(_pad(seqs, pad_id), mask, _pad(labels, IGNORE_INDEX),
                      torch.tensor(rows.get("weight") or [1.0] * len(rows["prompt_ids"])))
 
 

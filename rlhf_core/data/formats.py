@@ -3,7 +3,7 @@
 Every reader yields typed records. A record that breaks a rule raises `DataError` naming the file,
 the 1-based line, the field and the rule, never a KeyError from further down.
 
-Files are read by `rlhf_core.sources` (JSON lines, JSON arrays, `datasets` folders, Parquet,
+Files are read by `rlhf_core.data.sources` (JSON lines, JSON arrays, `datasets` folders, Parquet,
 `.txt` for PT).
 
 Shapes (`SHAPES`, detected per record by `detect_shape`; one file holds one shape):
@@ -35,8 +35,8 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any, Iterator
 
+from rlhf_core.data.sources import iter_json_lines, open_source, text_documents
 from rlhf_core.errors import DataError
-from rlhf_core.sources import iter_json_lines, open_source, text_documents
 
 KINDS = ("pt", "sft", "preference", "prompts")
 ROLES = ("system", "user", "assistant", "function_call", "observation")

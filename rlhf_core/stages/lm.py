@@ -9,16 +9,33 @@ from pathlib import Path
 
 import torch
 
-from rlhf_core.batching import collate_lm, index_batches
+from rlhf_core import IGNORE_INDEX
 from rlhf_core.config import ModelConfig, TrainConfig, to_dict
-from rlhf_core.data_io import load_split
-from rlhf_core.loop import (LogFn, StageResult, Throughput, end_of_step, fingerprint, no_log, optimizer_step, prepare,
-                            progress, scalars)
-from rlhf_core.losses import lm_loss
-from rlhf_core.modeling import (apply_lora, build_tiny_causal_lm, check_tokenizer_fits, forward_logits, load_causal_lm,
-                                save_model)
-from rlhf_core.optim import seed_everything
-from rlhf_core.tokenizer import load_tokenizer
+from rlhf_core.data.batching import collate_lm, index_batches
+from rlhf_core.data.splits import load_split
+from rlhf_core.data.tokenizer import load_tokenizer
+from rlhf_core.ops.losses import lm_loss
+from rlhf_core.training.loop import (
+    LogFn,
+    StageResult,
+    Throughput,
+    end_of_step,
+    fingerprint,
+    no_log,
+    optimizer_step,
+    prepare,
+    progress,
+    scalars,
+)
+from rlhf_core.training.modeling import (
+    apply_lora,
+    build_tiny_causal_lm,
+    check_tokenizer_fits,
+    forward_logits,
+    load_causal_lm,
+    save_model,
+)
+from rlhf_core.training.optim import seed_everything
 
 
 @torch.no_grad()
@@ -49,7 +66,7 @@ def train_lm(stage: str, cfg: TrainConfig, model, tokenizer, train_ds, eval_ds, 
     model.train()
     for step in range(start, cfg.max_steps):
         micro = [collate_lm(train_ds[next(batches)], pad) for _ in range(cfg.grad_accum)]
-        n_items = sum(int((b.labels[:, 1:] != -100).sum()) for b in micro)  # trainable tokens, whole step
+        n_items = sum(int((b.labels[:, 1:] != IGNORE_INDEX).sum()) for b in micro)  # trainable tokens, whole step
         step_loss = torch.zeros(())
         for b in micro:
             with acc.autocast():

@@ -1,6 +1,6 @@
 """Writes the synthetic data set of the demo: a made-up atlas a tiny model can learn on a CPU.
 
-The facts and the quality rule live in `rlhf_core.oracle`. This module turns them into the
+The facts and the quality rule live in `rlhf_core.demo.oracle`. This module turns them into the
 five files the pipeline reads (see `generate`):
 
 * pt.txt              encyclopedia documents, one per line, for continued pretraining;
@@ -18,7 +18,7 @@ rambling (correct, then filler sentences past the word limit) or no answer.
 
 All randomness comes from one `random.Random(cfg.seed)`, which seeds one child generator
 per file, so the same config writes byte-identical files and changing one count leaves the
-other files unchanged. Run it as `python -m rlhf_core.demo_data OUT_DIR [--seed N]`.
+other files unchanged. Run it as `python -m rlhf_core.demo.data OUT_DIR [--seed N]`.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from rlhf_core import oracle
+from rlhf_core.demo import oracle
 
 PT_FILE = "pt.txt"
 SFT_FILE = "sft.jsonl"
@@ -406,7 +406,7 @@ def generate(out_dir: Path, cfg: DemoDataConfig = DemoDataConfig()) -> dict[str,
 def _parser() -> argparse.ArgumentParser:
     """Command line: OUT_DIR plus one optional flag per `DemoDataConfig` field."""
     parser = argparse.ArgumentParser(
-        prog="python -m rlhf_core.demo_data", description="Write the demo RLHF data set."
+        prog="python -m rlhf_core.demo.data", description="Write the demo RLHF data set."
     )
     parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="directory to write into")
     for item in dataclasses.fields(DemoDataConfig):
@@ -421,7 +421,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `python -m rlhf_core.demo_data`; prints the line counts as JSON."""
+    """Entry point of `python -m rlhf_core.demo.data`; prints the line counts as JSON."""
     parser = _parser()
     args = vars(parser.parse_args(argv))
     out_dir = args.pop("out_dir")
