@@ -44,13 +44,13 @@ def cmd_run(a) -> int:
 def cmd_stage(a) -> int:
     import signal
 
-    from rlhf_core.training.loop import Stopped, request_stop
+    from rlhf_core.training.stop import Stopped
     from tasks.layout import TRAINED
-    from tasks.stages import run_stage
+    from tasks.stages import STOP, run_stage
 
     def on_sigterm(signum, frame):
         if a.name in TRAINED:  # a preempted worker: finish the step, checkpoint it, exit (the next run resumes)
-            request_stop(signum)
+            STOP.set(signum)
         else:  # nothing to checkpoint: stop now; outputs are renamed into place only when complete
             raise Stopped(f"{a.name}: stopped by SIGTERM; its previous outputs are unchanged", signum)
 
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RLHF_DEBUG") == "1":  # the full traceback, for a bug report
             raise
         print(f"error: {e}", file=sys.stderr)
-        return 128 + e.signum if getattr(e, "signum", None) else 2  # loop.Stopped: 143 after SIGTERM
+        return 128 + e.signum if getattr(e, "signum", None) else 2  # Stopped: 143 after SIGTERM
     except KeyboardInterrupt:
         return 130
 

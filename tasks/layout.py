@@ -69,7 +69,7 @@ def _core(*modules: str) -> tuple[str, ...]:
     return tuple(f"{CORE}/{m}.py" for m in modules)
 
 
-TRAIN_CODE = _core("config", "training/loop", "training/optim", "training/checkpoint", "data/batching", "training/modeling", "ops/losses", "ops/logprobs", "data/splits")
+TRAIN_CODE = _core("config", "training/context", "training/stop", "training/progress", "training/frozen", "training/optim", "training/checkpoint", "data/batching", "training/modeling", "ops/losses", "ops/logprobs", "data/splits")
 
 STAGES: tuple[StageSpec, ...] = (
     StageSpec("generate", (), _core("demo/data", "demo/oracle"), ("demo",), (DEMO_DIR,)),
