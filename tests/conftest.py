@@ -143,3 +143,10 @@ def build_tiny_sft_project(root: Path, model_cfg) -> Path:
                       conversations=convs)
     save_model(build_tiny_causal_lm(model_cfg, tok), tok, root / "base")
     return root
+
+
+def context(stage: str, cfg, out: Path, ckpt: Path, log=None, fingerprint: str = "test", **inputs):
+    """A RunContext for calling a loop directly: `inputs` are its named inputs (data, init, ...)."""
+    from rlhf_core.training.context import RunContext, no_log
+
+    return RunContext.create(stage, cfg, inputs, out, ckpt, fingerprint, log_fn=log or no_log)

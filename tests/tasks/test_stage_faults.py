@@ -39,9 +39,9 @@ def fits(monkeypatch):
     calls = []
     real = stages._fit
 
-    def counted(root, p, stage, logger):
+    def counted(root, p, stage, *rest):
         calls.append(stage)
-        return real(root, p, stage, logger)
+        return real(root, p, stage, *rest)
 
     monkeypatch.setattr(stages, "_fit", counted)
     return calls
