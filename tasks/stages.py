@@ -191,6 +191,20 @@ def _train_key(root: Path, p: Params, stage: str) -> str:
                                      default=str).encode()).hexdigest()[:16]
 
 
+def _timing_to_mlflow(logger):
+    """The loop's per-step throughput goes to MLflow only: it differs from run to run, so it stays
+    out of the history that becomes `plots/<stage>.csv`. A failure is the logger's to report."""
+    def log(timing: dict, step: int) -> None:
+        import mlflow
+
+        if logger.error is None:
+            try:
+                mlflow.log_metrics({k: float(v) for k, v in timing.items()}, step=step)
+            except Exception as e:  # noqa: BLE001
+                logger.error = str(e)
+    return log
+
+
 def _fit(root: Path, p: Params, stage: str, logger, key: str) -> dict:
     """Run the stage's training loop (resuming from its last checkpoint with this `key`)."""
     from rlhf_core.stages import dpo, lm, ppo, rm
@@ -203,7 +217,7 @@ def _fit(root: Path, p: Params, stage: str, logger, key: str) -> dict:
               "reward": root / layout.model_dir("rm") if layout.model_dir("rm") in layout.SPECS[stage].deps else None}
     ctx = RunContext.create(stage, cfg, inputs, root / layout.model_dir(stage), root / layout.checkpoint_dir(stage), key,
                             train_split="judge" if stage == "judge" else "train", log_fn=logger,
-                            timing_fn=lambda m, step: logger(m, step, record=False), stop=STOP)
+                            timing_fn=_timing_to_mlflow(logger), stop=STOP)
     result = loop(ctx, cfg, p.model)
     return {**result.to_dict(), **result.run_record()}  # the run record: for MLflow and the run's side file
 
