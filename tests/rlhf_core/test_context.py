@@ -198,3 +198,13 @@ def test_same_inputs_and_seed_give_the_same_result_and_weights_and_timing_stays_
     assert timings[0] == [1, 2, 3], "throughput reaches the timing callback at every logged step"
     assert StageResult("x", 1, {"a": 1.0}, {"wall_seconds": 2.0}).to_dict() == {"stage": "x", "steps": 1,
                                                                                  "metrics": {"a": 1.0}}
+
+
+@pytest.mark.parametrize("precision, dtype", [("no", torch.float32), ("bf16", torch.bfloat16)])
+def test_the_accelerator_and_dtype_come_from_the_stage_config(tmp_path, precision, dtype):
+    ctx = RunContext.create("dpo", SFTConfig(mixed_precision=precision, save_every=7), {"data": tmp_path, "init": None},
+                            tmp_path / "out", tmp_path / "ckpt", "fp")
+    assert ctx.dtype == dtype and ctx.save_every == 7 and ctx.inputs == {"data": tmp_path}
+    assert (ctx.num_processes, ctx.process_index, ctx.is_main_process) == (1, 0, True)
+    with ctx.autocast():
+        assert torch.is_autocast_enabled("cpu") is (precision == "bf16")
