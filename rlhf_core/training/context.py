@@ -5,7 +5,7 @@ train (the stage's hyperparameters); the `RunContext` says where and how: the na
 output paths, the accelerator and precision, this process's share of the data order, the
 checkpoint policy (the fingerprint the caller computed, `save_every`, resume), main-process-only
 saving and logging, and the stop request. So a loop never builds a path, hashes a file or reads
-a global, and running it on N processes changes the context, not the loop.
+a global, and sharding the data by process changes the context, not the loop.
 """
 from __future__ import annotations
 
