@@ -27,9 +27,24 @@ def use_params(project_dir: str, params: str | None) -> None:
         print(f"params.yaml is now a copy of {src} (DVC reads params.yaml; `git diff params.yaml` shows the change)")
 
 
+def stop_run_on_sigterm(signum, frame) -> None:
+    """SIGTERM to `rlhf run` (a cancelled flow run, a stopping worker or scheduler). Prefect's own
+    handler marks the flow run crashed and stops the running stage, then sends the signal again to
+    the handler it replaced: this one. Ending by an exception, not by the signal's default action,
+    lets the interpreter run its exit handlers, and one of them stops Prefect's ephemeral API
+    server (a uvicorn subprocess), which would otherwise be left running with parent 1."""
+    from rlhf_core.training.loop import Stopped
+
+    raise Stopped("run: stopped by SIGTERM; finished stages are kept and a stopped training stage "
+                  "resumes from its checkpoint: run the same command again", signum)
+
+
 def cmd_run(a) -> int:
+    import signal
+
     from flows.pipeline import StageFailed, pipeline
 
+    signal.signal(signal.SIGTERM, stop_run_on_sigterm)
     use_params(a.project_dir, a.params)
     try:
         records = pipeline(project_dir=a.project_dir, stages=a.stages or None, force=a.force)
