@@ -88,13 +88,14 @@ def cmd_validate(a) -> int:
 
 
 def cmd_deploy(a) -> int:
-    from flows.pipeline import pipeline
+    from flows.deploy import deploy, resolve_source
 
-    root = Path(a.project_dir).resolve()
-    deployment_id = pipeline.from_source(source=str(root), entrypoint="flows/pipeline.py:pipeline").deploy(
-        name=a.name, work_pool_name=a.pool, cron=a.cron, parameters={"project_dir": str(root)}, print_next_steps=False)
-    print(f"deployment {a.name} ({deployment_id}) on pool '{a.pool}'" + (f", schedule '{a.cron}'" if a.cron else ""))
-    print(f"start a worker on the GPU host: prefect worker start --pool {a.pool}")
+    source, git = resolve_source(a.source, Path(a.project_dir))
+    deployment_id = deploy(a.name, a.pool, source, git, a.branch, a.workdir, a.cron)
+    where = f"cloned from {source} ({a.branch or 'default branch'})" if git else f"in {source} on the workers"
+    schedule = f", schedule '{a.cron}'" if a.cron else ""
+    print(f"deployment rlhf-pipeline/{a.name} ({deployment_id}) on pool '{a.pool}'; project {where}{schedule}")
+    print(f"start a worker on each host of the pool: prefect worker start --pool {a.pool}")
     return 0
 
 
@@ -216,7 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--pool", required=True, help="work pool name (e.g. a process pool on GPU hosts)")
     d.add_argument("--cron", default=None, help="cron schedule, e.g. '0 2 * * *'")
     d.add_argument("--name", default="rlhf-nightly")
-    d.add_argument("--project-dir", default=".")
+    d.add_argument("--source", default=None, help="where the workers find the project: a git URL they clone, or its "
+                                                  "directory on the workers (default: the git remote 'origin')")
+    d.add_argument("--branch", default=None, help="git branch to clone (default: the remote's default branch)")
+    d.add_argument("--workdir", default=None, help="directory on the workers that keeps the clone between runs "
+                                                   "(DVC outputs, cache); default: a fresh temporary one per run")
+    d.add_argument("--project-dir", default=".", help="the local checkout whose 'origin' is the default --source")
     d.set_defaults(fn=cmd_deploy)
     pr = sub.add_parser("predict", help="answer one prompt with a model directory or models:/ URI")
     pr.add_argument("--model", required=True, help="directory, or models:/rlhf-dpo@champion")

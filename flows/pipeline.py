@@ -155,7 +155,8 @@ def pipeline(project_dir: str = ".", stages: list[str] | None = None, force: boo
     records, status = [], "FAILED"
     try:
         for name in names:
-            records.append(run_stage(name, str(root), parent_id, force))
+            tagged = run_stage.with_options(tags=p.resources.stage_tags(name))  # e.g. `gpu`, for tag concurrency limits
+            records.append(tagged(name, str(root), parent_id, force))
         status = "FINISHED"
     finally:
         try:
