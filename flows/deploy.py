@@ -70,4 +70,5 @@ def deploy(name: str, pool: str, source: str, git: bool, branch: str | None = No
 
     flow = pipeline.from_source(source=project_storage(source, git, branch), entrypoint=ENTRYPOINT)
     return flow.deploy(name=name, work_pool_name=pool, cron=cron, parameters={"project_dir": PROJECT_DIR},
-                       job_variables=job_variables(workdir), print_next_steps=False)
+                       job_variables=job_variables(workdir), print_next_steps=False,
+                       ignore_warnings=True)  # its advice to use `.serve` is for local development

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import clean_env, dvc, set_params
+from conftest import clean_env, dvc, processes_with_env, set_params
 
 pytestmark = pytest.mark.slow
 COMPARED = ("train/loss", "eval/loss", "train/accuracy", "eval/accuracy", "train/rewards/accuracies",
@@ -22,20 +22,6 @@ def stage_cmd(stage):
 
 def env(**extra):
     return clean_env(**extra)
-
-
-def processes_with_env(key: str, value: str) -> list[tuple[int, int, list[str]]]:
-    """(pid, parent pid, command) of every live process whose environment has key=value."""
-    import psutil
-
-    found = []
-    for p in psutil.process_iter():
-        try:
-            if p.environ().get(key) == value and p.status() != psutil.STATUS_ZOMBIE:
-                found.append((p.pid, p.ppid(), p.cmdline()))
-        except psutil.Error:  # gone meanwhile, or another user's
-            pass
-    return found
 
 
 def wait_for_first_checkpoint(proc: subprocess.Popen, state: Path, what: str, timeout: float) -> None:

@@ -2,13 +2,12 @@
 per-stage resources become Prefect task tags. (A real worker running a deployment: test_deploy_e2e.py.)"""
 import asyncio
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import git
+from conftest import git, project_repo
 
 from flows.cli import main
 
@@ -36,18 +35,6 @@ def read_deployment(name: str):
     return asyncio.run(read())
 
 
-def project_repo(dst: Path) -> Path:
-    """The committed project files in a fresh git repo with one commit."""
-    for rel in git(ROOT, "ls-files").splitlines():
-        if (ROOT / rel).is_file():
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, dst / rel)
-    git(dst, "init", "-q", "-b", "main")
-    git(dst, "add", "-A")
-    git(dst, "commit", "-qm", "project")
-    return dst
-
-
 # no capsys in the tests that deploy: Prefect's log console binds to the stdout of the test that
 # starts the session's server, and capsys closes its stream when the test ends
 
@@ -55,7 +42,7 @@ def test_deploy_from_a_checkout_records_its_origin_url_and_no_local_path(prefect
     """The default --source is the checkout's `origin`: the worker clones it and runs the flow in
     the clone (`project_dir` "."), so the deploying machine's path appears nowhere."""
     remote = tmp_path / "remote.git"
-    git(tmp_path, "clone", "-q", "--bare", str(project_repo(tmp_path / "src")), str(remote))
+    git(tmp_path, "clone", "-q", "--bare", str(project_repo(tmp_path / "src", {})), str(remote))
     checkout = tmp_path / "my-checkout"
     git(tmp_path, "clone", "-q", str(remote), str(checkout))
     create_pool("clone-pool")
@@ -75,7 +62,7 @@ def test_deploy_from_a_checkout_records_its_origin_url_and_no_local_path(prefect
 def test_deploy_with_a_directory_records_that_directory_as_given(prefect_server, tmp_path):
     """--source DIR: the project's directory on the workers (e.g. a shared filesystem), given at
     deploy time; the flow runs in it."""
-    shared = project_repo(tmp_path / "shared" / "rlhf")
+    shared = project_repo(tmp_path / "shared" / "rlhf", {})
     create_pool("dir-pool")
     assert main(["deploy", "--pool", "dir-pool", "--name", "from-dir", "--source", str(shared)]) == 0
     dep = read_deployment("from-dir")
