@@ -27,9 +27,12 @@ class StageFailed(RuntimeError):
     pass
 
 
-def dvc_env(parent_run_id: str | None) -> dict:
+def dvc_env(parent_run_id: str | None, root: Path) -> dict:
     env = tracking.child_env(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `rlhf` of this venv
+    # the stages import this project's code, not the checkout the venv was installed from: on a
+    # worker, the project is the deployment's fresh clone
+    env["PYTHONPATH"] = os.pathsep.join([str(root)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     if parent_run_id:
         env[tracking.PARENT_ENV] = parent_run_id
     if flow_run.get_id():
@@ -44,7 +47,7 @@ def run_stage(stage: str, project_dir: str, parent_run_id: str | None, force: bo
     root = Path(project_dir)
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=root, env=dvc_env(parent_run_id), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=root, env=dvc_env(parent_run_id, root), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     lines = []
     try:
