@@ -33,7 +33,7 @@ def stop_run_on_sigterm(signum, frame) -> None:
     the handler it replaced: this one. Ending by an exception, not by the signal's default action,
     lets the interpreter run its exit handlers, and one of them stops Prefect's ephemeral API
     server (a uvicorn subprocess), which would otherwise be left running with parent 1."""
-    from rlhf_core.training.loop import Stopped
+    from rlhf_core.training.stop import Stopped
 
     raise Stopped("run: stopped by SIGTERM; finished stages are kept and a stopped training stage "
                   "resumes from its checkpoint: run the same command again", signum)

@@ -33,3 +33,19 @@ def test_bad_params_give_one_line_naming_the_key_and_no_traceback(tmp_path):
 def test_missing_model_path_is_named(tmp_path, capsys):
     assert main(["predict", "--model", str(tmp_path / "nope"), "--prompt", "hi"]) == 2
     assert str(tmp_path / "nope") in capsys.readouterr().err
+
+
+def test_rlhf_run_ends_on_sigterm_by_an_exception_that_main_turns_into_143():
+    """The handler `rlhf run` installs raises (the process then exits normally, running the exit
+    handler that stops Prefect's ephemeral API server); the process-level check is in
+    test_reliability_e2e.py."""
+    import signal
+
+    import pytest
+
+    from flows.cli import stop_run_on_sigterm
+    from rlhf_core.training.stop import Stopped
+
+    with pytest.raises(Stopped) as err:
+        stop_run_on_sigterm(signal.SIGTERM, None)
+    assert err.value.signum == signal.SIGTERM and "run: stopped by SIGTERM" in str(err.value)
