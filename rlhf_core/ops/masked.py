@@ -5,7 +5,7 @@ the mask is 0 never influence a result, even if they hold NaN-free garbage value
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

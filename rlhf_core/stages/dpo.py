@@ -7,7 +7,7 @@ log-probs can be computed once before training (`precompute_ref`).
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -5,7 +5,7 @@ accumulation 1 and batch 1 x accumulation 8 give the same gradient.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -3,7 +3,7 @@ loss -logsigmoid(r_chosen - r_rejected - margin) (+ optional centering). The sco
 the last non-pad token, found from the attention mask, so left and right padding both work."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -35,7 +35,12 @@ from rlhf_core.errors import RLHFError
 from rlhf_core.training.checkpoint import load_checkpoint, rng_state, save_checkpoint
 from rlhf_core.training.modeling import enable_gradient_checkpointing
 from rlhf_core.training.modeling import save_model as save_pretrained
-from rlhf_core.training.optim import make_accelerator, make_optimizer, make_scheduler, seed_everything
+from rlhf_core.training.optim import (
+    make_accelerator,
+    make_optimizer,
+    make_scheduler,
+    seed_everything,
+)
 from rlhf_core.training.stop import Stopped, StopRequest
 
 LogFn = Callable[[dict, int], None]

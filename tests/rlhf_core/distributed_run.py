@@ -21,7 +21,8 @@ from rlhf_core.config import DPOConfig, ModelConfig, PPOConfig, RMConfig, SFTCon
 TINY = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, vocab_size=320)
 B = 4
 """Per-device batch of the two-process run; the one-process reference uses 2B."""
-COMMON = dict(learning_rate=1e-3, warmup_steps=0, lr_scheduler="constant", save_every=0, eval_every=2, log_every=1)
+COMMON = {"learning_rate": 1e-3, "warmup_steps": 0, "lr_scheduler": "constant", "save_every": 0, "eval_every": 2,
+          "log_every": 1}
 SFT = SFTConfig(max_steps=4, batch_size=B, **COMMON)
 RM = RMConfig(max_steps=3, batch_size=B, **COMMON)
 DPO = DPOConfig(max_steps=3, batch_size=B, beta=0.1, **COMMON)

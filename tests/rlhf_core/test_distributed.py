@@ -24,7 +24,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 from conftest import context
 from distributed_run import DPO, PPO, RM, SFT, TINY, doubled
 from safetensors.torch import load_file
@@ -87,7 +86,7 @@ def runs(tmp_path_factory, one_torch_thread) -> SimpleNamespace:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()), str(HERE / "distributed_run.py"), str(root)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     ranks = [json.loads((root / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
 
