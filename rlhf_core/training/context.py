@@ -261,5 +261,8 @@ class RunContext:
             self.log_fn(metrics, step)
 
     def log_timing(self, timing: dict, step: int) -> None:
+        """Rates (tokens/s) summed over the processes: the throughput of the whole run. Every
+        process calls this at the same steps."""
+        timing = self.sum_over_processes(timing)
         if self.is_main_process:
             self.timing_fn(timing, step)
