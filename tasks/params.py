@@ -31,15 +31,15 @@ INPUTS = {"pt": "pt", "sft": "sft", "preference": "preference", "prompts": "prom
 
 @dataclass(frozen=True)
 class DataConfig:
-    pt: str = "data/demo/pt.txt"
+    pt: str = f"{DEMO_DIR}/pt.txt"
     """PT corpus: `.txt` or JSONL `{"text"}`."""
-    sft: str = "data/demo/sft.jsonl"
+    sft: str = f"{DEMO_DIR}/sft.jsonl"
     """SFT conversations (ShareGPT or messages)."""
-    preference: str = "data/demo/preferences.jsonl"
+    preference: str = f"{DEMO_DIR}/preferences.jsonl"
     """Preference pairs or rankings."""
-    prompts: str = "data/demo/prompts.jsonl"
+    prompts: str = f"{DEMO_DIR}/prompts.jsonl"
     """PPO prompts."""
-    eval_prompts: str = "data/demo/eval_prompts.jsonl"
+    eval_prompts: str = f"{DEMO_DIR}/eval_prompts.jsonl"
     """Held-out prompts of the evaluate stage."""
     columns: dict = field(default_factory=dict)
     """Per input (`pt`, `sft`, `preference`, `prompts`, `eval_prompts`), the file's own key for

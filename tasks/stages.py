@@ -52,7 +52,7 @@ def _dvc_deps_hash(root: Path, stage: str) -> str:
 
 # --- data stages -----------------------------------------------------------------------------
 
-def generate(root: Path, p: Params, stage: str = "generate", run=None) -> dict:
+def generate(root: Path, p: Params, stage: str | None = None, run=None) -> dict:
     from rlhf_core.demo import data as demo_data
 
     with atomic_dir(root / layout.DEMO_DIR) as tmp:
@@ -60,7 +60,7 @@ def generate(root: Path, p: Params, stage: str = "generate", run=None) -> dict:
     return {"files": counts}
 
 
-def validate(root: Path, p: Params, stage: str = "validate", run=None) -> dict:
+def validate(root: Path, p: Params, stage: str | None = None, run=None) -> dict:
     """Validate every input; set aside up to `validate.max_invalid_fraction` of a file's records
     (listed in `reports/rejected/<file>.jsonl` and skipped by tokenize), or fail before training."""
     from tasks.validation import model_special_tokens, rejected_records, validate_file
@@ -115,7 +115,7 @@ def _set_aside(root: Path, p: Params) -> dict[str, set[int]]:
     return {name: set(lines.get(path, [])) for name, path, _ in p.data.inputs()}
 
 
-def tokenize(root: Path, p: Params, stage: str = "tokenize", run=None) -> dict:
+def tokenize(root: Path, p: Params, stage: str | None = None, run=None) -> dict:
     from rlhf_core.data import formats
     from rlhf_core.data.encoding import tokenize_datasets
     from rlhf_core.data.tokenizer import load_tokenizer, train_tokenizer
@@ -283,15 +283,16 @@ def not_trained(root: Path, stage: str, marker: str, record: dict, note: str) ->
     return {"trained": False, **{k: v for k, v in record.items() if k != "trained"}}
 
 
-def no_pt(root: Path, p: Params) -> dict:
+def no_pt(root: Path, p: Params, stage: str) -> dict:
     """PT switched off: models/pt points at the base model (nothing is copied or registered)."""
-    return not_trained(root, "pt", BASE_POINTER, {"base": p.model.name_or_path},
-                       f"switched off (pt.enabled: false); sft starts from {p.model.name_or_path}")
+    later = ", ".join(s.name for s in layout.STAGES if s.init == stage)
+    return not_trained(root, stage, BASE_POINTER, {"base": p.model.name_or_path},
+                       f"switched off ({stage}.enabled: false); {later} starts from {p.model.name_or_path}")
 
 
-def no_judge(root: Path) -> dict:
+def no_judge(root: Path, stage: str) -> dict:
     """The judge stage without a judge split: record that no judge RM was trained."""
-    return not_trained(root, "judge", NO_JUDGE, {"trained": False, "reason": (
+    return not_trained(root, stage, NO_JUDGE, {"trained": False, "reason": (
         "no preference/judge split (tokenize.judge_fraction is 0), so no judge reward model was trained")},
         "not trained (tokenize.judge_fraction is 0; the oracle judges the demo)")
 
@@ -445,9 +446,9 @@ def pure_history(history: list[dict]) -> list[dict]:
 def train_stage(root: Path, p: Params, stage: str, run) -> dict:
     """A training stage: trained, or recorded as having nothing to train (PT switched off, no judge split)."""
     if stage == layout.JUDGE and not (root / layout.TOKENIZED / layout.JUDGE_SPLIT).exists():
-        return no_judge(root)
+        return no_judge(root, stage)
     if not getattr(getattr(p, stage), "enabled", True):  # PT switched off: later stages start from the base model
-        return no_pt(root, p)
+        return no_pt(root, p, stage)
     return train(root, p, stage, run)
 
 
@@ -510,7 +511,7 @@ def stage_lock(root: Path, stage: str):
     released by the kernel when the process ends, so a killed run leaves no stale lock."""
     import fcntl
 
-    path = root / "checkpoints" / f".{stage}.lock"
+    path = root / Path(layout.checkpoint_dir(stage)).parent / f".{stage}.lock"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fh = open(path, "a+")

@@ -77,10 +77,8 @@ def set_params(path: Path, overrides: dict) -> None:
     path.write_text(yaml.safe_dump(p, sort_keys=False))
 
 
-@pytest.fixture(scope="session")
-def e2e_project(tmp_path_factory):
-    """A copy of the committed project files in a fresh git repo, with tiny params."""
-    dst = tmp_path_factory.mktemp("project")
+def copy_project(dst: Path) -> Path:
+    """A copy of the committed project files in a fresh git repo at `dst`, with tiny params."""
     for rel in git(ROOT, "ls-files").splitlines():
         src = ROOT / rel
         if src.is_file():
@@ -91,6 +89,11 @@ def e2e_project(tmp_path_factory):
     git(dst, "add", "-A")
     git(dst, "commit", "-qm", "tiny project")
     return dst
+
+
+@pytest.fixture(scope="session")
+def e2e_project(tmp_path_factory):
+    return copy_project(tmp_path_factory.mktemp("project"))
 
 
 @pytest.fixture(scope="session")
