@@ -1,6 +1,7 @@
 """The end-to-end Prefect flow. Each stage is a Prefect task that runs `dvc repro` on that stage,
 so DVC alone decides what is stale, `dvc.lock` is current after every flow run, and unchanged
-stages are skipped (the flow asks DVC's status API which, and reports them as ran or skipped). The
+stages are skipped (the flow compares each stage's dvc.lock entry and run record before and after,
+so it reports ran or skipped without reading DVC's log). The
 stages come from tasks/layout.py, the same list `dvc.yaml` is made from."""
 from __future__ import annotations
 
@@ -43,13 +44,12 @@ def dvc_env(parent_run_id: str | None) -> dict:
     return env
 
 
-def stale(root: Path, stage: str) -> bool:
-    """Whether DVC will run `stage`: DVC's own status of it (changed deps, params, outs or command,
-    or never run), asked through its API before `dvc repro`."""
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
-        return bool(repo.status(targets=[stage]))
+def stage_state(root: Path, stage: str) -> tuple:
+    """What a run of `stage` changes: its dvc.lock entry (DVC rewrites it when the stage runs) and
+    its run record (the stage writes a fresh MLflow run id into it on every run, also when the
+    outputs come out identical). Compared before and after `dvc repro`: equal means DVC skipped it."""
+    record = root / layout.run_record(stage)
+    return layout.read_lock(root).get(stage), record.read_bytes() if record.exists() else None
 
 
 def _train_seconds(run: dict) -> float:
@@ -63,7 +63,7 @@ def repro_stage(stage: str, project_dir: str, parent_run_id: str | None, force: 
     """`dvc repro --single-item STAGE`; never retried (training is not I/O)."""
     logger = get_run_logger()
     root = Path(project_dir)
-    runs = force or stale(root, stage)
+    before = stage_state(root, stage)
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=root, env=dvc_env(parent_run_id), stdout=subprocess.PIPE,
@@ -84,7 +84,7 @@ def repro_stage(stage: str, project_dir: str, parent_run_id: str | None, force: 
         raise StageFailed(f"stage '{stage}' failed (exit {proc.returncode}):\n{tail}")
     run_path = root / layout.run_record(stage)
     run = yaml.safe_load(run_path.read_text()) if run_path.exists() else {}
-    record = {"stage": stage, "status": "ran" if runs else "skipped",
+    record = {"stage": stage, "status": "ran" if stage_state(root, stage) != before else "skipped",
               "version": stage_version(layout.read_lock(root).get(stage, {})), "seconds": round(seconds, 2),
               "train_seconds": _train_seconds(run), "mlflow_run": run.get("mlflow_run_id", "")}
     logger.info("stage %s %s in %.1fs (version %s)", stage, record["status"], seconds, record["version"])
