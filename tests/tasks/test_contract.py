@@ -108,3 +108,17 @@ def test_the_grep_finds_what_it_is_meant_to_find():
     bad = ('x = "models/sft"\nif stage == "dpo":\n    pass\nMODELS = ("sft", "dpo", "ppo")\n'
            'layout.model_dir("rm")\nSPECS["ppo"]\ndef f(stage="judge"):\n    pass\n')
     assert len(_findings("tasks/bad.py", ast.parse(bad))) == 6
+
+
+def test_run_specific_values_stay_out_of_the_metrics_file_and_the_history():
+    from tasks.stages import pure_history, split_run_specific
+
+    result = {"stage": "sft", "steps": 4, "wall_seconds": 2.5, "tokens_per_second": 900.0, "resumed_from_step": 0,
+              "registered": {"version": "3"}, "lineage": {"run_id": "abc"}, "reused_finished_training": True,
+              "metrics": {"train/loss": 1.25, "eval/loss": 1.5, "train/tokens_per_second": 900.0}}
+    pure, run = split_run_specific(result)
+    assert pure == {"stage": "sft", "steps": 4, "metrics": {"train/loss": 1.25, "eval/loss": 1.5}}
+    assert run == {"wall_seconds": 2.5, "tokens_per_second": 900.0, "resumed_from_step": 0, "registered": {"version": "3"},
+                   "lineage": {"run_id": "abc"}, "reused_finished_training": True, "train/tokens_per_second": 900.0}
+    history = [{"step": 1, "train/loss": 2.0, "train/tokens_per_second": 800.0, "time/step_seconds": 0.1}]
+    assert pure_history(history) == [{"step": 1, "train/loss": 2.0}]
