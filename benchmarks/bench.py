@@ -188,6 +188,7 @@ def run_ours(spec: dict, clock: StepClock) -> int:
     """Run our loop for warmup + steps; returns samples per step."""
     from rlhf_core.config import DPOConfig, LoraConfig, PPOConfig, PTConfig, RMConfig, SFTConfig
     from rlhf_core.stages import dpo, lm, ppo, rm
+    from rlhf_core.training.context import RunContext
 
     stage, root = spec["stage"], Path(spec["root"])
     lora = LoraConfig(enabled=spec["variant"] == "lora", r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"],
@@ -196,22 +197,19 @@ def run_ours(spec: dict, clock: StepClock) -> int:
                   log_every=1, warmup_steps=0, learning_rate=LEARNING_RATE, lr_scheduler="constant",
                   mixed_precision="bf16" if spec["bf16"] else "no", gradient_checkpointing=spec["gradient_checkpointing"],
                   lora=lora)
-    out, ckpt, data, base = root / "out" / stage, root / "ckpt" / stage, root / "tok", Path(spec["base"])
+    base = Path(spec["base"])
     mc = model_config(spec["model"], spec["base"])
-    if stage == "pt":
-        lm.run_pt(PTConfig(**common), mc, data, base, out, ckpt, clock)
-    elif stage == "sft":
-        lm.run_sft(SFTConfig(**common), mc, data, base, out, ckpt, clock)
-    elif stage == "rm":
-        rm.run_rm(RMConfig(**common), mc, data, base, out, ckpt, clock)
-    elif stage == "dpo":  # a reference forward at every step, as TRL's DPOTrainer does by default
-        dpo.run_dpo(DPOConfig(**common, precompute_ref=False), mc, data, base, out, ckpt, clock)
-    else:
+    if stage == "ppo":
         cfg = PPOConfig(**common, rollout_batch_size=2 * spec["batch_size"], max_new_tokens=spec["ppo_new_tokens"],
                         ppo_epochs=PPO_EPOCHS, temperature=1.0, critic_learning_rate=LEARNING_RATE)
-        ppo.run_ppo(cfg, mc, data, base, base, out, ckpt, clock)
-        return cfg.rollout_batch_size
-    return spec["batch_size"]
+    else:  # DPO: a reference forward at every step, as TRL's DPOTrainer does by default
+        cfg = {"pt": PTConfig(**common), "sft": SFTConfig(**common), "rm": RMConfig(**common),
+               "dpo": DPOConfig(**common, precompute_ref=False)}[stage]
+    loop = {"pt": lm.run_pt, "sft": lm.run_sft, "rm": rm.run_rm, "dpo": dpo.run_dpo, "ppo": ppo.run_ppo}[stage]
+    inputs = {"data": root / "tok", "tokenizer": base, "init": base, "reward": base}
+    loop(RunContext.create(stage, cfg, inputs, root / "out" / stage, root / "ckpt" / stage, f"bench-{stage}",
+                           log_fn=clock), cfg, mc)
+    return cfg.rollout_batch_size if stage == "ppo" else spec["batch_size"]
 
 
 def trl_sft_rows(root: Path):

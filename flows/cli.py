@@ -27,9 +27,24 @@ def use_params(project_dir: str, params: str | None) -> None:
         print(f"params.yaml is now a copy of {src} (DVC reads params.yaml; `git diff params.yaml` shows the change)")
 
 
+def stop_run_on_sigterm(signum, frame) -> None:
+    """SIGTERM to `rlhf run` (a cancelled flow run, a stopping worker or scheduler). Prefect's own
+    handler marks the flow run crashed and stops the running stage, then sends the signal again to
+    the handler it replaced: this one. Ending by an exception, not by the signal's default action,
+    lets the interpreter run its exit handlers, and one of them stops Prefect's ephemeral API
+    server (a uvicorn subprocess), which would otherwise be left running with parent 1."""
+    from rlhf_core.training.stop import Stopped
+
+    raise Stopped("run: stopped by SIGTERM; finished stages are kept and a stopped training stage "
+                  "resumes from its checkpoint: run the same command again", signum)
+
+
 def cmd_run(a) -> int:
+    import signal
+
     from flows.pipeline import StageFailed, pipeline
 
+    signal.signal(signal.SIGTERM, stop_run_on_sigterm)
     use_params(a.project_dir, a.params)
     try:
         records = pipeline(project_dir=a.project_dir, stages=a.stages or None, force=a.force)
@@ -44,13 +59,13 @@ def cmd_run(a) -> int:
 def cmd_stage(a) -> int:
     import signal
 
-    from rlhf_core.training.loop import Stopped, request_stop
+    from rlhf_core.training.stop import Stopped
     from tasks.layout import TRAINED
-    from tasks.stages import run_stage
+    from tasks.stages import STOP, run_stage
 
     def on_sigterm(signum, frame):
         if a.name in TRAINED:  # a preempted worker: finish the step, checkpoint it, exit (the next run resumes)
-            request_stop(signum)
+            STOP.set(signum)
         else:  # nothing to checkpoint: stop now; outputs are renamed into place only when complete
             raise Stopped(f"{a.name}: stopped by SIGTERM; its previous outputs are unchanged", signum)
 
@@ -73,13 +88,14 @@ def cmd_validate(a) -> int:
 
 
 def cmd_deploy(a) -> int:
-    from flows.pipeline import pipeline
+    from flows.deploy import deploy, resolve_source
 
-    root = Path(a.project_dir).resolve()
-    deployment_id = pipeline.from_source(source=str(root), entrypoint="flows/pipeline.py:pipeline").deploy(
-        name=a.name, work_pool_name=a.pool, cron=a.cron, parameters={"project_dir": str(root)}, print_next_steps=False)
-    print(f"deployment {a.name} ({deployment_id}) on pool '{a.pool}'" + (f", schedule '{a.cron}'" if a.cron else ""))
-    print(f"start a worker on the GPU host: prefect worker start --pool {a.pool}")
+    source, git = resolve_source(a.source, Path(a.project_dir))
+    deployment_id = deploy(a.name, a.pool, source, git, a.branch, a.workdir, a.cron)
+    where = f"cloned from {source} ({a.branch or 'default branch'})" if git else f"in {source} on the workers"
+    schedule = f", schedule '{a.cron}'" if a.cron else ""
+    print(f"deployment rlhf-pipeline/{a.name} ({deployment_id}) on pool '{a.pool}'; project {where}{schedule}")
+    print(f"start a worker on each host of the pool: prefect worker start --pool {a.pool}")
     return 0
 
 
@@ -201,7 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--pool", required=True, help="work pool name (e.g. a process pool on GPU hosts)")
     d.add_argument("--cron", default=None, help="cron schedule, e.g. '0 2 * * *'")
     d.add_argument("--name", default="rlhf-nightly")
-    d.add_argument("--project-dir", default=".")
+    d.add_argument("--source", default=None, help="where the workers find the project: a git URL they clone, or its "
+                                                  "directory on the workers (default: the git remote 'origin')")
+    d.add_argument("--branch", default=None, help="git branch to clone (default: the remote's default branch)")
+    d.add_argument("--workdir", default=None, help="directory on the workers that keeps the clone between runs "
+                                                   "(DVC outputs, cache); default: a fresh temporary one per run")
+    d.add_argument("--project-dir", default=".", help="the local checkout whose 'origin' is the default --source")
     d.set_defaults(fn=cmd_deploy)
     pr = sub.add_parser("predict", help="answer one prompt with a model directory or models:/ URI")
     pr.add_argument("--model", required=True, help="directory, or models:/rlhf-dpo@champion")
@@ -237,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RLHF_DEBUG") == "1":  # the full traceback, for a bug report
             raise
         print(f"error: {e}", file=sys.stderr)
-        return 128 + e.signum if getattr(e, "signum", None) else 2  # loop.Stopped: 143 after SIGTERM
+        return 128 + e.signum if getattr(e, "signum", None) else 2  # Stopped: 143 after SIGTERM
     except KeyboardInterrupt:
         return 130
 

@@ -34,9 +34,12 @@ PROGRESS = re.compile(r"^\s*[\w./-]+:\s+\d{1,3}%\|")
 """A progress-bar line (`<desc>:  50%|...`), whatever the stage calls its bar."""
 
 
-def dvc_env(parent_run_id: str | None) -> dict:
-    """The stage's environment: no PATH change is needed, `scripts/stage.sh` finds this Python."""
+def dvc_env(parent_run_id: str | None, root: Path) -> dict:
+    """The stage's environment. No PATH change is needed: `scripts/stage.sh` finds the Python that
+    runs DVC. The stages import this project's code, not the checkout the venv was installed from:
+    on a worker, the project is the deployment's fresh clone."""
     env = tracking.child_env(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(root)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     if parent_run_id:
         env[tracking.PARENT_ENV] = parent_run_id
     if flow_run.get_id():
@@ -66,7 +69,7 @@ def repro_stage(stage: str, project_dir: str, parent_run_id: str | None, force: 
     before = stage_state(root, stage)
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=root, env=dvc_env(parent_run_id), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=root, env=dvc_env(parent_run_id, root), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     lines = []
     try:
@@ -175,7 +178,8 @@ def pipeline(project_dir: str = ".", stages: list[str] | None = None, force: boo
     records, status = [], "FAILED"
     try:
         for name in names:
-            records.append(repro_stage(name, str(root), parent_id, force))
+            tagged = repro_stage.with_options(tags=p.resources.stage_tags(name))  # e.g. `gpu`, for tag concurrency limits
+            records.append(tagged(name, str(root), parent_id, force))
         status = "FINISHED"
     finally:
         try:

@@ -155,6 +155,8 @@ TRAINED = tuple(s.name for s in STAGES if s.trains)
 EVALUATE = STAGES[-1].name
 """The last stage: it reads every model and writes the evaluation."""
 EVAL_METRICS = SPECS[EVALUATE].metrics
+MODEL_STAGES = (*TRAINED, EVALUATE)
+"""Stages that load models (the default of `resources.gpu`)."""
 JUDGE_SPLIT = f"{SPECS[JUDGE].train_split}/{JUDGE}"
 """The split the judge RM trains on (written by tokenize when tokenize.judge_fraction > 0)."""
 

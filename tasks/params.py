@@ -22,7 +22,7 @@ from rlhf_core.config import (
 from rlhf_core.data.formats import FIELDS
 from rlhf_core.demo.data import DemoDataConfig
 from rlhf_core.errors import ConfigError
-from tasks.layout import DEMO_DIR
+from tasks.layout import DEMO_DIR, MODEL_STAGES, STAGE_NAMES
 from tasks.validation import ValidationLimits
 
 INPUTS = {"pt": "pt", "sft": "sft", "preference": "preference", "prompts": "prompts", "eval_prompts": "prompts"}
@@ -97,6 +97,33 @@ def _check_mlflow_names(experiment: str, prefix: str) -> None:
 
 
 @dataclass(frozen=True)
+class ResourcesConfig:
+    """What each stage needs from the host, as Prefect task-run tags. No stage reads this group, so
+    changing it re-runs nothing; it only labels the stages' task runs in the flow."""
+    gpu: tuple[str, ...] = MODEL_STAGES
+    """Stages that need a GPU: their task runs carry the tag `gpu`. A concurrency limit on the tag
+    (`prefect concurrency-limit create gpu 1`) lets one of them run at a time, across all flow runs."""
+    tags: dict = field(default_factory=dict)
+    """More tags per stage, e.g. `{ppo: [big-memory]}`, for limits of their own."""
+
+    def __post_init__(self) -> None:
+        for stage in self.gpu:
+            if stage not in STAGE_NAMES:
+                raise ConfigError("gpu", f"unknown stage {stage!r} (stages: {', '.join(STAGE_NAMES)})")
+        if not isinstance(self.tags, dict):
+            raise ConfigError("tags", "must map stage names to lists of tags")
+        for stage, tags in self.tags.items():
+            if stage not in STAGE_NAMES:
+                raise ConfigError(f"tags.{stage}", f"unknown stage (stages: {', '.join(STAGE_NAMES)})")
+            if not isinstance(tags, list) or not all(isinstance(t, str) and t.strip() for t in tags):
+                raise ConfigError(f"tags.{stage}", "must be a list of non-empty strings")
+
+    def stage_tags(self, stage: str) -> list[str]:
+        """The Prefect tags of one stage's task run, e.g. ['gpu', 'big-memory']."""
+        return (["gpu"] if stage in self.gpu else []) + list(self.tags.get(stage, []))
+
+
+@dataclass(frozen=True)
 class Params:
     demo: DemoDataConfig = field(default_factory=DemoDataConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -111,6 +138,7 @@ class Params:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
 
 
 GROUPS: dict[str, type] = typing.get_type_hints(Params)

@@ -19,6 +19,7 @@ from pathlib import Path
 from rlhf_core.atomic import atomic_dir, atomic_write_text
 from rlhf_core.config import to_dict
 from rlhf_core.errors import ConfigError, RLHFError
+from rlhf_core.training.stop import StopRequest
 from tasks import layout, tracking
 from tasks.params import Params, load_params, resolve_judge
 from tasks.plots import plot_comparison, plot_curves, plot_note, write_history_csv
@@ -168,34 +169,61 @@ def init_dir(root: Path, stage: str) -> Path | None:
 """Written to models/judge when there is no judge split to train on (the demo: the oracle judges)."""
 
 
+STOP = StopRequest()
+"""The stop request of this process: the CLI's SIGTERM handler sets it, and the running training
+loop then checkpoints its step and raises Stopped."""
+
+
+def _input_hash(root: Path, stage: str, rel: str, lock_outs: dict[str, dict]) -> str:
+    """Content hash of one input of `stage`: the md5 DVC recorded for it in dvc.lock when DVC runs
+    this stage (`DVC_STAGE`, so DVC has just brought its deps up to date) and the entry still
+    matches the files' count and size; otherwise sha256 of every byte of every file."""
+    path, entry = root / rel, lock_outs.get(rel, {})
+    if os.environ.get("DVC_STAGE") == stage and entry.get("md5"):
+        files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+        if entry.get("size") == sum(f.stat().st_size for f in files) and entry.get("nfiles", 1) == len(files):
+            return f"md5:{entry['md5']}"
+    return f"sha256:{tracking.file_hash(path)}"
+
+
 def _train_key(root: Path, p: Params, stage: str) -> str:
-    """Hash of the stage's params and input files: a finished result with this key is reused."""
-    from rlhf_core.training.loop import fingerprint
+    """Identity of a training run: the stage's params and the content of each of its inputs. A
+    finished result with this key is reused, and the loop resumes only a checkpoint with it."""
+    lock_outs = {o["path"]: o for s in layout.read_lock(root).values() for o in s.get("outs", [])}
+    inputs = {d: _input_hash(root, stage, d, lock_outs) for d in layout.SPECS[stage].deps if (root / d).exists()}
+    return hashlib.sha256(json.dumps({"params": _group_params(p, stage), "inputs": inputs}, sort_keys=True,
+                                     default=str).encode()).hexdigest()[:16]
 
-    deps = [root / d for d in layout.SPECS[stage].deps if (root / d).exists()]
-    return fingerprint(_group_params(p, stage), *deps)
+
+def _timing_to_mlflow(logger):
+    """The loop's per-step throughput goes to MLflow only: it differs from run to run, so it stays
+    out of the history that becomes `plots/<stage>.csv`. A failure is the logger's to report."""
+    def log(timing: dict, step: int) -> None:
+        import mlflow
+
+        if logger.error is None:
+            try:
+                mlflow.log_metrics({k: float(v) for k, v in timing.items()}, step=step)
+            except Exception as e:  # noqa: BLE001
+                logger.error = str(e)
+    return log
 
 
-def _fit(root: Path, p: Params, stage: str, logger) -> dict:
-    """Run the stage's training loop (resuming from its last checkpoint if there is one)."""
+def _fit(root: Path, p: Params, stage: str, logger, key: str) -> dict:
+    """Run the stage's training loop (resuming from its last checkpoint with this `key`)."""
     from rlhf_core.stages import dpo, lm, ppo, rm
+    from rlhf_core.training.context import RunContext
 
-    out, ckpt, data = root / layout.model_dir(stage), root / layout.checkpoint_dir(stage), root / layout.TOKENIZED
+    loop = {"pt": lm.run_pt, "sft": lm.run_sft, "rm": rm.run_rm, "judge": rm.run_rm, "dpo": dpo.run_dpo,
+            "ppo": ppo.run_ppo}[stage]
     cfg = getattr(p, stage)
-    init = init_dir(root, stage)
-    if stage == "pt":
-        result = lm.run_pt(cfg, p.model, data, root / layout.TOKENIZER, out, ckpt, logger)
-    elif stage == "sft":
-        result = lm.run_sft(cfg, p.model, data, init, out, ckpt, logger)
-    elif stage == "rm":
-        result = rm.run_rm(cfg, p.model, data, init, out, ckpt, logger)
-    elif stage == "judge":
-        result = rm.run_rm(cfg, p.model, data, init, out, ckpt, logger, stage="judge", train_split="judge")
-    elif stage == "dpo":
-        result = dpo.run_dpo(cfg, p.model, data, init, out, ckpt, logger)
-    else:
-        result = ppo.run_ppo(cfg, p.model, data, init, root / layout.model_dir("rm"), out, ckpt, logger)
-    return result.to_dict()
+    inputs = {"data": root / layout.TOKENIZED, "tokenizer": root / layout.TOKENIZER, "init": init_dir(root, stage),
+              "reward": root / layout.model_dir("rm") if layout.model_dir("rm") in layout.SPECS[stage].deps else None}
+    ctx = RunContext.create(stage, cfg, inputs, root / layout.model_dir(stage), root / layout.checkpoint_dir(stage), key,
+                            train_split="judge" if stage == "judge" else "train", log_fn=logger,
+                            timing_fn=_timing_to_mlflow(logger), stop=STOP)
+    result = loop(ctx, cfg, p.model)
+    return {**result.to_dict(), **result.run_record()}  # the run record: for MLflow and the run's side file
 
 
 def _read_finished(finished: Path) -> dict | None:
@@ -227,7 +255,7 @@ def train(root: Path, p: Params, stage: str, run) -> dict:
             logger({k: v for k, v in row.items() if k != "step"}, row["step"], record=False)
     else:
         try:
-            result = _fit(root, p, stage, logger)  # writes the weights to models/<stage>
+            result = _fit(root, p, stage, logger, key)  # writes the weights to models/<stage>
         except ConfigError as e:  # found when the model is loaded (lora.target_modules): name the params key
             if not e.key.startswith("lora."):
                 raise

@@ -77,23 +77,39 @@ def set_params(path: Path, overrides: dict) -> None:
     path.write_text(yaml.safe_dump(p, sort_keys=False))
 
 
-def copy_project(dst: Path) -> Path:
-    """A copy of the committed project files in a fresh git repo at `dst`, with tiny params."""
+def project_repo(dst: Path, params: dict) -> Path:
+    """A copy of the committed project files in a fresh git repo (one commit), with `params` set."""
     for rel in git(ROOT, "ls-files").splitlines():
         src = ROOT / rel
         if src.is_file():
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst / rel)
-    set_params(dst / "params.yaml", TINY)
+    set_params(dst / "params.yaml", params)
     git(dst, "init", "-q", "-b", "main")
     git(dst, "add", "-A")
     git(dst, "commit", "-qm", "tiny project")
     return dst
 
 
+def processes_with_env(key: str, value: str) -> list[tuple[int, int, list[str]]]:
+    """(pid, parent pid, command) of every live process whose environment has key=value: what a
+    test started with its own PREFECT_HOME, including orphans (parent 1)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get(key) == value and p.status() != psutil.STATUS_ZOMBIE:
+                found.append((p.pid, p.ppid(), p.cmdline()))
+        except psutil.Error:  # gone meanwhile, or another user's
+            pass
+    return found
+
+
 @pytest.fixture(scope="session")
 def e2e_project(tmp_path_factory):
-    return copy_project(tmp_path_factory.mktemp("project"))
+    """A copy of the committed project files in a fresh git repo, with tiny params."""
+    return project_repo(tmp_path_factory.mktemp("project"), TINY)
 
 
 @pytest.fixture(scope="session")
@@ -146,3 +162,10 @@ def build_tiny_sft_project(root: Path, model_cfg) -> Path:
                       conversations=convs)
     save_model(build_tiny_causal_lm(model_cfg, tok), tok, root / "base")
     return root
+
+
+def context(stage: str, cfg, out: Path, ckpt: Path, log=None, fingerprint: str = "test", **inputs):
+    """A RunContext for calling a loop directly: `inputs` are its named inputs (data, init, ...)."""
+    from rlhf_core.training.context import RunContext, no_log
+
+    return RunContext.create(stage, cfg, inputs, out, ckpt, fingerprint, log_fn=log or no_log)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY, clean_env, copy_project, set_params
+from conftest import TINY, clean_env, project_repo, set_params
 from conftest import dvc as _dvc
 
 pytestmark = pytest.mark.slow
@@ -68,7 +68,7 @@ def test_a_second_checkout_run_by_the_venvs_dvc_from_a_plain_shell_gives_identic
     from flows.pipeline import pipeline
     from tasks.code_deps import module_file
 
-    other = copy_project(tmp_path_factory.mktemp("elsewhere") / "checkout")
+    other = project_repo(tmp_path_factory.mktemp("elsewhere") / "checkout", TINY)
     assert other.parent != e2e_project.parent
     env = clean_env(PATH=os.pathsep.join(p for p in ("/usr/local/bin", "/usr/bin", "/bin") if Path(p).is_dir()),
                     PYTHONPROFILEIMPORTTIME="1", PYTHONUNBUFFERED="1")

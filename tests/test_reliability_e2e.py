@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import clean_env, dvc, set_params
+from conftest import clean_env, dvc, processes_with_env, set_params
 
 pytestmark = pytest.mark.slow
 COMPARED = ("train/loss", "eval/loss", "train/accuracy", "eval/accuracy", "train/rewards/accuracies",
@@ -289,18 +289,23 @@ def test_sigterm_to_the_flow_is_passed_on_to_the_stage_and_the_next_flow_resumes
     dvc(e2e_project, "repro")
     set_params(e2e_project / "params.yaml", {"sft": {"learning_rate": 0.0008}})
     state = e2e_project / "checkpoints" / "sft" / "trainer_state.json"
+    prefect_home = str(tmp_path / "prefect")  # only this flow (and what it starts) has it in its environment
     flow_proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run"], cwd=e2e_project,
-                                 env=env(RLHF_TEST_STEP_DELAY="1.5", PREFECT_HOME=str(tmp_path / "prefect")),
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                 env=env(RLHF_TEST_STEP_DELAY="1.5", PREFECT_HOME=prefect_home),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_for_first_checkpoint(flow_proc, state, "the flow (SFT)", timeout=300)
     periodic = json.loads(state.read_text())["step"]
     tree = [p for p in psutil.Process(flow_proc.pid).children(recursive=True)
-            if {"dvc", "stage"} & set(p.cmdline())]  # `python -m dvc repro`, then `rlhf stage sft`
+            if {"dvc", "stage", "uvicorn"} & set(p.cmdline())]  # dvc repro, rlhf stage sft, the ephemeral Prefect API
     assert any("stage" in p.cmdline() for p in tree), "the stage runs under the flow"
+    assert any("uvicorn" in p.cmdline() for p in tree), "the flow's own ephemeral Prefect API server runs under it"
     flow_proc.send_signal(signal.SIGTERM)
-    assert flow_proc.wait(timeout=180) != 0
+    _, err = flow_proc.communicate(timeout=180)
+    assert flow_proc.returncode == 128 + signal.SIGTERM, err[-2000:]  # an exit, not death by the signal
+    assert "run: stopped by SIGTERM" in err and "Traceback" not in err
     gone, alive = psutil.wait_procs(tree, timeout=60)
     assert not alive, f"left running: {[p.cmdline() for p in alive]}"
+    assert processes_with_env("PREFECT_HOME", prefect_home) == [], "no process of this flow is left (orphans have parent 1)"
     assert json.loads(state.read_text())["step"] == periodic + 1, "the step in progress was checkpointed"
     records = pipeline(project_dir=str(e2e_project))
     assert {r["stage"]: r["status"] for r in records}["sft"] == "ran"

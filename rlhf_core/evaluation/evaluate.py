@@ -30,6 +30,7 @@ from rlhf_core.stages.dpo import pair_logprobs
 from rlhf_core.stages.generation import Rollout, decode_responses, sample
 from rlhf_core.stages.ppo import response_logprobs
 from rlhf_core.stages.rm import pair_rewards
+from rlhf_core.training.frozen import freeze
 from rlhf_core.training.modeling import load_policy, load_scalar_model, token_scores
 
 TextScore = Callable[[str, str], float]
@@ -319,10 +320,6 @@ def rm_metrics(results: dict[str, PolicyEval], num_samples: int, accuracy: float
     return out
 
 
-def _frozen(model, device):
-    return model.to(device).eval().requires_grad_(False)
-
-
 def _check_names(policies: dict[str, Path], reference: str, prompts: Sequence[Prompt]) -> None:
     if reference not in policies:
         raise ValueError(f"reference {reference!r} is not among the policies ({', '.join(policies)})")
@@ -339,7 +336,7 @@ def load_judge(ref: str | Path, policy_tokenizer, model_cfg: ModelConfig, device
     (default: the directory) is what the report calls it."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = load_tokenizer(ref, model_cfg.trust_remote_code)
-    model = _frozen(load_scalar_model(ref, model_cfg, tokenizer.pad_token_id), device)
+    model = freeze(load_scalar_model(ref, model_cfg, tokenizer.pad_token_id), device)
     if tokenizer.get_vocab() == policy_tokenizer.get_vocab():
         return RolloutRMJudge(name or str(ref), model)
     return TextRMJudge(name or str(ref), model, tokenizer)
@@ -362,8 +359,8 @@ def evaluate_policies(policies: dict[str, Path], reference: str, reward_dir: Pat
     tokenizer = load_tokenizer(policies[reference], model_cfg.trust_remote_code)
     prompt_ids = encode_prompts(tokenizer, prompts, max_prompt_length)
     questions = [prompt_text(p) for p in prompts]
-    ref_model = _frozen(load_policy(policies[reference], model_cfg), device)
-    reward_model = _frozen(load_scalar_model(reward_dir, model_cfg, tokenizer.pad_token_id), device)
+    ref_model = freeze(load_policy(policies[reference], model_cfg), device)
+    reward_model = freeze(load_scalar_model(reward_dir, model_cfg, tokenizer.pad_token_id), device)
     pairs = preference_eval if preference_eval is not None and len(preference_eval) > 0 else None
 
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
@@ -385,7 +382,7 @@ def _evaluate_all(policies, reference, ref_model, reward_model, tokenizer, promp
     results: dict[str, PolicyEval] = {}
     pref_acc: dict[str, float] = {}
     for name, path in policies.items():
-        model = ref_model if name == reference else _frozen(load_policy(path, model_cfg), device)
+        model = ref_model if name == reference else freeze(load_policy(path, model_cfg), device)
         results[name] = evaluate_policy(model, ref_model, reward_model, tokenizer, prompt_ids, prompts,
                                         cfg, judge, is_reference=name == reference)
         if pairs is not None:

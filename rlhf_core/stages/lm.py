@@ -5,37 +5,24 @@ accumulation 1 and batch 1 x accumulation 8 give the same gradient.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from rlhf_core import IGNORE_INDEX
-from rlhf_core.config import ModelConfig, TrainConfig, to_dict
-from rlhf_core.data.batching import collate_lm, index_batches
+from rlhf_core.config import ModelConfig, TrainConfig
+from rlhf_core.data.batching import collate_lm
 from rlhf_core.data.splits import load_split
 from rlhf_core.data.tokenizer import load_tokenizer
 from rlhf_core.ops.losses import lm_loss
-from rlhf_core.training.loop import (
-    LogFn,
-    StageResult,
-    Throughput,
-    end_of_step,
-    fingerprint,
-    no_log,
-    optimizer_step,
-    prepare,
-    progress,
-    scalars,
-)
+from rlhf_core.training.context import RunContext, StageResult
 from rlhf_core.training.modeling import (
     apply_lora,
     build_tiny_causal_lm,
     check_tokenizer_fits,
     forward_logits,
     load_causal_lm,
-    save_model,
 )
-from rlhf_core.training.optim import seed_everything
+from rlhf_core.training.optim import optimizer_step, seed_everything
+from rlhf_core.training.progress import Throughput, progress, scalars
 
 
 @torch.no_grad()
@@ -55,13 +42,13 @@ def evaluate_lm(model, dataset, pad_id: int, batch_size: int, device) -> dict[st
     return {"eval/loss": mean, "eval/perplexity": float(torch.exp(torch.tensor(mean)))}
 
 
-def train_lm(stage: str, cfg: TrainConfig, model, tokenizer, train_ds, eval_ds, out_dir: Path,
-             ckpt_dir: Path, fp: str, log: LogFn = no_log) -> StageResult:
-    pad = tokenizer.pad_token_id
-    run = prepare(apply_lora(model, cfg.lora), cfg, ckpt_dir, fp)
-    acc, model, opt, sched, params, state, start = (run.accelerator, run.model, run.optimizer, run.scheduler,
-                                                    run.params, run.state, run.start)
-    batches = index_batches(len(train_ds), cfg.batch_size, cfg.seed, start * cfg.grad_accum)
+def train_lm(ctx: RunContext, cfg: TrainConfig, model, tokenizer, kind: str) -> StageResult:
+    """The causal-LM loop on the `kind` split (`pt` blocks or `sft` chats) of `ctx`'s data."""
+    stage, pad = ctx.stage, tokenizer.pad_token_id
+    train_ds, eval_ds = (load_split(ctx.input("data"), kind, s, vocab_size=len(tokenizer)) for s in (ctx.train_split, "eval"))
+    run = ctx.prepare(apply_lora(model, cfg.lora), cfg)
+    model, opt, sched, params, start = run.model, run.optimizer, run.scheduler, run.params, run.start
+    batches = ctx.batches(len(train_ds), cfg.batch_size, cfg.seed, start * cfg.grad_accum)
     speed, bar, metrics = Throughput(), progress(stage, cfg.max_steps, start), {}
     model.train()
     for step in range(start, cfg.max_steps):
@@ -69,54 +56,50 @@ def train_lm(stage: str, cfg: TrainConfig, model, tokenizer, train_ds, eval_ds, 
         n_items = sum(int((b.labels[:, 1:] != IGNORE_INDEX).sum()) for b in micro)  # trainable tokens, whole step
         step_loss = torch.zeros(())
         for b in micro:
-            with acc.autocast():
-                logits = forward_logits(model, b.input_ids.to(acc.device), b.attention_mask.to(acc.device))
-                loss, _ = lm_loss(logits, b.labels.to(acc.device), num_items=n_items)
-            acc.backward(loss)
+            with ctx.autocast():
+                logits = forward_logits(model, b.input_ids.to(ctx.device), b.attention_mask.to(ctx.device))
+                loss, _ = lm_loss(logits, b.labels.to(ctx.device), num_items=n_items)
+            ctx.accelerator.backward(loss)
             step_loss += loss.detach().float().cpu()
-        grad_norm = optimizer_step(acc, params, opt, sched, cfg.max_grad_norm, stage, step + 1, step_loss)
+        grad_norm = optimizer_step(ctx.accelerator, params, opt, sched, cfg.max_grad_norm, stage, step + 1, step_loss)
         tps = speed.add(sum(int(b.attention_mask.sum()) for b in micro))
-        metrics = {"train/loss": float(step_loss), "train/grad_norm": grad_norm,
-                   "train/lr": sched.get_last_lr()[0], "train/tokens_per_second": tps}
+        metrics = {"train/loss": float(step_loss), "train/grad_norm": grad_norm, "train/lr": sched.get_last_lr()[0]}
         bar.update(1)
         bar.set_postfix(loss=f"{float(step_loss):.3f}", tok_s=f"{tps:.0f}")
         done = step + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_steps:
-            with acc.autocast():  # held-out numbers in the precision the model trains in
-                metrics.update(evaluate_lm(model, eval_ds, pad, cfg.batch_size, acc.device))
+            with ctx.autocast():  # held-out numbers in the precision the model trains in
+                metrics.update(evaluate_lm(model, eval_ds, pad, cfg.batch_size, ctx.device))
         if done % max(1, cfg.log_every) == 0 or done == cfg.max_steps or "eval/loss" in metrics:
-            log(metrics, done)
-        end_of_step(stage, cfg, done, ckpt_dir, fp, state)
+            ctx.log(metrics, done)
+            ctx.log_timing({"train/tokens_per_second": tps}, done)
+        ctx.end_of_step(done, cfg.max_steps, run.state)
     bar.close()
-    with acc.autocast():
-        metrics.update(evaluate_lm(model, eval_ds, pad, cfg.batch_size, acc.device))
-    log(metrics, cfg.max_steps)
-    save_model(acc.unwrap_model(model), tokenizer, out_dir, merge_lora=cfg.lora.merge)
-    return StageResult(stage, cfg.max_steps, scalars(metrics), speed.seconds, metrics.get("train/tokens_per_second", 0.0), start)
+    with ctx.autocast():
+        metrics.update(evaluate_lm(model, eval_ds, pad, cfg.batch_size, ctx.device))
+    ctx.log(metrics, cfg.max_steps)
+    ctx.save_model(model, tokenizer, merge_lora=cfg.lora.merge)
+    return StageResult(stage, cfg.max_steps, scalars(metrics), speed.timing(), start)
 
 
-def run_pt(cfg: TrainConfig, model_cfg: ModelConfig, data_dir: Path, tokenizer_dir: Path,
-           out_dir: Path, ckpt_dir: Path, log: LogFn = no_log) -> StageResult:
-    """Continued pretraining on packed blocks; starts from `model.name_or_path` or the tiny model."""
+def run_pt(ctx: RunContext, cfg: TrainConfig, model_cfg: ModelConfig) -> StageResult:
+    """Continued pretraining on packed blocks; starts from `model.name_or_path` or the tiny model
+    (with the tokenizer of `ctx.inputs["tokenizer"]`)."""
     seed_everything(cfg.seed)
-    tokenizer = load_tokenizer(tokenizer_dir, model_cfg.trust_remote_code)
+    tokenizer = load_tokenizer(ctx.input("tokenizer"), model_cfg.trust_remote_code)
     if model_cfg.name_or_path:
         model = load_causal_lm(model_cfg.name_or_path, model_cfg)
         check_tokenizer_fits(model, tokenizer, model_cfg.name_or_path)
     else:
         model = build_tiny_causal_lm(model_cfg, tokenizer, cfg.seed)
-    train_ds, eval_ds = (load_split(data_dir, "pt", s, vocab_size=len(tokenizer)) for s in ("train", "eval"))
-    fp = fingerprint({"stage": "pt", **to_dict(cfg), "model": to_dict(model_cfg)}, data_dir / "pt", tokenizer_dir)
-    return train_lm("pt", cfg, model, tokenizer, train_ds, eval_ds, out_dir, ckpt_dir, fp, log)
+    return train_lm(ctx, cfg, model, tokenizer, "pt")
 
 
-def run_sft(cfg: TrainConfig, model_cfg: ModelConfig, data_dir: Path, init_dir: Path,
-            out_dir: Path, ckpt_dir: Path, log: LogFn = no_log) -> StageResult:
-    """Supervised fine-tuning on chats whose non-assistant tokens are masked."""
+def run_sft(ctx: RunContext, cfg: TrainConfig, model_cfg: ModelConfig) -> StageResult:
+    """Supervised fine-tuning of `ctx.inputs["init"]` on chats whose non-assistant tokens are masked."""
     seed_everything(cfg.seed)
-    tokenizer = load_tokenizer(init_dir, model_cfg.trust_remote_code)
-    model = load_causal_lm(init_dir, model_cfg)
-    check_tokenizer_fits(model, tokenizer, init_dir)
-    train_ds, eval_ds = (load_split(data_dir, "sft", s, vocab_size=len(tokenizer)) for s in ("train", "eval"))
-    fp = fingerprint({"stage": "sft", **to_dict(cfg)}, data_dir / "sft", init_dir)
-    return train_lm("sft", cfg, model, tokenizer, train_ds, eval_ds, out_dir, ckpt_dir, fp, log)
+    init = ctx.input("init")
+    tokenizer = load_tokenizer(init, model_cfg.trust_remote_code)
+    model = load_causal_lm(init, model_cfg)
+    check_tokenizer_fits(model, tokenizer, init)
+    return train_lm(ctx, cfg, model, tokenizer, "sft")

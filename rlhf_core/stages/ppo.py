@@ -12,15 +12,13 @@ runs under the same autocast, so the first update of an iteration has ratio 1 an
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 
-from rlhf_core.config import ModelConfig, PPOConfig, to_dict
-from rlhf_core.data.batching import collate_lm, collate_prompts, index_batches
+from rlhf_core.config import ModelConfig, PPOConfig
+from rlhf_core.data.batching import collate_lm, collate_prompts
 from rlhf_core.data.splits import load_split
 from rlhf_core.data.tokenizer import load_tokenizer
 from rlhf_core.ops.gae import compute_token_rewards, gae_advantages
@@ -29,30 +27,25 @@ from rlhf_core.ops.logprobs import entropy_from_logits, gather_last, selective_l
 from rlhf_core.ops.losses import lm_loss, ppo_policy_loss, ppo_value_loss
 from rlhf_core.ops.masked import masked_mean, masked_whiten
 from rlhf_core.stages.generation import Rollout, decode_responses, sample
-from rlhf_core.training.checkpoint import load_checkpoint
-from rlhf_core.training.loop import (
-    LogFn,
-    StageResult,
-    Throughput,
-    end_of_step,
-    fingerprint,
-    no_log,
-    progress,
-    scalars,
-    uses_grad_scaler,
-)
+from rlhf_core.training.context import RunContext, StageResult
+from rlhf_core.training.frozen import Frozen, reference
 from rlhf_core.training.modeling import (
     apply_lora,
     check_tokenizer_fits,
     enable_gradient_checkpointing,
     forward_logits,
-    is_peft,
     load_causal_lm,
     load_scalar_model,
-    save_model,
     token_scores,
 )
-from rlhf_core.training.optim import check_finite, make_accelerator, make_optimizer, make_scheduler, seed_everything
+from rlhf_core.training.optim import (
+    check_finite,
+    make_optimizer,
+    make_scheduler,
+    seed_everything,
+    uses_grad_scaler,
+)
+from rlhf_core.training.progress import Throughput, progress, scalars
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
 """Optional rule-based reward: (prompts, responses) -> scores, used instead of the reward model."""
@@ -88,29 +81,17 @@ def response_values(critic, rollout: Rollout, rows=slice(None)) -> torch.Tensor:
     return token_scores(critic, rollout.sequences[rows], rollout.attention_mask[rows])[:, P - 1:P - 1 + R]
 
 
-class Frozen:
-    """The reference policy: adapters disabled on the actor (LoRA) or a frozen SFT copy."""
-
-    def __init__(self, actor, init_dir: Path, model_cfg: ModelConfig, device):
-        self.actor = actor
-        self.copy = None if is_peft(actor) else load_causal_lm(init_dir, model_cfg).to(device).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def logprobs(self, rollout: Rollout, temperature: float) -> torch.Tensor:
-        ctx = nullcontext() if self.copy is not None else self.actor.disable_adapter()
-        with ctx:
-            return response_logprobs(self.copy if self.copy is not None else self.actor, rollout, temperature)[0]
-
-
 @torch.no_grad()
-def score_rollout(rollout: Rollout, cfg: PPOConfig, reward_model, reward_fn: RewardFn | None, tokenizer) -> torch.Tensor:
+def score_rollout(rollout: Rollout, cfg: PPOConfig, reward_model: Frozen | None, reward_fn: RewardFn | None,
+                  tokenizer) -> torch.Tensor:
     """Scalar score per sequence: reward model (or rule), clipped, minus the missing-EOS penalty."""
     if reward_fn is not None:
         P = rollout.prompt_length
         prompts = tokenizer.batch_decode(rollout.sequences[:, :P], skip_special_tokens=True)
         scores = torch.tensor(reward_fn(prompts, decode_responses(tokenizer, rollout)), dtype=torch.float)
     else:
-        scores = gather_last(token_scores(reward_model, rollout.sequences, rollout.attention_mask), rollout.attention_mask).cpu()
+        scores = gather_last(reward_model(token_scores, rollout.sequences, rollout.attention_mask),
+                             rollout.attention_mask).cpu()
     if cfg.score_clip > 0:
         scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
     return scores - cfg.missing_eos_penalty * (~rollout.has_eos).float().cpu()
@@ -121,7 +102,7 @@ def make_experience(rollout: Rollout, actor, critic, ref: Frozen, scores: torch.
                     cfg: PPOConfig) -> Experience:
     mask = rollout.response_mask
     old_logprobs, _ = response_logprobs(actor, rollout, cfg.temperature)
-    ref_logprobs = ref.logprobs(rollout, cfg.temperature)
+    ref_logprobs = ref(response_logprobs, rollout, cfg.temperature)[0]
     values = response_values(critic, rollout) * mask
     kl = kl_penalty(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask
     rewards = compute_token_rewards(scores.to(kl.device), kl, mask, kl_coef)
@@ -164,23 +145,27 @@ def ptx_split(cfg: PPOConfig) -> str | None:
     return cfg.ptx_data if cfg.ptx_coef > 0 else None
 
 
-def run_ppo(cfg: PPOConfig, model_cfg: ModelConfig, data_dir: Path, init_dir: Path, reward_dir: Path | None,
-            out_dir: Path, ckpt_dir: Path, log: LogFn = no_log, reward_fn: RewardFn | None = None) -> StageResult:
+def run_ppo(ctx: RunContext, cfg: PPOConfig, model_cfg: ModelConfig, reward_fn: RewardFn | None = None) -> StageResult:
+    """PPO of the actor `ctx.inputs["init"]`, scored by the reward model `ctx.inputs["reward"]`
+    (whose weights also start the critic), or by `reward_fn` (then the critic starts from init)."""
     seed_everything(cfg.seed)
-    tokenizer = load_tokenizer(init_dir, model_cfg.trust_remote_code)
+    stage, init = ctx.stage, ctx.input("init")
+    reward_dir = ctx.inputs.get("reward") if reward_fn is not None else ctx.input("reward")
+    tokenizer = load_tokenizer(init, model_cfg.trust_remote_code)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    acc = make_accelerator(cfg)
-    actor = load_causal_lm(init_dir, model_cfg)
-    check_tokenizer_fits(actor, tokenizer, init_dir)
+    acc = ctx.accelerator
+    actor = load_causal_lm(init, model_cfg)
+    check_tokenizer_fits(actor, tokenizer, init)
     actor = apply_lora(actor, cfg.lora)
-    critic_src = reward_dir if reward_dir is not None else init_dir
+    critic_src = reward_dir if reward_dir is not None else init
     critic = apply_lora(load_scalar_model(critic_src, model_cfg, pad), cfg.critic_lora, "SEQ_CLS")
-    reward_model = None if reward_fn is not None else load_scalar_model(reward_dir, model_cfg, pad).to(acc.device).eval().requires_grad_(False)
+    reward_model = None if reward_fn is not None else Frozen(load_scalar_model(reward_dir, model_cfg, pad), ctx.device,
+                                                             ctx.autocast)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(actor), enable_gradient_checkpointing(critic)
-    prompts = load_split(data_dir, "prompts", "train", vocab_size=len(tokenizer))
+    prompts = load_split(ctx.input("data"), "prompts", ctx.train_split, vocab_size=len(tokenizer))
     ptx_kind = ptx_split(cfg)
-    ptx_data = load_split(data_dir, ptx_kind, "train", vocab_size=len(tokenizer)) if ptx_kind else None
+    ptx_data = load_split(ctx.input("data"), ptx_kind, "train", vocab_size=len(tokenizer)) if ptx_kind else None
     minibatch = cfg.batch_size * cfg.grad_accum
     updates_per_iter = cfg.ppo_epochs * -(-cfg.rollout_batch_size // minibatch)  # ceil: a ragged last minibatch
     micro_per_iter = cfg.ppo_epochs * cfg.rollout_batch_size // cfg.batch_size
@@ -188,23 +173,20 @@ def run_ppo(cfg: PPOConfig, model_cfg: ModelConfig, data_dir: Path, init_dir: Pa
     opt.add_param_group({"params": [p for p in critic.parameters() if p.requires_grad], "lr": cfg.critic_learning_rate})
     sched = make_scheduler(opt, cfg, cfg.max_steps * updates_per_iter)
     actor, critic, opt = acc.prepare(actor, critic, opt)
-    ref = Frozen(acc.unwrap_model(actor), init_dir, model_cfg, acc.device)
+    ref = reference(acc.unwrap_model(actor), lambda: load_causal_lm(init, model_cfg), ctx.device, ctx.autocast)
     kl_ctl = make_kl_controller(cfg.kl_controller, cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-    fp = fingerprint({"stage": "ppo", **to_dict(cfg), "rule_reward": reward_fn is not None},
-                     data_dir / "prompts", init_dir, *([reward_dir] if reward_dir else []),
-                     *([data_dir / ptx_kind] if ptx_kind else []))
     state = {"models": {"actor": acc.unwrap_model(actor), "critic": acc.unwrap_model(critic)},
              "optimizers": {"ppo": opt}, "schedulers": {"ppo": sched}}
-    resumed = load_checkpoint(ckpt_dir, fp, **state)
+    resumed = ctx.resume(state)
     start = 0
     if resumed:
         start = resumed[0]
         kl_ctl.load_state_dict(resumed[1]["kl_controller"])
-    prompt_batches = index_batches(len(prompts), cfg.rollout_batch_size, cfg.seed, start)
-    ptx_batches = index_batches(len(ptx_data), cfg.batch_size, cfg.seed + 1, start * micro_per_iter) if ptx_kind else None
+    prompt_batches = ctx.batches(len(prompts), cfg.rollout_batch_size, cfg.seed, start)
+    ptx_batches = ctx.batches(len(ptx_data), cfg.batch_size, cfg.seed + 1, start * micro_per_iter) if ptx_kind else None
     a_params = [p for p in actor.parameters() if p.requires_grad]
     c_params = [p for p in critic.parameters() if p.requires_grad]
-    speed, bar, metrics = Throughput(), progress("ppo", cfg.max_steps, start), {}
+    speed, bar, metrics = Throughput(), progress(stage, cfg.max_steps, start), {}
     for it in range(start, cfg.max_steps):
         batch = collate_prompts(prompts[next(prompt_batches)], pad)
         with acc.autocast():
@@ -228,7 +210,7 @@ def run_ppo(cfg: PPOConfig, model_cfg: ModelConfig, data_dir: Path, init_dir: Pa
                 norm_a = torch.nn.utils.clip_grad_norm_(a_params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
                 norm_c = torch.nn.utils.clip_grad_norm_(c_params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
                 scaled = uses_grad_scaler(acc)  # fp16 overflow: the scaler skips this step, expected
-                check_finite("ppo", it + 1, actor_loss=a_loss.detach(), critic_loss=c_loss.detach(),
+                check_finite(stage, it + 1, actor_loss=a_loss.detach(), critic_loss=c_loss.detach(),
                              actor_grad_norm=None if scaled else norm_a, critic_grad_norm=None if scaled else norm_c)
                 opt.step()
                 if not (scaled and opt.step_was_skipped):
@@ -244,14 +226,14 @@ def run_ppo(cfg: PPOConfig, model_cfg: ModelConfig, data_dir: Path, init_dir: Pa
             "val/response_length": mask.sum(-1).mean().item(), "train/lr": sched.get_last_lr()[0],
         })
         kl_ctl.update(kl_seq, B)
-        metrics["train/tokens_per_second"] = speed.add(int(rollout.attention_mask.sum()))
+        tps = speed.add(int(rollout.attention_mask.sum()))
         bar.update(1)
-        bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{kl_seq:.3f}",
-                        tok_s=f"{metrics['train/tokens_per_second']:.0f}")
+        bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{kl_seq:.3f}", tok_s=f"{tps:.0f}")
         done = it + 1
         if done % max(1, cfg.log_every) == 0 or done == cfg.max_steps:
-            log(metrics, done)
-        end_of_step("ppo", cfg, done, ckpt_dir, fp, state, extra={"kl_controller": kl_ctl.state_dict()})
+            ctx.log(metrics, done)
+            ctx.log_timing({"train/tokens_per_second": tps}, done)
+        ctx.end_of_step(done, cfg.max_steps, state, extra={"kl_controller": kl_ctl.state_dict()})
     bar.close()
-    save_model(acc.unwrap_model(actor), tokenizer, out_dir, merge_lora=cfg.lora.merge)
-    return StageResult("ppo", cfg.max_steps, scalars(metrics), speed.seconds, metrics.get("train/tokens_per_second", 0.0), start)
+    ctx.save_model(actor, tokenizer, merge_lora=cfg.lora.merge)
+    return StageResult(stage, cfg.max_steps, scalars(metrics), speed.timing(), start)

@@ -3,30 +3,18 @@ loss -logsigmoid(r_chosen - r_rejected - margin) (+ optional centering). The sco
 the last non-pad token, found from the attention mask, so left and right padding both work."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from rlhf_core.config import ModelConfig, RMConfig, to_dict
-from rlhf_core.data.batching import PairBatch, collate_pairs, index_batches
+from rlhf_core.config import ModelConfig, RMConfig
+from rlhf_core.data.batching import PairBatch, collate_pairs
 from rlhf_core.data.splits import load_split
 from rlhf_core.data.tokenizer import load_tokenizer
 from rlhf_core.ops.logprobs import gather_last
 from rlhf_core.ops.losses import reward_pair_loss
-from rlhf_core.training.loop import (
-    LogFn,
-    StageResult,
-    Throughput,
-    end_of_step,
-    fingerprint,
-    no_log,
-    optimizer_step,
-    prepare,
-    progress,
-    scalars,
-)
-from rlhf_core.training.modeling import apply_lora, check_tokenizer_fits, load_scalar_model, save_model, token_scores
-from rlhf_core.training.optim import seed_everything
+from rlhf_core.training.context import RunContext, StageResult
+from rlhf_core.training.modeling import apply_lora, check_tokenizer_fits, load_scalar_model, token_scores
+from rlhf_core.training.optim import optimizer_step, seed_everything
+from rlhf_core.training.progress import Throughput, progress, scalars
 
 
 def pair_rewards(model, batch: PairBatch, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,51 +39,50 @@ def evaluate_rm(model, dataset, pad_id: int, cfg: RMConfig, device) -> dict[str,
     return {f"eval/{k}": float(v) for k, v in m.items()}
 
 
-def run_rm(cfg: RMConfig, model_cfg: ModelConfig, data_dir: Path, init_dir: Path, out_dir: Path,
-           ckpt_dir: Path, log: LogFn = no_log, stage: str = "rm", train_split: str = "train") -> StageResult:
-    """Train a pairwise reward model on `preference/<train_split>` (the policy RM on `train`, the
-    held-out judge RM on `judge`); both are evaluated on `preference/eval`."""
+def run_rm(ctx: RunContext, cfg: RMConfig, model_cfg: ModelConfig) -> StageResult:
+    """Train a pairwise reward model from `ctx.inputs["init"]` on `preference/<ctx.train_split>`
+    (the policy RM on `train`, the held-out judge RM on `judge`); both are evaluated on `preference/eval`."""
     seed_everything(cfg.seed)
-    tokenizer = load_tokenizer(init_dir, model_cfg.trust_remote_code)
+    stage, init = ctx.stage, ctx.input("init")
+    tokenizer = load_tokenizer(init, model_cfg.trust_remote_code)
     pad = tokenizer.pad_token_id
-    model = apply_lora(load_scalar_model(init_dir, model_cfg, pad), cfg.lora, "SEQ_CLS")
-    check_tokenizer_fits(model, tokenizer, init_dir)
-    train_ds, eval_ds = (load_split(data_dir, "preference", s, vocab_size=len(tokenizer)) for s in (train_split, "eval"))
-    fp = fingerprint({"stage": stage, **to_dict(cfg)}, data_dir / "preference", init_dir)
-    run = prepare(model, cfg, ckpt_dir, fp)
-    acc, model, opt, sched, params, state, start = (run.accelerator, run.model, run.optimizer, run.scheduler,
-                                                    run.params, run.state, run.start)
-    batches = index_batches(len(train_ds), cfg.batch_size, cfg.seed, start * cfg.grad_accum)
+    model = apply_lora(load_scalar_model(init, model_cfg, pad), cfg.lora, "SEQ_CLS")
+    check_tokenizer_fits(model, tokenizer, init)
+    train_ds, eval_ds = (load_split(ctx.input("data"), "preference", s, vocab_size=len(tokenizer))
+                         for s in (ctx.train_split, "eval"))
+    run = ctx.prepare(model, cfg)
+    model, opt, sched, params, start = run.model, run.optimizer, run.scheduler, run.params, run.start
+    batches = ctx.batches(len(train_ds), cfg.batch_size, cfg.seed, start * cfg.grad_accum)
     speed, bar, metrics = Throughput(), progress(stage, cfg.max_steps, start), {}
     model.train()
     for step in range(start, cfg.max_steps):
         micro = [collate_pairs(train_ds[next(batches)], pad) for _ in range(cfg.grad_accum)]
         step_loss, parts = torch.zeros(()), []
         for b in micro:
-            with acc.autocast():
-                rc, rr = pair_rewards(model, b, acc.device)
+            with ctx.autocast():
+                rc, rr = pair_rewards(model, b, ctx.device)
                 margin = torch.full_like(rc, cfg.margin)
-                loss, m = reward_pair_loss(rc, rr, margin, cfg.center_coef, b.weights.to(acc.device))
-            acc.backward(loss / cfg.grad_accum)
+                loss, m = reward_pair_loss(rc, rr, margin, cfg.center_coef, b.weights.to(ctx.device))
+            ctx.accelerator.backward(loss / cfg.grad_accum)
             step_loss += loss.detach().float().cpu() / cfg.grad_accum
             parts.append(m)
-        grad_norm = optimizer_step(acc, params, opt, sched, cfg.max_grad_norm, stage, step + 1, step_loss)
+        grad_norm = optimizer_step(ctx.accelerator, params, opt, sched, cfg.max_grad_norm, stage, step + 1, step_loss)
         tps = speed.add(sum(int(b.attention_mask.sum()) for b in micro))
         metrics = {f"train/{k}": sum(float(p[k]) for p in parts) / len(parts) for k in parts[0]}
-        metrics.update({"train/loss": float(step_loss), "train/grad_norm": grad_norm,
-                        "train/lr": sched.get_last_lr()[0], "train/tokens_per_second": tps})
+        metrics.update({"train/loss": float(step_loss), "train/grad_norm": grad_norm, "train/lr": sched.get_last_lr()[0]})
         bar.update(1)
         bar.set_postfix(loss=f"{float(step_loss):.3f}", acc=f"{metrics['train/accuracy']:.2f}", tok_s=f"{tps:.0f}")
         done = step + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_steps:
-            with acc.autocast():  # held-out numbers in the precision the model trains in
-                metrics.update(evaluate_rm(model, eval_ds, pad, cfg, acc.device))
+            with ctx.autocast():  # held-out numbers in the precision the model trains in
+                metrics.update(evaluate_rm(model, eval_ds, pad, cfg, ctx.device))
         if done % max(1, cfg.log_every) == 0 or done == cfg.max_steps or "eval/accuracy" in metrics:
-            log(metrics, done)
-        end_of_step(stage, cfg, done, ckpt_dir, fp, state)
+            ctx.log(metrics, done)
+            ctx.log_timing({"train/tokens_per_second": tps}, done)
+        ctx.end_of_step(done, cfg.max_steps, run.state)
     bar.close()
-    with acc.autocast():
-        metrics.update(evaluate_rm(model, eval_ds, pad, cfg, acc.device))
-    log(metrics, cfg.max_steps)
-    save_model(acc.unwrap_model(model), tokenizer, out_dir, merge_lora=cfg.lora.merge)
-    return StageResult(stage, cfg.max_steps, scalars(metrics), speed.seconds, metrics.get("train/tokens_per_second", 0.0), start)
+    with ctx.autocast():
+        metrics.update(evaluate_rm(model, eval_ds, pad, cfg, ctx.device))
+    ctx.log(metrics, cfg.max_steps)
+    ctx.save_model(model, tokenizer, merge_lora=cfg.lora.merge)
+    return StageResult(stage, cfg.max_steps, scalars(metrics), speed.timing(), start)

@@ -1,4 +1,5 @@
-"""AdamW with warmup and a decay schedule, seeding, and the accelerate set-up every stage shares."""
+"""AdamW with warmup and a decay schedule, the optimizer step, seeding, and the accelerate set-up
+every stage shares."""
 from __future__ import annotations
 
 import math
@@ -52,3 +53,28 @@ def check_finite(stage: str, step: int, **values: torch.Tensor) -> None:
         if v is not None and not torch.isfinite(torch.as_tensor(v)).all():
             raise TrainingError(f"{stage}: non-finite {name} at step {step}; the last good checkpoint "
                                 "is kept and nothing is registered (lower the learning rate?)")
+
+
+def uses_grad_scaler(accelerator) -> bool:
+    """fp16: gradients are scaled, and a step whose scaled gradients overflow is skipped."""
+    return getattr(accelerator, "scaler", None) is not None
+
+
+def optimizer_step(accelerator, params, optimizer, scheduler, max_grad_norm: float, stage: str,
+                   step: int, loss: torch.Tensor) -> float:
+    """Clip, check for non-finite values, step and zero the gradients; returns the grad norm.
+
+    Under fp16 an inf/NaN gradient norm is the gradient scaler's expected overflow: the scaler
+    skips that step (and the schedule waits) and lowers its scale, so only the loss is checked."""
+    if max_grad_norm > 0:
+        norm = accelerator.clip_grad_norm_(params, max_grad_norm)  # unscales fp16 gradients first
+    else:
+        accelerator.unscale_gradients()
+        norm = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+    scaled = uses_grad_scaler(accelerator)
+    check_finite(stage, step, loss=loss, grad_norm=None if scaled else norm)
+    optimizer.step()
+    if not (scaled and getattr(optimizer, "step_was_skipped", False)):
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)

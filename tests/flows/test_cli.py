@@ -1,5 +1,4 @@
-"""The `rlhf` command line: clear errors, validation without side effects, deployments."""
-import asyncio
+"""The `rlhf` command line: clear errors, validation without side effects (deployments: test_deploy.py)."""
 import json
 import subprocess
 import sys
@@ -36,25 +35,17 @@ def test_missing_model_path_is_named(tmp_path, capsys):
     assert str(tmp_path / "nope") in capsys.readouterr().err
 
 
-def test_deploy_registers_the_flow_on_a_work_pool_with_a_schedule(prefect_server):
-    # no capsys here: Prefect's log console binds to the stdout of the test that starts the
-    # session's server, and capsys closes its stream when the test ends
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
+def test_rlhf_run_ends_on_sigterm_by_an_exception_that_main_turns_into_143():
+    """The handler `rlhf run` installs raises (the process then exits normally, running the exit
+    handler that stops Prefect's ephemeral API server); the process-level check is in
+    test_reliability_e2e.py."""
+    import signal
 
-    async def create_pool():
-        async with get_client() as client:
-            await client.create_work_pool(WorkPoolCreate(name="gpu-test", type="process"))
+    import pytest
 
-    asyncio.run(create_pool())
-    assert main(["deploy", "--pool", "gpu-test", "--cron", "0 3 * * *", "--name", "nightly-test",
-                 "--project-dir", str(ROOT)]) == 0
+    from flows.cli import stop_run_on_sigterm
+    from rlhf_core.training.stop import Stopped
 
-    async def read():
-        async with get_client() as client:
-            return await client.read_deployment_by_name("rlhf-pipeline/nightly-test")
-
-    dep = asyncio.run(read())
-    assert dep.work_pool_name == "gpu-test"
-    assert dep.entrypoint == "flows/pipeline.py:pipeline"
-    assert [s.schedule.cron for s in dep.schedules] == ["0 3 * * *"]
+    with pytest.raises(Stopped) as err:
+        stop_run_on_sigterm(signal.SIGTERM, None)
+    assert err.value.signum == signal.SIGTERM and "run: stopped by SIGTERM" in str(err.value)

@@ -123,16 +123,17 @@ def pair_rows(tok, n: int, seed: int):
 
 
 def test_precomputed_dpo_reference_equals_the_per_step_reference_and_each_pair_alone(model, tok):
-    from rlhf_core.stages.dpo import Reference, precompute_reference
+    from rlhf_core.stages.dpo import precompute_reference, reference_logprobs
+    from rlhf_core.training.frozen import reference
 
     policy = apply_lora(build_tiny_causal_lm(TINY, tok, seed=3), LoraConfig(enabled=True, r=4, alpha=8)).eval()
     ds = pair_rows(tok, 7, seed=2)
-    ref = Reference(policy, None, TINY, torch.device("cpu"))  # LoRA: the reference is the policy without adapters
-    table = precompute_reference(ref, ds, tok.pad_token_id, batch_size=4)  # batches [0..3], [4..6]
+    ref = reference(policy, None, "cpu")  # LoRA: the reference is the policy without adapters, nothing loaded
+    table = precompute_reference(ref, ds, tok.pad_token_id, 4, "cpu")  # batches [0..3], [4..6]
     assert table.shape == (7, 2)
     per_step = [[6, 1, 3], [0, 5], [2, 4]]  # other batch compositions, so other padding widths
     for rows in per_step:
-        c, r = ref.logprobs(collate_pairs(ds[rows], tok.pad_token_id))
+        c, r = reference_logprobs(ref, collate_pairs(ds[rows], tok.pad_token_id), "cpu")
         torch.testing.assert_close(torch.stack([c, r], -1), table[rows], atol=1e-5, rtol=1e-5)
     for i in range(len(ds)):  # and the straightforward sum over the response tokens of the base model, alone
         p = ds[i]["prompt_ids"]

@@ -9,8 +9,7 @@ import torch
 
 from rlhf_core.config import SFTConfig
 from rlhf_core.errors import TrainingError
-from rlhf_core.training.loop import optimizer_step
-from rlhf_core.training.optim import make_accelerator
+from rlhf_core.training.optim import make_accelerator, optimizer_step
 
 
 class ScalingAccelerator(SimpleNamespace):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_sft_project
+from conftest import build_tiny_sft_project, context
 
 from rlhf_core.config import LoraConfig, ModelConfig, SFTConfig, TokenizeConfig
 from rlhf_core.data.encoding import tokenize_datasets
@@ -80,7 +80,8 @@ def test_lora_targets_missing_from_the_model_are_refused_before_the_first_step(t
     cfg = SFTConfig(max_steps=2, batch_size=8, save_every=0, eval_every=0, warmup_steps=1,
                     lora=LoraConfig(enabled=True, target_modules=("qkv",)))
     with pytest.raises(ConfigError, match=r"'qkv' names no module"):
-        lm.run_sft(cfg, TINY, tiny / "tok", tiny / "base", tmp_path / "out", tmp_path / "ckpt")
+        lm.run_sft(context("sft", cfg, tmp_path / "out", tmp_path / "ckpt", data=tiny / "tok", init=tiny / "base"), cfg,
+                   TINY)
     assert not (tmp_path / "out").exists() and not (tmp_path / "ckpt").exists()
 
 
@@ -168,12 +169,14 @@ def _weights(path: Path) -> dict:
 @pytest.mark.parametrize("damage", ["trainer_state.json", "optimizers.pt", "model.safetensors"])
 def test_a_corrupted_checkpoint_is_skipped_with_a_warning_and_the_stage_starts_fresh(tiny, tmp_path, capsys, damage):
     cfg = SFTConfig(max_steps=2, batch_size=8, save_every=1, eval_every=0, warmup_steps=1, log_every=1)
-    fresh = lm.run_sft(cfg, TINY, tiny / "tok", tiny / "base", tmp_path / "fresh", tmp_path / "ckpt")
+    fresh = lm.run_sft(context("sft", cfg, tmp_path / "fresh", tmp_path / "ckpt", data=tiny / "tok",
+                                init=tiny / "base"), cfg, TINY)
     assert fresh.resumed_from_step == 0
     assert json.loads((tmp_path / "ckpt" / "trainer_state.json").read_text())["step"] == 1
     (tmp_path / "ckpt" / damage).write_bytes(b"{\"fingerprint\": trunc")
     capsys.readouterr()
-    again = lm.run_sft(cfg, TINY, tiny / "tok", tiny / "base", tmp_path / "again", tmp_path / "ckpt")
+    again = lm.run_sft(context("sft", cfg, tmp_path / "again", tmp_path / "ckpt", data=tiny / "tok",
+                                init=tiny / "base"), cfg, TINY)
     err = capsys.readouterr().err
     assert f"warning: {tmp_path / 'ckpt' / damage}: " in err and "starting the stage fresh" in err
     assert again.resumed_from_step == 0

@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import build_tiny_sft_project
+from conftest import build_tiny_sft_project, context
 
 from rlhf_core.atomic import atomic_dir, atomic_write_text
 from rlhf_core.config import ModelConfig, SFTConfig, TokenizeConfig
@@ -65,7 +65,7 @@ def test_nan_loss_stops_the_stage_naming_step_and_keeps_the_last_checkpoint(tiny
     monkeypatch.setattr(lm, "lm_loss", poisoned)
     cfg = SFTConfig(max_steps=6, batch_size=8, save_every=2, eval_every=0, log_every=1, warmup_steps=1)
     with pytest.raises(TrainingError, match=r"sft: non-finite loss at step 3"):
-        lm.run_sft(cfg, TINY, tiny / "tok", tiny / "base", tiny / "out", tiny / "ckpt")
+        lm.run_sft(context("sft", cfg, tiny / "out", tiny / "ckpt", data=tiny / "tok", init=tiny / "base"), cfg, TINY)
     assert (tiny / "ckpt" / "trainer_state.json").exists(), "the step-2 checkpoint is kept"
     assert not (tiny / "out").exists(), "no final model is written, so nothing can be registered"
 
@@ -180,13 +180,15 @@ def test_training_refuses_tokenised_data_of_the_wrong_shape_before_touching_torc
     train.save_to_disk(str(data / "sft" / "train"))
     cfg = SFTConfig(max_steps=2, batch_size=8, save_every=0, eval_every=0, warmup_steps=1)
     with pytest.raises(TrainingError, match=r"sft/train: has columns \['input_ids'\], but 'sft' data needs"):
-        lm.run_sft(cfg, TINY, data, tiny / "base", tmp_path / "out", tmp_path / "ckpt")
+        lm.run_sft(context("sft", cfg, tmp_path / "out", tmp_path / "ckpt", data=data, init=tiny / "base"), cfg,
+                   TINY)
     # ids from another tokenizer: caught by range, not by an IndexError inside the embedding
     big = load_from_disk(str(tiny / "tok" / "sft" / "train")).map(lambda r: {"input_ids": [r["input_ids"][0] + 10_000] + r["input_ids"][1:]})
     shutil.rmtree(data / "sft" / "train")
     big.save_to_disk(str(data / "sft" / "train"))
     with pytest.raises(TrainingError, match=r"row 0: 'input_ids' holds token id \d+, outside the tokenizer's \[0, \d+\)"):
-        lm.run_sft(cfg, TINY, data, tiny / "base", tmp_path / "out", tmp_path / "ckpt")
+        lm.run_sft(context("sft", cfg, tmp_path / "out", tmp_path / "ckpt", data=data, init=tiny / "base"), cfg,
+                   TINY)
     assert not (tmp_path / "out").exists()
 
 

@@ -32,6 +32,8 @@ from rlhf_core.stages.ppo import run_ppo
 from rlhf_core.stages.rm import run_rm
 from rlhf_core.training.modeling import build_tiny_causal_lm, forward_logits
 
+from conftest import context
+
 TINY = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, vocab_size=320)
 TOKENIZE = TokenizeConfig(max_length=64, block_size=32, max_prompt_length=32, max_response_length=32)
 QUIET = dict(save_every=0, eval_every=0, log_every=1)
@@ -81,10 +83,12 @@ def pt_sft(demo) -> SimpleNamespace:
     """PT from scratch, then SFT on its output; both log every step."""
     root = demo.root
     pt_log, sft_log = History(), History()
-    pt = run_pt(PTConfig(max_steps=20, batch_size=16, learning_rate=2e-3, warmup_steps=2, **QUIET), TINY,
-                demo.data, root / "tokenizer", root / "pt", root / "ckpt" / "pt", pt_log)
-    sft = run_sft(SFTConfig(max_steps=30, batch_size=16, learning_rate=1e-3, warmup_steps=2, **QUIET), TINY,
-                  demo.data, root / "pt", root / "sft", root / "ckpt" / "sft", sft_log)
+    pt_cfg = PTConfig(max_steps=20, batch_size=16, learning_rate=2e-3, warmup_steps=2, **QUIET)
+    pt = run_pt(context("pt", pt_cfg, root / "pt", root / "ckpt" / "pt", pt_log, data=demo.data,
+                        tokenizer=root / "tokenizer"), pt_cfg, TINY)
+    sft_cfg = SFTConfig(max_steps=30, batch_size=16, learning_rate=1e-3, warmup_steps=2, **QUIET)
+    sft = run_sft(context("sft", sft_cfg, root / "sft", root / "ckpt" / "sft", sft_log, data=demo.data,
+                          init=root / "pt"), sft_cfg, TINY)
     return SimpleNamespace(pt=pt, sft=sft, pt_log=pt_log, sft_log=sft_log, pt_dir=root / "pt", sft_dir=root / "sft")
 
 
@@ -151,7 +155,8 @@ def test_gradient_accumulation_matches_one_big_batch(demo):
 def test_reward_model_overfits_32_pairs(demo, pt_sft):
     log = History()
     cfg = RMConfig(max_steps=40, batch_size=32, learning_rate=1e-3, warmup_steps=0, lr_scheduler="constant", **QUIET)
-    res = run_rm(cfg, TINY, demo.small, pt_sft.sft_dir, demo.root / "rm", demo.root / "ckpt" / "rm", log)
+    res = run_rm(context("rm", cfg, demo.root / "rm", demo.root / "ckpt" / "rm", log, data=demo.small,
+                         init=pt_sft.sft_dir), cfg, TINY)
     acc, losses = log.values("train/accuracy"), log.values("train/loss")
     print(f"\nRM accuracy {acc[0]:.3f} -> {acc[-1]:.3f}; loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     # one batch of 32 is the whole training set, so the last step's accuracy is over all of it
@@ -167,7 +172,8 @@ def test_dpo_overfits_32_pairs(demo, pt_sft):
     log = History()
     cfg = DPOConfig(max_steps=30, batch_size=32, learning_rate=1e-3, warmup_steps=0, lr_scheduler="constant",
                     beta=0.1, **QUIET)
-    res = run_dpo(cfg, TINY, demo.small, pt_sft.sft_dir, demo.root / "dpo", demo.root / "ckpt" / "dpo", log)
+    res = run_dpo(context("dpo", cfg, demo.root / "dpo", demo.root / "ckpt" / "dpo", log, data=demo.small,
+                          init=pt_sft.sft_dir), cfg, TINY)
     acc, losses = log.values("train/rewards/accuracies"), log.values("train/loss")
     print(f"\nDPO rewards/accuracies {acc[0]:.3f} -> {acc[-1]:.3f}; loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     # at step 1 the policy is the reference: loss = log 2, no pair is ranked yet
@@ -189,8 +195,8 @@ def test_ppo_raises_a_rule_based_score(demo, pt_sft):
     log = History()
     cfg = PPOConfig(max_steps=14, batch_size=8, rollout_batch_size=16, ppo_epochs=4, learning_rate=3e-3,
                     warmup_steps=0, lr_scheduler="constant", kl_coef=0.0, max_new_tokens=16, **QUIET)
-    res = run_ppo(cfg, TINY, demo.data, pt_sft.sft_dir, None, demo.root / "ppo", demo.root / "ckpt" / "ppo", log,
-                  reward_fn=short_answer_reward)
+    res = run_ppo(context("ppo", cfg, demo.root / "ppo", demo.root / "ckpt" / "ppo", log, data=demo.data,
+                          init=pt_sft.sft_dir), cfg, TINY, reward_fn=short_answer_reward)
     scores, lengths = log.values("objective/scores"), log.values("val/response_length")
     first, last = sum(scores[:2]) / 2, sum(scores[-2:]) / 2
     print(f"\nPPO objective/scores first2 {first:.3f} -> last2 {last:.3f}; "
@@ -214,7 +220,8 @@ def test_interrupted_sft_resumes_to_the_same_result(demo, pt_sft):
                     log_every=1)
 
     def run(name, log):
-        return run_sft(cfg, TINY, demo.data, pt_sft.pt_dir, root / name / "out", root / name / "ckpt", log)
+        return run_sft(context("sft", cfg, root / name / "out", root / name / "ckpt", log, data=demo.data,
+                               init=pt_sft.pt_dir), cfg, TINY)
 
     straight_log = History()
     straight = run("straight", straight_log)
@@ -246,25 +253,26 @@ def test_a_requested_stop_checkpoints_the_current_step_and_resumes_from_it(demo,
     between `save_every` checkpoints, the loop raises Stopped, and the next run resumes there."""
     import signal
 
-    from rlhf_core.training.loop import Stopped, request_stop
+    from rlhf_core.training.stop import Stopped, StopRequest
 
     root = demo.root / "stop"
     cfg = SFTConfig(max_steps=6, batch_size=8, learning_rate=1e-3, warmup_steps=2, save_every=4, eval_every=0,
                     log_every=1)
 
-    def run(name, log):
-        return run_sft(cfg, TINY, demo.data, pt_sft.pt_dir, root / name / "out", root / name / "ckpt", log)
+    def run(name, log, stop=None):
+        ctx = context("sft", cfg, root / name / "out", root / name / "ckpt", log, data=demo.data, init=pt_sft.pt_dir)
+        ctx.stop = stop or ctx.stop
+        return run_sft(ctx, cfg, TINY)
 
     straight = run("straight", History())
+    stop = StopRequest()
 
     def preempt_during_step_3(metrics, step):
         if step == 3:
-            request_stop(signal.SIGTERM)
-    try:
-        with pytest.raises(Stopped, match=r"sft: stopped by SIGTERM after step 3; its checkpoint is in .*ckpt"):
-            run("stopped", preempt_during_step_3)
-    finally:
-        request_stop(None)
+            stop.set(signal.SIGTERM)
+    with pytest.raises(Stopped, match=r"sft: stopped by SIGTERM after step 3; its checkpoint is in .*ckpt") as e:
+        run("stopped", preempt_during_step_3, stop)
+    assert e.value.signum == signal.SIGTERM
     assert json.loads((root / "stopped" / "ckpt" / "trainer_state.json").read_text())["step"] == 3
     assert not (root / "stopped" / "out").exists()
     resumed = run("stopped", History())
@@ -282,8 +290,8 @@ def test_interrupted_ppo_resumes_with_its_adaptive_kl_coefficient(demo, pt_sft):
                     kl_horizon=50, save_every=2, eval_every=0, log_every=1)
 
     def run(name, log):
-        return run_ppo(cfg, TINY, demo.data, pt_sft.sft_dir, None, root / name / "out", root / name / "ckpt", log,
-                       reward_fn=short_answer_reward)
+        return run_ppo(context("ppo", cfg, root / name / "out", root / name / "ckpt", log, data=demo.data,
+                               init=pt_sft.sft_dir), cfg, TINY, reward_fn=short_answer_reward)
 
     straight_log = History()
     straight = run("straight", straight_log)
@@ -305,20 +313,21 @@ def test_interrupted_ppo_resumes_with_its_adaptive_kl_coefficient(demo, pt_sft):
 
 # --- LoRA on the from-scratch tiny model -----------------------------------------------------
 
-def test_pt_with_lora_from_scratch_output_loads_in_the_next_stage(demo):
-    """`pt.lora.enabled` is accepted for the tiny model built from scratch; its base weights exist
-    nowhere else, so the adapters are merged into a full model that SFT and evaluation load."""
-    from rlhf_core.training.modeling import load_causal_lm, load_policy
+def test_pt_with_lora_from_scratch_saves_merged_weights_that_the_next_stage_loads(demo):
+    """`pt.lora.enabled` on the tiny model built from scratch: its base weights exist nowhere else,
+    so the adapters are merged and plain weights saved. SFT then loads them: the LoRA-targeted
+    projections moved away from the seed's initialisation and nothing else did."""
+    from rlhf_core.training.modeling import build_tiny_causal_lm, load_causal_lm
 
     root = demo.root / "pt_lora"
     cfg = PTConfig(max_steps=2, batch_size=8, warmup_steps=0, lora=LoraConfig(enabled=True, r=4), **QUIET)
-    run_pt(cfg, TINY, demo.data, demo.root / "tokenizer", root / "out", root / "ckpt")
-    assert not (root / "out" / "adapter_config.json").exists(), "adapters on an unsaved base would be orphaned"
-    assert (root / "out" / "model.safetensors").is_file()
-    model = load_causal_lm(root / "out", TINY)  # what run_sft uses
-    assert not any("lora_" in name for name, _ in model.named_parameters())
-    policy = load_policy(root / "out", TINY)  # what evaluation uses
-    assert sum(p.numel() for p in policy.parameters()) == sum(p.numel() for p in model.parameters())
+    run_pt(context("pt", cfg, root / "out", root / "ckpt", data=demo.data, tokenizer=demo.root / "tokenizer"), cfg, TINY)
+    assert (root / "out" / "model.safetensors").is_file() and not (root / "out" / "adapter_config.json").exists()
+    trained = load_causal_lm(root / "out", TINY).state_dict()  # what run_sft uses
+    init = build_tiny_causal_lm(TINY, demo.tok, cfg.seed).state_dict()
+    assert trained.keys() == init.keys()
+    moved = {k for k in init if not torch.equal(trained[k], init[k])}
+    assert moved and all(k.endswith(tuple(f"{m}.weight" for m in cfg.lora.target_modules)) for k in moved), moved
 
 
 # --- LoRA references and PPO-ptx ---------------------------------------------------------------
@@ -329,7 +338,8 @@ def test_dpo_with_lora_uses_the_disabled_adapters_as_reference(demo, pt_sft):
     log = History()
     cfg = DPOConfig(max_steps=3, batch_size=8, learning_rate=1e-3, warmup_steps=0, precompute_ref=False,
                     lora=LoraConfig(enabled=True, r=4, alpha=8), **QUIET)
-    run_dpo(cfg, TINY, demo.small, pt_sft.sft_dir, demo.root / "dpo_lora", demo.root / "ckpt" / "dpo_lora", log)
+    run_dpo(context("dpo", cfg, demo.root / "dpo_lora", demo.root / "ckpt" / "dpo_lora", log, data=demo.small,
+                    init=pt_sft.sft_dir), cfg, TINY)
     assert log.values("train/loss")[0] == pytest.approx(0.693147, abs=1e-5)
     assert (demo.root / "dpo_lora" / "adapter_model.safetensors").is_file()
     assert not (demo.root / "dpo_lora" / "model.safetensors").exists()
@@ -346,8 +356,8 @@ def test_ppo_with_lora_and_ptx_mixes_the_chosen_lm_loss_into_the_actor(demo, pt_
     cfg = PPOConfig(max_steps=2, batch_size=8, rollout_batch_size=8, ppo_epochs=1, learning_rate=1e-3,
                     warmup_steps=0, max_new_tokens=6, ptx_coef=0.5, ptx_data=ptx_data, kl_controller="adaptive",
                     kl_target=1.0, lora=LoraConfig(enabled=True, r=4, alpha=8, merge=True), **QUIET)
-    res = run_ppo(cfg, TINY, demo.data, pt_sft.sft_dir, None, demo.root / f"ppo_ptx_{ptx_data}",
-                  demo.root / "ckpt" / f"ppo_ptx_{ptx_data}", log, reward_fn=short_answer_reward)
+    res = run_ppo(context("ppo", cfg, demo.root / f"ppo_ptx_{ptx_data}", demo.root / "ckpt" / f"ppo_ptx_{ptx_data}",
+                          log, data=demo.data, init=pt_sft.sft_dir), cfg, TINY, reward_fn=short_answer_reward)
     rows = load_split(demo.data, ptx_data, "train")
     first = collate_lm(rows[next(index_batches(len(rows), 8, cfg.seed + 1))], demo.tok.pad_token_id)
     with torch.no_grad():
@@ -387,8 +397,8 @@ def test_ppo_first_minibatch_has_ratio_one_and_zero_kl(demo, pt_sft, monkeypatch
     updates, log = Updates(monkeypatch), History()
     cfg = PPOConfig(max_steps=1, batch_size=4, rollout_batch_size=8, ppo_epochs=1, warmup_steps=0,
                     max_new_tokens=8, mixed_precision=precision, **QUIET)
-    run_ppo(cfg, TINY, demo.data, pt_sft.sft_dir, None, demo.root / f"ppo_{precision}",
-            demo.root / "ckpt" / f"ppo_{precision}", log, reward_fn=short_answer_reward)
+    run_ppo(context("ppo", cfg, demo.root / f"ppo_{precision}", demo.root / "ckpt" / f"ppo_{precision}", log,
+                    data=demo.data, init=pt_sft.sft_dir), cfg, TINY, reward_fn=short_answer_reward)
     first = updates.calls[0]
     assert first["autocast"] is (precision == "bf16")
     assert first["m"]["val/ratio"] == 1.0 and first["m"]["policy/approxkl"] == 0.0
@@ -407,8 +417,8 @@ def test_ppo_uses_every_rollout_sample_once_per_epoch_with_a_ragged_last_minibat
     updates, log = Updates(monkeypatch), History()
     cfg = PPOConfig(max_steps=1, batch_size=4, grad_accum=2, rollout_batch_size=12, ppo_epochs=2,
                     warmup_steps=0, lr_scheduler="constant", max_new_tokens=6, **QUIET)
-    run_ppo(cfg, TINY, demo.data, pt_sft.sft_dir, None, demo.root / "ppo_ragged", demo.root / "ckpt" / "ppo_ragged",
-            log, reward_fn=short_answer_reward)
+    run_ppo(context("ppo", cfg, demo.root / "ppo_ragged", demo.root / "ckpt" / "ppo_ragged", log, data=demo.data,
+                    init=pt_sft.sft_dir), cfg, TINY, reward_fn=short_answer_reward)
     rows = [c["rows"] for c in updates.calls]
     assert [len(r) for r in rows] == [4, 4, 4] * 2
     for epoch in (rows[:3], rows[3:]):
@@ -427,7 +437,8 @@ def test_ppo_with_a_lora_reward_model_and_a_lora_critic(demo, pt_sft, monkeypatc
     rm_dir = demo.root / "rm_lora"
     rm_cfg = RMConfig(max_steps=3, batch_size=8, learning_rate=1e-3, warmup_steps=0,
                       lora=LoraConfig(enabled=True, r=4, alpha=8), **QUIET)
-    res = run_rm(rm_cfg, TINY, demo.small, pt_sft.sft_dir, rm_dir, demo.root / "ckpt" / "rm_lora")
+    res = run_rm(context("rm", rm_cfg, rm_dir, demo.root / "ckpt" / "rm_lora", data=demo.small, init=pt_sft.sft_dir),
+                 rm_cfg, TINY)
     assert (rm_dir / "adapter_model.safetensors").is_file() and not (rm_dir / "model.safetensors").exists()
     assert json.loads((rm_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == str(pt_sft.sft_dir)
     from safetensors.torch import load_file
@@ -448,7 +459,8 @@ def test_ppo_with_a_lora_reward_model_and_a_lora_critic(demo, pt_sft, monkeypatc
     log = History()
     cfg = PPOConfig(max_steps=1, batch_size=4, rollout_batch_size=8, ppo_epochs=1, warmup_steps=0, max_new_tokens=6,
                     critic_lora=LoraConfig(enabled=True, r=4, alpha=8), **QUIET)
-    run_ppo(cfg, TINY, demo.data, pt_sft.sft_dir, rm_dir, demo.root / "ppo_rm_lora", demo.root / "ckpt" / "ppo_rm_lora", log)
+    run_ppo(context("ppo", cfg, demo.root / "ppo_rm_lora", demo.root / "ckpt" / "ppo_rm_lora", log, data=demo.data,
+                    init=pt_sft.sft_dir, reward=rm_dir), cfg, TINY)
     critic = critics[-1]
     trainable = [n for n, p in critic.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n or "score" in n for n in trainable)

@@ -1,0 +1,194 @@
+"""What a training loop is given and what it gives back.
+
+Every loop has one signature, `run(ctx, cfg, model_cfg) -> StageResult`. `cfg` says what to
+train (the stage's hyperparameters); the `RunContext` says where and how: the named input and
+output paths, the accelerator and precision, this process's share of the data order, the
+checkpoint policy (the fingerprint the caller computed, `save_every`, resume), main-process-only
+saving and logging, and the stop request. So a loop never builds a path, hashes a file or reads
+a global, and sharding the data by process changes the context, not the loop.
+"""
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from rlhf_core.config import TrainConfig
+from rlhf_core.data.batching import index_batches
+from rlhf_core.errors import RLHFError
+from rlhf_core.training.checkpoint import load_checkpoint, save_checkpoint
+from rlhf_core.training.modeling import enable_gradient_checkpointing
+from rlhf_core.training.modeling import save_model as save_pretrained
+from rlhf_core.training.optim import make_accelerator, make_optimizer, make_scheduler
+from rlhf_core.training.stop import Stopped, StopRequest
+
+LogFn = Callable[[dict, int], None]
+"""Tracking callback: `log(metrics, step)`. The library never imports a tracker itself."""
+
+DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def no_log(metrics: dict, step: int) -> None:
+    pass
+
+
+@dataclass
+class StageResult:
+    """What a loop returns. `to_dict()` holds only functions of the stage's inputs and seed;
+    what differs from run to run (seconds, throughput, the step a run resumed from) is kept
+    apart in `run_record()`, so it never reaches a DVC output."""
+    stage: str
+    steps: int
+    metrics: dict = field(default_factory=dict)
+    """Final train metrics and held-out eval metrics (`eval/...`)."""
+    timing: dict = field(default_factory=dict)
+    """`wall_seconds` and `tokens_per_second` of this run."""
+    resumed_from_step: int = 0
+
+    def to_dict(self) -> dict:
+        return {"stage": self.stage, "steps": self.steps, "metrics": dict(self.metrics)}
+
+    def run_record(self) -> dict:
+        return {**self.timing, "resumed_from_step": self.resumed_from_step}
+
+
+@dataclass
+class Prepared:
+    """One trainable model with its optimizer and scheduler, placed by accelerate and restored
+    from the stage's last checkpoint when one matches."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    params: list
+    state: dict
+    """What `save_checkpoint` / `load_checkpoint` take."""
+    start: int
+    """First step to run: 0, or the step of the checkpoint resumed from."""
+
+
+@dataclass
+class RunContext:
+    """Where and how one stage runs (see the module docstring). Build it with `create`."""
+    stage: str
+    inputs: dict[str, Path]
+    """Named inputs: `data` (the tokenised splits), and as the stage needs them `tokenizer`,
+    `init` (the model it starts from) and `reward` (PPO's reward model)."""
+    out_dir: Path
+    ckpt_dir: Path
+    fingerprint: str
+    """Identity of the stage's params and input contents, computed by the caller: a checkpoint
+    resumes only under the same fingerprint."""
+    accelerator: object
+    save_every: int = 0
+    """Checkpoint every this many steps (0: only when a stop is requested)."""
+    train_split: str = "train"
+    """The split of the stage's data it trains on (the judge RM trains on `judge`)."""
+    log_fn: LogFn = no_log
+    """Receives the step metrics (functions of the inputs)."""
+    timing_fn: LogFn = no_log
+    """Receives the step timings (tokens/s), which differ from run to run."""
+    stop: StopRequest = field(default_factory=StopRequest)
+
+    @classmethod
+    def create(cls, stage: str, cfg: TrainConfig, inputs: dict, out_dir: str | Path, ckpt_dir: str | Path,
+               fingerprint: str, **kwargs) -> RunContext:
+        """The context of `stage` trained under `cfg`: its accelerator and precision come from
+        `cfg.mixed_precision`, its checkpoint interval from `cfg.save_every`."""
+        return cls(stage, {k: Path(v) for k, v in inputs.items() if v is not None}, Path(out_dir), Path(ckpt_dir),
+                   fingerprint, make_accelerator(cfg), cfg.save_every, **kwargs)
+
+    # --- where -----------------------------------------------------------------------------
+
+    def input(self, name: str) -> Path:
+        if name not in self.inputs:
+            raise RLHFError(f"{self.stage}: no '{name}' input was given (inputs: {', '.join(sorted(self.inputs))})")
+        return self.inputs[name]
+
+    # --- how: device, precision, processes -------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the forwards compute in under `autocast`."""
+        return DTYPES[str(getattr(self.accelerator, "mixed_precision", "no"))]
+
+    def autocast(self):
+        """Every forward of the stage (trained or frozen models) runs under this."""
+        return self.accelerator.autocast()
+
+    @property
+    def num_processes(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def process_index(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def batches(self, n: int, batch_size: int, seed: int, start: int = 0) -> Iterator[list[int]]:
+        """This process's micro-batches of row indices, `batch_size` per device.
+
+        Every process walks the same seeded order of global batches of `batch_size *
+        num_processes` rows (`index_batches`) and takes its own contiguous slice, so the
+        processes see disjoint rows that together make the global batch. With one process this
+        is `index_batches(n, batch_size, seed, start)` itself. `start` counts micro-batches."""
+        lo = self.process_index * batch_size
+        for rows in index_batches(n, batch_size * self.num_processes, seed, start):
+            yield rows[lo:lo + batch_size]
+
+    # --- the trainable model and its checkpoint --------------------------------------------
+
+    def prepare(self, model, cfg: TrainConfig) -> Prepared:
+        """Optimizer and schedule for `model`, placed by the accelerator, resumed when a
+        checkpoint with this context's fingerprint exists."""
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        opt = make_optimizer(model.parameters(), cfg.learning_rate, cfg.weight_decay)
+        sched = make_scheduler(opt, cfg)
+        model, opt = self.accelerator.prepare(model, opt)
+        state = {"models": {"model": self.accelerator.unwrap_model(model)}, "optimizers": {"opt": opt},
+                 "schedulers": {"sched": sched}}
+        resumed = self.resume(state)
+        params = [p for p in model.parameters() if p.requires_grad]
+        return Prepared(model, opt, sched, params, state, resumed[0] if resumed else 0)
+
+    def resume(self, state: dict) -> tuple[int, dict] | None:
+        """Restore `state` from the checkpoint if its fingerprint is ours: (step, extra), or None."""
+        return load_checkpoint(self.ckpt_dir, self.fingerprint, **state)
+
+    def end_of_step(self, done: int, total: int, state: dict, extra: dict | None = None) -> None:
+        """Checkpoint every `save_every` steps, and at once when a stop was requested (then raise Stopped)."""
+        stop = self.stop.requested and done < total
+        if stop or (self.save_every and done % self.save_every == 0 and done < total):
+            if self.is_main_process:
+                save_checkpoint(self.ckpt_dir, self.fingerprint, done, **state, extra=extra)
+            self.accelerator.wait_for_everyone()
+        if stop:
+            name = signal.Signals(self.stop.signum).name
+            raise Stopped(f"{self.stage}: stopped by {name} after step {done}; its checkpoint is in {self.ckpt_dir}; "
+                          "run the same command again to resume from it", self.stop.signum)
+
+    def save_model(self, model, tokenizer, merge_lora: bool = False) -> None:
+        """The trained model to `out_dir`, written by the main process only."""
+        if self.is_main_process:
+            save_pretrained(self.accelerator.unwrap_model(model), tokenizer, self.out_dir, merge_lora=merge_lora)
+        self.accelerator.wait_for_everyone()
+
+    # --- reporting -------------------------------------------------------------------------
+
+    def log(self, metrics: dict, step: int) -> None:
+        if self.is_main_process:
+            self.log_fn(metrics, step)
+
+    def log_timing(self, timing: dict, step: int) -> None:
+        if self.is_main_process:
+            self.timing_fn(timing, step)
