@@ -172,7 +172,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     """AdamW weight decay."""
     batch_size: int = 16
-    """Micro-batch size per device."""
+    """Micro-batch size per device (process): N processes train on global batches of N x this."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     max_steps: int = 100
@@ -258,7 +258,8 @@ class DPOConfig(TrainConfig):
 @dataclass(frozen=True)
 class PPOConfig(TrainConfig):
     rollout_batch_size: int = 32
-    """Prompts per rollout (one optimizer phase of ppo_epochs)."""
+    """Prompts per rollout and per device (one optimizer phase of ppo_epochs); N processes each
+    roll out this many of their own."""
     ppo_epochs: int = 2
     """Passes over each rollout batch."""
     max_new_tokens: int = 24

@@ -55,6 +55,7 @@ def reward_pair_loss(
     margin: torch.Tensor | None = None,
     center_coef: float = 0.0,
     weights: torch.Tensor | None = None,
+    weight_total: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """Bradley-Terry pairwise loss for a scalar reward model.
 
@@ -64,6 +65,8 @@ def reward_pair_loss(
     K(K-1)/2 pairs of a K-response ranking weight 1 / (K(K-1)/2) makes the prompt one unit
     (InstructGPT, Ouyang et al. 2022 eq. 1).
     center_coef: adds center_coef * mean((r_c + r_r)^2), which keeps rewards near zero mean.
+    weight_total: the weighted sum's divisor instead of sum(w) (with several processes: the mean
+    over processes of their sum(w), so that averaging their gradients weighs every pair alike).
     """
     diff = r_chosen - r_rejected
     if margin is not None:
@@ -73,7 +76,7 @@ def reward_pair_loss(
         loss = per_pair.mean()
     else:
         w = weights.to(per_pair.dtype)
-        loss = (w * per_pair).sum() / w.sum()
+        loss = (w * per_pair).sum() / (w.sum() if weight_total is None else weight_total)
     if center_coef:
         loss = loss + center_coef * ((r_chosen + r_rejected) ** 2).mean()
     metrics = {

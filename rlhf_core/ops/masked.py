@@ -5,6 +5,8 @@ the mask is 0 never influence a result, even if they hold NaN-free garbage value
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 _WHITEN_EPS = 1e-8
@@ -52,16 +54,23 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+                  total: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Normalise `x` to zero mean, unit (unbiased) variance over the masked positions.
 
     x, mask: same shape (e.g. advantages (B, T)). Returns the same shape:
     (x - mean) * rsqrt(var + 1e-8); with shift_mean=False the mean is added back (only the
     scale changes). Positions outside the mask are 0 in the output.
+    total: sums a 0-dim tensor over processes, so that with several processes (each holding its
+    rows of one global batch) mean and variance are the global batch's; None: these rows alone.
     """
+    total = total or (lambda t: t)
     m = mask.to(x.dtype)
-    mean = masked_mean(x, m)
-    var = masked_var(x, m, unbiased=True)
+    n = total(m.sum())
+    mean = total((x * m).sum()) / n
+    if n < 2:
+        raise ValueError(f"masked_whiten needs at least 2 masked positions, got {int(n.item())}")
+    var = total((((x - mean) ** 2) * m).sum()) / n * n / (n - 1)  # Bessel's correction, as masked_var
     out = (x - mean) * torch.rsqrt(var + _WHITEN_EPS)
     if not shift_mean:
         out = out + mean

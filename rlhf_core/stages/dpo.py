@@ -7,6 +7,8 @@ log-probs can be computed once before training (`precompute_ref`).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from rlhf_core import IGNORE_INDEX
@@ -19,7 +21,7 @@ from rlhf_core.ops.losses import dpo_loss
 from rlhf_core.training.context import RunContext, StageResult
 from rlhf_core.training.frozen import Frozen, reference
 from rlhf_core.training.modeling import apply_lora, check_tokenizer_fits, forward_logits, load_causal_lm
-from rlhf_core.training.optim import optimizer_step, seed_everything
+from rlhf_core.training.optim import optimizer_step
 from rlhf_core.training.progress import Throughput, progress, scalars
 
 
@@ -60,25 +62,45 @@ def step_loss(policy, ref: Frozen, batch: PairBatch, ref_logps: torch.Tensor | N
 
 
 @torch.no_grad()
-def evaluate_dpo(policy, ref: Frozen, dataset, pad_id: int, cfg: DPOConfig, device) -> dict[str, float]:
+def evaluate_dpo(policy, ref: Frozen, dataset, pad_id: int, cfg: DPOConfig, device, rows: list[int] | None = None,
+                 total: Callable[[dict], dict] | None = None) -> dict[str, float]:
+    """Held-out DPO metrics (means over pairs). Several processes each pass their `rows` and a
+    `total` that sums over processes; the means are then over the whole split."""
     if dataset is None or len(dataset) == 0:
         return {}
+    rows = list(range(len(dataset))) if rows is None else rows
+    keys = EVAL_KEYS + (("nll/chosen",) if cfg.rpo_alpha > 0 else ())
     policy.eval()
-    sums, n = {}, 0
-    for i in range(0, len(dataset), cfg.batch_size):
-        b = collate_pairs(dataset[i:i + cfg.batch_size], pad_id)
+    sums = {k: 0.0 for k in (*keys, "pairs")}
+    for i in range(0, len(rows), cfg.batch_size):
+        b = collate_pairs(dataset[rows[i:i + cfg.batch_size]], pad_id)
         _, m = step_loss(policy, ref, b, None, cfg, device)
         k = len(b.weights)
-        for key, v in m.items():
-            sums[key] = sums.get(key, 0.0) + float(v) * k
-        n += k
+        for key in keys:
+            sums[key] += float(m[key]) * k
+        sums["pairs"] += k
     policy.train()
-    return {f"eval/{k}": v / n for k, v in sums.items()}
+    sums = (total or dict)(sums)
+    return {f"eval/{k}": sums[k] / sums["pairs"] for k in keys}
+
+
+EVAL_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+             "logps/rejected", "loss")
+"""What `dpo_loss` reports, all means over pairs."""
+
+
+def evaluate(ctx: RunContext, policy, ref: Frozen, dataset, pad_id: int, cfg: DPOConfig) -> dict[str, float]:
+    """`evaluate_dpo` on the unwrapped policy (no collective inside its forward), each process on
+    its share of the rows, in the precision the policy trains in."""
+    rows = ctx.eval_rows(len(dataset)) if dataset is not None else None
+    with ctx.autocast():
+        return evaluate_dpo(ctx.accelerator.unwrap_model(policy), ref, dataset, pad_id, cfg, ctx.device, rows,
+                            ctx.sum_over_processes)
 
 
 def run_dpo(ctx: RunContext, cfg: DPOConfig, model_cfg: ModelConfig) -> StageResult:
     """DPO of the policy `ctx.inputs["init"]` against itself, frozen, as the reference."""
-    seed_everything(cfg.seed)
+    ctx.seed(cfg.seed)
     stage, init = ctx.stage, ctx.input("init")
     tokenizer = load_tokenizer(init, model_cfg.trust_remote_code)
     pad = tokenizer.pad_token_id
@@ -93,7 +115,7 @@ def run_dpo(ctx: RunContext, cfg: DPOConfig, model_cfg: ModelConfig) -> StageRes
     ref = reference(ctx.accelerator.unwrap_model(policy), lambda: load_causal_lm(init, model_cfg), ctx.device, ctx.autocast)
     ref_table = precompute_reference(ref, train_ds, pad, cfg.batch_size, ctx.device) if cfg.precompute_ref else None
     batches = ctx.batches(len(train_ds), cfg.batch_size, cfg.seed, start * cfg.grad_accum)
-    speed, bar, metrics = Throughput(), progress(stage, cfg.max_steps, start), {}
+    speed, bar, metrics = Throughput(), progress(stage, cfg.max_steps, start, not ctx.is_main_process), {}
     policy.train()
     for step in range(start, cfg.max_steps):
         idx = [next(batches) for _ in range(cfg.grad_accum)]
@@ -109,20 +131,19 @@ def run_dpo(ctx: RunContext, cfg: DPOConfig, model_cfg: ModelConfig) -> StageRes
         grad_norm = optimizer_step(ctx.accelerator, params, opt, sched, cfg.max_grad_norm, stage, step + 1, total)
         tps = speed.add(0)
         metrics = {f"train/{k}": sum(float(p[k]) for p in parts) / len(parts) for k in parts[0]}
-        metrics.update({"train/loss": float(total), "train/grad_norm": grad_norm, "train/lr": sched.get_last_lr()[0]})
+        metrics.update({"train/loss": float(total)})  # means over pairs: each process holds as many
+        metrics = {**ctx.mean_over_processes(metrics), "train/grad_norm": grad_norm, "train/lr": sched.get_last_lr()[0]}
         bar.update(1)
-        bar.set_postfix(loss=f"{float(total):.3f}", acc=f"{metrics['train/rewards/accuracies']:.2f}", tok_s=f"{tps:.0f}")
+        bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", acc=f"{metrics['train/rewards/accuracies']:.2f}", tok_s=f"{tps:.0f}")
         done = step + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_steps:
-            with ctx.autocast():  # held-out numbers in the precision the model trains in
-                metrics.update(evaluate_dpo(policy, ref, eval_ds, pad, cfg, ctx.device))
+            metrics.update(evaluate(ctx, policy, ref, eval_ds, pad, cfg))
         if done % max(1, cfg.log_every) == 0 or done == cfg.max_steps or "eval/loss" in metrics:
             ctx.log(metrics, done)
             ctx.log_timing({"train/tokens_per_second": tps}, done)
         ctx.end_of_step(done, cfg.max_steps, run.state)
     bar.close()
-    with ctx.autocast():
-        metrics.update(evaluate_dpo(policy, ref, eval_ds, pad, cfg, ctx.device))
+    metrics.update(evaluate(ctx, policy, ref, eval_ds, pad, cfg))
     ctx.log(metrics, cfg.max_steps)
     ctx.save_model(policy, tokenizer, merge_lora=cfg.lora.merge)
     return StageResult(stage, cfg.max_steps, scalars(metrics), speed.timing(), start)

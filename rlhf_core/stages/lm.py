@@ -5,6 +5,8 @@ accumulation 1 and batch 1 x accumulation 8 give the same gradient.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from rlhf_core import IGNORE_INDEX
@@ -21,25 +23,38 @@ from rlhf_core.training.modeling import (
     forward_logits,
     load_causal_lm,
 )
-from rlhf_core.training.optim import optimizer_step, seed_everything
+from rlhf_core.training.optim import optimizer_step
 from rlhf_core.training.progress import Throughput, progress, scalars
 
 
 @torch.no_grad()
-def evaluate_lm(model, dataset, pad_id: int, batch_size: int, device) -> dict[str, float]:
-    """Mean per-token loss over a held-out split."""
+def evaluate_lm(model, dataset, pad_id: int, batch_size: int, device, rows: list[int] | None = None,
+                total: Callable[[dict], dict] | None = None) -> dict[str, float]:
+    """Mean per-token loss over a held-out split. Several processes each pass their `rows` and a
+    `total` that sums over processes; the mean is then over the whole split."""
     if dataset is None or len(dataset) == 0:
         return {}
+    rows = list(range(len(dataset))) if rows is None else rows
     model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(dataset), batch_size):
-        b = collate_lm(dataset[i:i + batch_size], pad_id)
+    loss_sum, count = 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        b = collate_lm(dataset[rows[i:i + batch_size]], pad_id)
         logits = forward_logits(model, b.input_ids.to(device), b.attention_mask.to(device))
         loss, m = lm_loss(logits, b.labels.to(device))
-        total, count = total + float(loss) * int(m["tokens"]), count + int(m["tokens"])
+        loss_sum, count = loss_sum + float(loss) * int(m["tokens"]), count + int(m["tokens"])
     model.train()
-    mean = total / max(1, count)
+    sums = (total or dict)({"loss": loss_sum, "tokens": count})
+    mean = sums["loss"] / max(1, sums["tokens"])
     return {"eval/loss": mean, "eval/perplexity": float(torch.exp(torch.tensor(mean)))}
+
+
+def evaluate(ctx: RunContext, model, dataset, pad_id: int, batch_size: int) -> dict[str, float]:
+    """`evaluate_lm` on the unwrapped model (no collective inside its forward), each process on
+    its share of the rows, in the precision the model trains in."""
+    rows = ctx.eval_rows(len(dataset)) if dataset is not None else None
+    with ctx.autocast():
+        return evaluate_lm(ctx.accelerator.unwrap_model(model), dataset, pad_id, batch_size, ctx.device, rows,
+                           ctx.sum_over_processes)
 
 
 def train_lm(ctx: RunContext, cfg: TrainConfig, model, tokenizer, kind: str) -> StageResult:
@@ -49,11 +64,13 @@ def train_lm(ctx: RunContext, cfg: TrainConfig, model, tokenizer, kind: str) -> 
     run = ctx.prepare(apply_lora(model, cfg.lora), cfg)
     model, opt, sched, params, start = run.model, run.optimizer, run.scheduler, run.params, run.start
     batches = ctx.batches(len(train_ds), cfg.batch_size, cfg.seed, start * cfg.grad_accum)
-    speed, bar, metrics = Throughput(), progress(stage, cfg.max_steps, start), {}
+    speed, bar, metrics = Throughput(), progress(stage, cfg.max_steps, start, not ctx.is_main_process), {}
     model.train()
     for step in range(start, cfg.max_steps):
         micro = [collate_lm(train_ds[next(batches)], pad) for _ in range(cfg.grad_accum)]
-        n_items = sum(int((b.labels[:, 1:] != IGNORE_INDEX).sum()) for b in micro)  # trainable tokens, whole step
+        # trainable tokens of the whole step, as a mean over processes: DDP averages the gradients
+        # of the processes, so each divides its token sum by (global count / num_processes)
+        n_items = ctx.mean_over_processes({"n": sum(int((b.labels[:, 1:] != IGNORE_INDEX).sum()) for b in micro)})["n"]
         step_loss = torch.zeros(())
         for b in micro:
             with ctx.autocast():
@@ -63,20 +80,19 @@ def train_lm(ctx: RunContext, cfg: TrainConfig, model, tokenizer, kind: str) -> 
             step_loss += loss.detach().float().cpu()
         grad_norm = optimizer_step(ctx.accelerator, params, opt, sched, cfg.max_grad_norm, stage, step + 1, step_loss)
         tps = speed.add(sum(int(b.attention_mask.sum()) for b in micro))
-        metrics = {"train/loss": float(step_loss), "train/grad_norm": grad_norm, "train/lr": sched.get_last_lr()[0]}
+        metrics = {**ctx.mean_over_processes({"train/loss": step_loss}),  # = the global batch's mean
+                   "train/grad_norm": grad_norm, "train/lr": sched.get_last_lr()[0]}
         bar.update(1)
-        bar.set_postfix(loss=f"{float(step_loss):.3f}", tok_s=f"{tps:.0f}")
+        bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", tok_s=f"{tps:.0f}")
         done = step + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_steps:
-            with ctx.autocast():  # held-out numbers in the precision the model trains in
-                metrics.update(evaluate_lm(model, eval_ds, pad, cfg.batch_size, ctx.device))
+            metrics.update(evaluate(ctx, model, eval_ds, pad, cfg.batch_size))
         if done % max(1, cfg.log_every) == 0 or done == cfg.max_steps or "eval/loss" in metrics:
             ctx.log(metrics, done)
             ctx.log_timing({"train/tokens_per_second": tps}, done)
         ctx.end_of_step(done, cfg.max_steps, run.state)
     bar.close()
-    with ctx.autocast():
-        metrics.update(evaluate_lm(model, eval_ds, pad, cfg.batch_size, ctx.device))
+    metrics.update(evaluate(ctx, model, eval_ds, pad, cfg.batch_size))
     ctx.log(metrics, cfg.max_steps)
     ctx.save_model(model, tokenizer, merge_lora=cfg.lora.merge)
     return StageResult(stage, cfg.max_steps, scalars(metrics), speed.timing(), start)
@@ -85,7 +101,7 @@ def train_lm(ctx: RunContext, cfg: TrainConfig, model, tokenizer, kind: str) -> 
 def run_pt(ctx: RunContext, cfg: TrainConfig, model_cfg: ModelConfig) -> StageResult:
     """Continued pretraining on packed blocks; starts from `model.name_or_path` or the tiny model
     (with the tokenizer of `ctx.inputs["tokenizer"]`)."""
-    seed_everything(cfg.seed)
+    ctx.seed(cfg.seed)
     tokenizer = load_tokenizer(ctx.input("tokenizer"), model_cfg.trust_remote_code)
     if model_cfg.name_or_path:
         model = load_causal_lm(model_cfg.name_or_path, model_cfg)
@@ -97,7 +113,7 @@ def run_pt(ctx: RunContext, cfg: TrainConfig, model_cfg: ModelConfig) -> StageRe
 
 def run_sft(ctx: RunContext, cfg: TrainConfig, model_cfg: ModelConfig) -> StageResult:
     """Supervised fine-tuning of `ctx.inputs["init"]` on chats whose non-assistant tokens are masked."""
-    seed_everything(cfg.seed)
+    ctx.seed(cfg.seed)
     init = ctx.input("init")
     tokenizer = load_tokenizer(init, model_cfg.trust_remote_code)
     model = load_causal_lm(init, model_cfg)

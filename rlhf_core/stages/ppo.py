@@ -42,7 +42,6 @@ from rlhf_core.training.optim import (
     check_finite,
     make_optimizer,
     make_scheduler,
-    seed_everything,
     uses_grad_scaler,
 )
 from rlhf_core.training.progress import Throughput, progress, scalars
@@ -99,7 +98,9 @@ def score_rollout(rollout: Rollout, cfg: PPOConfig, reward_model: Frozen | None,
 
 @torch.no_grad()
 def make_experience(rollout: Rollout, actor, critic, ref: Frozen, scores: torch.Tensor, kl_coef: float,
-                    cfg: PPOConfig) -> Experience:
+                    cfg: PPOConfig, total: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Experience:
+    """`total` sums over processes (`RunContext.total`): advantages are whitened with the
+    statistics of every process's rollouts together."""
     mask = rollout.response_mask
     old_logprobs, _ = response_logprobs(actor, rollout, cfg.temperature)
     ref_logprobs = ref(response_logprobs, rollout, cfg.temperature)[0]
@@ -108,7 +109,7 @@ def make_experience(rollout: Rollout, actor, critic, ref: Frozen, scores: torch.
     rewards = compute_token_rewards(scores.to(kl.device), kl, mask, kl_coef)
     advantages, returns = gae_advantages(values, rewards, mask, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages:
-        advantages = masked_whiten(advantages, mask)
+        advantages = masked_whiten(advantages, mask, total=total)
     return Experience(rollout, old_logprobs, ref_logprobs, values, advantages, returns, scores, kl)
 
 
@@ -148,7 +149,7 @@ def ptx_split(cfg: PPOConfig) -> str | None:
 def run_ppo(ctx: RunContext, cfg: PPOConfig, model_cfg: ModelConfig, reward_fn: RewardFn | None = None) -> StageResult:
     """PPO of the actor `ctx.inputs["init"]`, scored by the reward model `ctx.inputs["reward"]`
     (whose weights also start the critic), or by `reward_fn` (then the critic starts from init)."""
-    seed_everything(cfg.seed)
+    ctx.seed(cfg.seed)  # each process samples its own responses
     stage, init = ctx.stage, ctx.input("init")
     reward_dir = ctx.inputs.get("reward") if reward_fn is not None else ctx.input("reward")
     tokenizer = load_tokenizer(init, model_cfg.trust_remote_code)
@@ -186,13 +187,13 @@ def run_ppo(ctx: RunContext, cfg: PPOConfig, model_cfg: ModelConfig, reward_fn: 
     ptx_batches = ctx.batches(len(ptx_data), cfg.batch_size, cfg.seed + 1, start * micro_per_iter) if ptx_kind else None
     a_params = [p for p in actor.parameters() if p.requires_grad]
     c_params = [p for p in critic.parameters() if p.requires_grad]
-    speed, bar, metrics = Throughput(), progress(stage, cfg.max_steps, start), {}
+    speed, bar, metrics = Throughput(), progress(stage, cfg.max_steps, start, not ctx.is_main_process), {}
     for it in range(start, cfg.max_steps):
         batch = collate_prompts(prompts[next(prompt_batches)], pad)
         with acc.autocast():
             rollout = sample(acc.unwrap_model(actor), batch, eos, pad, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
             scores = score_rollout(rollout, cfg, reward_model, reward_fn, tokenizer)
-            exp = make_experience(rollout, actor, critic, ref, scores, kl_ctl.value, cfg)
+            exp = make_experience(rollout, actor, critic, ref, scores, kl_ctl.value, cfg, ctx.total)
         B = rollout.sequences.shape[0]
         sums: dict[str, float] = {}
         n_updates = 0
@@ -220,12 +221,13 @@ def run_ppo(ctx: RunContext, cfg: PPOConfig, model_cfg: ModelConfig, reward_fn: 
         kl_seq = exp.kl.sum(-1).mean().item()  # per-sequence KL summed over response tokens
         rlhf_reward = (exp.scores.to(exp.kl.device) - kl_ctl.value * exp.kl.sum(-1)).mean().item()
         metrics = {f"{k}_avg" if k.startswith(("policy/", "loss/")) else k: v / max(1, n_updates) for k, v in sums.items()}
-        metrics.update({
-            "objective/kl": kl_seq, "objective/scores": exp.scores.mean().item(), "objective/rlhf_reward": rlhf_reward,
-            "objective/kl_coef": kl_ctl.value, "val/num_eos_tokens": int(rollout.has_eos.sum()),
-            "val/response_length": mask.sum(-1).mean().item(), "train/lr": sched.get_last_lr()[0],
-        })
-        kl_ctl.update(kl_seq, B)
+        metrics.update({"objective/kl": kl_seq, "objective/scores": exp.scores.mean().item(),
+                        "objective/rlhf_reward": rlhf_reward, "val/response_length": mask.sum(-1).mean().item()})
+        # every process holds B rollouts: the mean over processes is the global batch's mean
+        metrics = {**ctx.mean_over_processes(metrics), **ctx.sum_over_processes({"val/num_eos_tokens": rollout.has_eos.sum()}),
+                   "objective/kl_coef": kl_ctl.value, "train/lr": sched.get_last_lr()[0]}
+        kl_seq = metrics["objective/kl"]
+        kl_ctl.update(kl_seq, B * ctx.num_processes)
         tps = speed.add(int(rollout.attention_mask.sum()))
         bar.update(1)
         bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{kl_seq:.3f}", tok_s=f"{tps:.0f}")

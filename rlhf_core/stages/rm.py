@@ -3,6 +3,8 @@ loss -logsigmoid(r_chosen - r_rejected - margin) (+ optional centering). The sco
 the last non-pad token, found from the attention mask, so left and right padding both work."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from rlhf_core.config import ModelConfig, RMConfig
@@ -13,7 +15,7 @@ from rlhf_core.ops.logprobs import gather_last
 from rlhf_core.ops.losses import reward_pair_loss
 from rlhf_core.training.context import RunContext, StageResult
 from rlhf_core.training.modeling import apply_lora, check_tokenizer_fits, load_scalar_model, token_scores
-from rlhf_core.training.optim import optimizer_step, seed_everything
+from rlhf_core.training.optim import optimizer_step
 from rlhf_core.training.progress import Throughput, progress, scalars
 
 
@@ -24,25 +26,44 @@ def pair_rewards(model, batch: PairBatch, device) -> tuple[torch.Tensor, torch.T
     return rewards.chunk(2)
 
 
+EVAL_KEYS = ("accuracy", "margin", "reward_chosen", "reward_rejected", "loss")
+"""What `reward_pair_loss` reports, all means over pairs."""
+
+
 @torch.no_grad()
-def evaluate_rm(model, dataset, pad_id: int, cfg: RMConfig, device) -> dict[str, float]:
+def evaluate_rm(model, dataset, pad_id: int, cfg: RMConfig, device, rows: list[int] | None = None,
+                total: Callable[[dict], dict] | None = None) -> dict[str, float]:
+    """Held-out pair metrics (means over pairs). Several processes each pass their `rows` and a
+    `total` that sums over processes; the means are then over the whole split."""
     if dataset is None or len(dataset) == 0:
         return {}
+    rows = list(range(len(dataset))) if rows is None else rows
     model.eval()
-    rc, rr = [], []
-    for i in range(0, len(dataset), cfg.batch_size):
-        c, r = pair_rewards(model, collate_pairs(dataset[i:i + cfg.batch_size], pad_id), device)
-        rc.append(c), rr.append(r)
+    sums = {k: 0.0 for k in (*EVAL_KEYS, "pairs")}
+    for i in range(0, len(rows), cfg.batch_size):
+        c, r = pair_rewards(model, collate_pairs(dataset[rows[i:i + cfg.batch_size]], pad_id), device)
+        _, m = reward_pair_loss(c, r, torch.full_like(c, cfg.margin), cfg.center_coef)
+        for k in EVAL_KEYS:
+            sums[k] += float(m[k]) * len(c)
+        sums["pairs"] += len(c)
     model.train()
-    rc, rr = torch.cat(rc), torch.cat(rr)
-    _, m = reward_pair_loss(rc, rr, torch.full_like(rc, cfg.margin), cfg.center_coef)
-    return {f"eval/{k}": float(v) for k, v in m.items()}
+    sums = (total or dict)(sums)
+    return {f"eval/{k}": sums[k] / sums["pairs"] for k in EVAL_KEYS}
+
+
+def evaluate(ctx: RunContext, model, dataset, pad_id: int, cfg: RMConfig) -> dict[str, float]:
+    """`evaluate_rm` on the unwrapped model (no collective inside its forward), each process on
+    its share of the rows, in the precision the model trains in."""
+    rows = ctx.eval_rows(len(dataset)) if dataset is not None else None
+    with ctx.autocast():
+        return evaluate_rm(ctx.accelerator.unwrap_model(model), dataset, pad_id, cfg, ctx.device, rows,
+                           ctx.sum_over_processes)
 
 
 def run_rm(ctx: RunContext, cfg: RMConfig, model_cfg: ModelConfig) -> StageResult:
     """Train a pairwise reward model from `ctx.inputs["init"]` on `preference/<ctx.train_split>`
     (the policy RM on `train`, the held-out judge RM on `judge`); both are evaluated on `preference/eval`."""
-    seed_everything(cfg.seed)
+    ctx.seed(cfg.seed)
     stage, init = ctx.stage, ctx.input("init")
     tokenizer = load_tokenizer(init, model_cfg.trust_remote_code)
     pad = tokenizer.pad_token_id
@@ -53,7 +74,7 @@ def run_rm(ctx: RunContext, cfg: RMConfig, model_cfg: ModelConfig) -> StageResul
     run = ctx.prepare(model, cfg)
     model, opt, sched, params, start = run.model, run.optimizer, run.scheduler, run.params, run.start
     batches = ctx.batches(len(train_ds), cfg.batch_size, cfg.seed, start * cfg.grad_accum)
-    speed, bar, metrics = Throughput(), progress(stage, cfg.max_steps, start), {}
+    speed, bar, metrics = Throughput(), progress(stage, cfg.max_steps, start, not ctx.is_main_process), {}
     model.train()
     for step in range(start, cfg.max_steps):
         micro = [collate_pairs(train_ds[next(batches)], pad) for _ in range(cfg.grad_accum)]
@@ -62,27 +83,28 @@ def run_rm(ctx: RunContext, cfg: RMConfig, model_cfg: ModelConfig) -> StageResul
             with ctx.autocast():
                 rc, rr = pair_rewards(model, b, ctx.device)
                 margin = torch.full_like(rc, cfg.margin)
-                loss, m = reward_pair_loss(rc, rr, margin, cfg.center_coef, b.weights.to(ctx.device))
+                w = b.weights.to(ctx.device)  # normalised by the mean over processes of their weight sums
+                w_total = ctx.mean_over_processes({"w": w.sum()})["w"] if ctx.num_processes > 1 else None
+                loss, m = reward_pair_loss(rc, rr, margin, cfg.center_coef, w, w_total)
             ctx.accelerator.backward(loss / cfg.grad_accum)
             step_loss += loss.detach().float().cpu() / cfg.grad_accum
             parts.append(m)
         grad_norm = optimizer_step(ctx.accelerator, params, opt, sched, cfg.max_grad_norm, stage, step + 1, step_loss)
         tps = speed.add(sum(int(b.attention_mask.sum()) for b in micro))
         metrics = {f"train/{k}": sum(float(p[k]) for p in parts) / len(parts) for k in parts[0]}
-        metrics.update({"train/loss": float(step_loss), "train/grad_norm": grad_norm, "train/lr": sched.get_last_lr()[0]})
+        metrics.update({"train/loss": float(step_loss)})
+        metrics = {**ctx.mean_over_processes(metrics), "train/grad_norm": grad_norm, "train/lr": sched.get_last_lr()[0]}
         bar.update(1)
-        bar.set_postfix(loss=f"{float(step_loss):.3f}", acc=f"{metrics['train/accuracy']:.2f}", tok_s=f"{tps:.0f}")
+        bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", acc=f"{metrics['train/accuracy']:.2f}", tok_s=f"{tps:.0f}")
         done = step + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_steps:
-            with ctx.autocast():  # held-out numbers in the precision the model trains in
-                metrics.update(evaluate_rm(model, eval_ds, pad, cfg, ctx.device))
+            metrics.update(evaluate(ctx, model, eval_ds, pad, cfg))
         if done % max(1, cfg.log_every) == 0 or done == cfg.max_steps or "eval/accuracy" in metrics:
             ctx.log(metrics, done)
             ctx.log_timing({"train/tokens_per_second": tps}, done)
         ctx.end_of_step(done, cfg.max_steps, run.state)
     bar.close()
-    with ctx.autocast():
-        metrics.update(evaluate_rm(model, eval_ds, pad, cfg, ctx.device))
+    metrics.update(evaluate(ctx, model, eval_ds, pad, cfg))
     ctx.log(metrics, cfg.max_steps)
     ctx.save_model(model, tokenizer, merge_lora=cfg.lora.merge)
     return StageResult(stage, cfg.max_steps, scalars(metrics), speed.timing(), start)

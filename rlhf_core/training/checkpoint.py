@@ -4,6 +4,10 @@ A checkpoint is written to a temporary folder and renamed into place, and carrie
 of the config and inputs; a checkpoint whose fingerprint differs is ignored, so changing a
 parameter never resumes a run that belongs to other settings. A corrupted checkpoint is skipped
 with a warning naming the file, and the stage starts fresh (only the latest checkpoint is kept).
+
+It also records how many processes wrote it, with each process's random generators (`rng.pt`
+for process 0, `rng.<i>.pt` for process i): a run with another number of processes would see
+other data and other random streams, so resuming it that way is an error naming both numbers.
 """
 from __future__ import annotations
 
@@ -16,17 +20,30 @@ import torch
 from safetensors.torch import load_file, load_model, save_model
 
 from rlhf_core.atomic import atomic_dir
+from rlhf_core.errors import RLHFError
+
+
+class CheckpointError(RLHFError):
+    """A checkpoint of this stage's settings cannot be resumed as asked."""
+
+
+def rng_file(process_index: int) -> str:
+    return "rng.pt" if process_index == 0 else f"rng.{process_index}.pt"
 
 
 def save_checkpoint(ckpt_dir: Path, fingerprint: str, step: int, models: dict, optimizers: dict,
-                    schedulers: dict, extra: dict | None = None) -> None:
+                    schedulers: dict, extra: dict | None = None, rng_states: list[dict] | None = None) -> None:
+    """`rng_states`: every process's `rng_state()` in process order (default: this process's
+    alone); their number is the number of processes recorded."""
+    rng_states = rng_states or [rng_state()]
     with atomic_dir(ckpt_dir) as tmp:
         for name, model in models.items():
             save_model(model, str(tmp / f"{name}.safetensors"))
         torch.save({k: o.state_dict() for k, o in optimizers.items()}, tmp / "optimizers.pt")
         torch.save({k: s.state_dict() for k, s in schedulers.items()}, tmp / "schedulers.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
-        state = {"fingerprint": fingerprint, "step": step, "extra": extra or {}}
+        for i, rng in enumerate(rng_states):
+            torch.save(rng, tmp / rng_file(i))
+        state = {"fingerprint": fingerprint, "step": step, "num_processes": len(rng_states), "extra": extra or {}}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
 
 
@@ -42,17 +59,29 @@ def read_state(ckpt_dir: Path) -> dict | None:
     try:
         state = json.loads(state_file.read_text(encoding="utf-8"))
         if not (isinstance(state, dict) and isinstance(state.get("fingerprint"), str)
-                and isinstance(state.get("step"), int) and isinstance(state.get("extra", {}), dict)):
-            raise ValueError("missing fingerprint, step or extra")
+                and isinstance(state.get("step"), int) and isinstance(state.get("extra", {}), dict)
+                and isinstance(state.get("num_processes", 1), int)):
+            raise ValueError("missing fingerprint, step or extra, or a non-integer num_processes")
     except (ValueError, UnicodeDecodeError) as e:
         _warn(state_file, f"corrupted ({e})")
         return None
     return state
 
 
+def check_processes(ckpt_dir: Path, state: dict, num_processes: int) -> None:
+    """A checkpoint resumes only with the number of processes that wrote it (1 if unrecorded)."""
+    written = state.get("num_processes", 1)
+    if written != num_processes:
+        raise CheckpointError(
+            f"{ckpt_dir}: this checkpoint was written by {written} process(es), but this run has {num_processes}; "
+            f"resuming it would change the data order and the random streams. Run with {written} process(es) "
+            f"to resume, or delete {ckpt_dir} to start the stage fresh")
+
+
 def load_checkpoint(ckpt_dir: Path, fingerprint: str, models: dict, optimizers: dict,
-                    schedulers: dict) -> tuple[int, dict] | None:
+                    schedulers: dict, num_processes: int = 1, process_index: int = 0) -> tuple[int, dict] | None:
     """Restore everything in place and return (step, extra), or None if there is nothing to resume.
+    Process `process_index` of `num_processes` restores its own random generators.
 
     Every file is read and checked before anything is restored, so a corrupted checkpoint (skipped
     with a warning naming the file) never leaves a half-restored model behind."""
@@ -60,9 +89,10 @@ def load_checkpoint(ckpt_dir: Path, fingerprint: str, models: dict, optimizers: 
     state = read_state(ckpt_dir)
     if state is None or state["fingerprint"] != fingerprint:
         return None
+    check_processes(ckpt_dir, state, num_processes)
     loaded = {}
-    for name in ("optimizers", "schedulers", "rng"):
-        f = ckpt_dir / f"{name}.pt"
+    for name, file in (("optimizers", "optimizers.pt"), ("schedulers", "schedulers.pt"), ("rng", rng_file(process_index))):
+        f = ckpt_dir / file
         try:  # weights_only=True: these files hold only tensors and plain containers, nothing executable
             loaded[name] = torch.load(f, weights_only=True)
         except Exception as e:  # noqa: BLE001 - torch raises many kinds for a damaged pickle/zip

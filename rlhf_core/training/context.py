@@ -6,6 +6,19 @@ output paths, the accelerator and precision, this process's share of the data or
 checkpoint policy (the fingerprint the caller computed, `save_every`, resume), main-process-only
 saving and logging, and the stop request. So a loop never builds a path, hashes a file or reads
 a global, and sharding the data by process changes the context, not the loop.
+
+Under `accelerate launch` (N processes, DDP averages the gradients over processes):
+- data order is shared, sampling is not: every process walks one seeded order of global batches
+  and takes its slice (`batches`), while the generators that sampling and dropout draw from are
+  seeded `seed + process_index` (`seed`);
+- a loss that is normalised by a count (tokens, pair weights) divides by the mean over processes
+  of that count (`mean_over_processes`), so that DDP's average of the per-process gradients is the
+  gradient of one process on the whole global batch;
+- logged metrics are means (counts: sums) over processes, held-out sets are split between the
+  processes and their sums added up (`eval_rows`, `sum_over_processes`);
+- the stop decision is taken together (a request on any process stops all after the same step),
+  only the main process writes, and a checkpoint records how many processes wrote it: resuming
+  it with another number is an error naming both.
 """
 from __future__ import annotations
 
@@ -19,10 +32,15 @@ import torch
 from rlhf_core.config import TrainConfig
 from rlhf_core.data.batching import index_batches
 from rlhf_core.errors import RLHFError
-from rlhf_core.training.checkpoint import load_checkpoint, save_checkpoint
+from rlhf_core.training.checkpoint import load_checkpoint, rng_state, save_checkpoint
 from rlhf_core.training.modeling import enable_gradient_checkpointing
 from rlhf_core.training.modeling import save_model as save_pretrained
-from rlhf_core.training.optim import make_accelerator, make_optimizer, make_scheduler
+from rlhf_core.training.optim import (
+    make_accelerator,
+    make_optimizer,
+    make_scheduler,
+    seed_everything,
+)
 from rlhf_core.training.stop import Stopped, StopRequest
 
 LogFn = Callable[[dict, int], None]
@@ -145,6 +163,48 @@ class RunContext:
         for rows in index_batches(n, batch_size * self.num_processes, seed, start):
             yield rows[lo:lo + batch_size]
 
+    def seed(self, seed: int) -> None:
+        """Seed the generators that sampling and dropout draw from with `seed + process_index`:
+        processes sample differently, and process 0 draws what a single process would. (What must
+        agree, the data order, has its own generator in `batches`; models that DDP wraps start
+        from process 0's weights.)"""
+        seed_everything(seed + self.process_index)
+
+    def eval_rows(self, n: int) -> list[int]:
+        """This process's contiguous share of `n` held-out rows (all of them with one process);
+        a share may be empty when n < num_processes."""
+        per = -(-n // self.num_processes)
+        return list(range(min(n, self.process_index * per), min(n, (self.process_index + 1) * per)))
+
+    # --- values across processes ------------------------------------------------------------
+
+    def _reduce(self, values: dict, op: str) -> dict[str, float]:
+        if self.num_processes == 1:
+            return {k: float(v) for k, v in values.items()}
+        keys = sorted(values)  # the same order on every process
+        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self.device)
+        return dict(zip(keys, self.accelerator.reduce(t, op).tolist()))
+
+    def sum_over_processes(self, values: dict) -> dict[str, float]:
+        """Each value summed over the processes (every process must call this with the same keys)."""
+        return self._reduce(values, "sum")
+
+    def mean_over_processes(self, values: dict) -> dict[str, float]:
+        """Each value averaged over the processes (every process must call this with the same keys)."""
+        return self._reduce(values, "mean")
+
+    def gather(self, items: list) -> list:
+        """Every process's `items`, concatenated in process order (picklable objects)."""
+        if self.num_processes == 1:
+            return list(items)
+        from accelerate.utils import gather_object
+
+        return gather_object(items)
+
+    def total(self, x: torch.Tensor) -> torch.Tensor:
+        """A tensor summed over the processes (for statistics of a global batch, e.g. whitening)."""
+        return x if self.num_processes == 1 else self.accelerator.reduce(x, "sum")
+
     # --- the trainable model and its checkpoint --------------------------------------------
 
     def prepare(self, model, cfg: TrainConfig) -> Prepared:
@@ -162,20 +222,31 @@ class RunContext:
         return Prepared(model, opt, sched, params, state, resumed[0] if resumed else 0)
 
     def resume(self, state: dict) -> tuple[int, dict] | None:
-        """Restore `state` from the checkpoint if its fingerprint is ours: (step, extra), or None."""
-        return load_checkpoint(self.ckpt_dir, self.fingerprint, **state)
+        """Restore `state` from the checkpoint if its fingerprint is ours: (step, extra), or None.
+        A checkpoint written by another number of processes raises a CheckpointError naming both."""
+        return load_checkpoint(self.ckpt_dir, self.fingerprint, **state, num_processes=self.num_processes,
+                               process_index=self.process_index)
+
+    def stop_signal(self) -> int | None:
+        """The signal of a stop requested on any process (the highest), so that all stop together."""
+        if self.num_processes == 1:
+            return self.stop.signum
+        mine = torch.tensor([self.stop.signum or 0], device=self.device)
+        signum = int(self.accelerator.gather(mine).max())
+        return signum or None
 
     def end_of_step(self, done: int, total: int, state: dict, extra: dict | None = None) -> None:
         """Checkpoint every `save_every` steps, and at once when a stop was requested (then raise Stopped)."""
-        stop = self.stop.requested and done < total
-        if stop or (self.save_every and done % self.save_every == 0 and done < total):
+        signum = self.stop_signal() if done < total else None
+        if signum is not None or (self.save_every and done % self.save_every == 0 and done < total):
+            rngs = self.gather([rng_state()])  # every process's generators, in process order
             if self.is_main_process:
-                save_checkpoint(self.ckpt_dir, self.fingerprint, done, **state, extra=extra)
+                save_checkpoint(self.ckpt_dir, self.fingerprint, done, **state, extra=extra, rng_states=rngs)
             self.accelerator.wait_for_everyone()
-        if stop:
-            name = signal.Signals(self.stop.signum).name
+        if signum is not None:
+            name = signal.Signals(signum).name
             raise Stopped(f"{self.stage}: stopped by {name} after step {done}; its checkpoint is in {self.ckpt_dir}; "
-                          "run the same command again to resume from it", self.stop.signum)
+                          "run the same command again to resume from it", signum)
 
     def save_model(self, model, tokenizer, merge_lora: bool = False) -> None:
         """The trained model to `out_dir`, written by the main process only."""
@@ -190,5 +261,8 @@ class RunContext:
             self.log_fn(metrics, step)
 
     def log_timing(self, timing: dict, step: int) -> None:
+        """Rates (tokens/s) summed over the processes: the throughput of the whole run. Every
+        process calls this at the same steps."""
+        timing = self.sum_over_processes(timing)
         if self.is_main_process:
             self.timing_fn(timing, step)

@@ -229,14 +229,29 @@ def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor)
                  position_ids=position_ids(attention_mask), use_cache=False).logits
 
 
+def score_head(model):
+    """The `score` head of a sequence classifier, through any DDP/FSDP wrapper and LoRA."""
+    from accelerate.utils import extract_model_from_parallel
+
+    inner = extract_model_from_parallel(model)
+    return (inner.get_base_model() if is_peft(inner) else inner).score
+
+
 def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Per-token outputs (B, T) of a one-label sequence classifier: values for the critic; the
-    reward is the output at the last non-pad token."""
-    base = model.get_base_model() if is_peft(model) else model
-    backbone = getattr(base, base.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                      position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
-    return base.score(hidden).squeeze(-1).float()
+    reward is the output at the last non-pad token.
+
+    The model's own forward runs (it pools one score per row, which is not used) and the score
+    head's per-token output is read as it passes: calling the backbone and head directly would
+    skip a DDP wrapper's forward, and DDP then silently leaves the gradients unsynchronised."""
+    seen = []
+    hook = score_head(model).register_forward_hook(lambda module, args, out: seen.append(out))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+              use_cache=False)
+    finally:
+        hook.remove()
+    return seen[-1].squeeze(-1).float()
 
 
 def portable_base(base: str, out_dir: str | Path) -> str:

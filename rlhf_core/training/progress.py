@@ -24,10 +24,11 @@ class Throughput:
         return {"wall_seconds": self.seconds, "tokens_per_second": self.add(0)}
 
 
-def progress(stage: str, total: int, start: int):
+def progress(stage: str, total: int, start: int, disable: bool = False):
+    """A progress bar (`disable`: none, as on every process but the main one)."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=start, desc=stage, mininterval=2.0, dynamic_ncols=True)
+    return tqdm(total=total, initial=start, desc=stage, mininterval=2.0, dynamic_ncols=True, disable=disable)
 
 
 def scalars(metrics: dict) -> dict[str, float]:

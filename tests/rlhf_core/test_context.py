@@ -41,6 +41,22 @@ class Process(SimpleNamespace):
     def unwrap_model(self, model):
         return model
 
+    def gather(self, t):
+        """Every simulated process holds what this one holds."""
+        return torch.cat([t] * self.num_processes)
+
+    def reduce(self, t, op):
+        return t * self.num_processes if op == "sum" else t
+
+
+@pytest.fixture(autouse=True)
+def _gather_objects_of_two_simulated_processes(monkeypatch):
+    """accelerate's gather_object needs a real process group; here (at most 2 simulated
+    processes) both hold what this one holds."""
+    import accelerate.utils
+
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda items: list(items) * 2)
+
 
 def _ctx(tmp_path, process_index: int = 0, num_processes: int = 1, **kwargs) -> RunContext:
     return RunContext("sft", {}, tmp_path / "out", tmp_path / "ckpt", "fp", Process(process_index, num_processes),
@@ -208,3 +224,39 @@ def test_the_accelerator_and_dtype_come_from_the_stage_config(tmp_path, precisio
     assert (ctx.num_processes, ctx.process_index, ctx.is_main_process) == (1, 0, True)
     with ctx.autocast():
         assert torch.is_autocast_enabled("cpu") is (precision == "bf16")
+
+
+# --- several processes: shares, values, seeds, stopping together ---------------------------------
+
+def test_held_out_rows_are_split_into_contiguous_shares_that_cover_each_row_once(tmp_path):
+    """7 rows on 2 processes: 4 + 3; 1 row: the second share is empty; 1 process: all rows."""
+    assert [_ctx(tmp_path, r, 2).eval_rows(7) for r in (0, 1)] == [[0, 1, 2, 3], [4, 5, 6]]
+    assert [_ctx(tmp_path, r, 2).eval_rows(1) for r in (0, 1)] == [[0], []]
+    assert _ctx(tmp_path).eval_rows(3) == [0, 1, 2]
+
+
+def test_values_over_processes_and_the_per_process_seed(tmp_path):
+    two = _ctx(tmp_path, 1, 2)  # the stand-in: both processes hold the same values
+    assert two.sum_over_processes({"b": 2, "a": 1.5}) == {"a": 3.0, "b": 4.0}
+    assert two.mean_over_processes({"a": 1.5}) == {"a": 1.5}
+    assert torch.equal(two.total(torch.tensor(3.0)), torch.tensor(6.0))
+    one = _ctx(tmp_path)
+    assert one.sum_over_processes({"a": torch.tensor(2.5)}) == {"a": 2.5}
+    one.seed(7)
+    a = torch.rand(2)
+    two.seed(6)  # process 1 of seed 6 draws what seed 7 draws on process 0
+    assert torch.equal(torch.rand(2), a)
+
+
+def test_the_stop_decision_goes_through_a_gather_and_a_non_main_process_writes_nothing(tmp_path):
+    """The signal is agreed through the accelerator's gather (here a stand-in holding the same on
+    both processes); that a request on the main process alone stops the other one is shown by
+    the real two-process run in test_distributed.py."""
+    stop = StopRequest()
+    ctx = _ctx(tmp_path, 1, 2, stop=stop)
+    assert ctx.stop_signal() is None
+    stop.set(signal.SIGTERM)
+    assert ctx.stop_signal() == signal.SIGTERM
+    with pytest.raises(Stopped, match="after step 1"):
+        ctx.end_of_step(1, 3, _state())
+    assert not ctx.ckpt_dir.exists() and ctx.accelerator.barriers == 1  # only the main process writes
