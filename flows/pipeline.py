@@ -1,10 +1,13 @@
 """The end-to-end Prefect flow. Each stage is a Prefect task that runs `dvc repro` on that stage,
 so DVC alone decides what is stale, `dvc.lock` is current after every flow run, and unchanged
-stages are skipped. The stages come from tasks/layout.py, the same list `dvc.yaml` is made from."""
+stages are skipped (the flow compares each stage's dvc.lock entry and run record before and after,
+so it reports ran or skipped without reading DVC's log). The
+stages come from tasks/layout.py, the same list `dvc.yaml` is made from."""
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import sys
 import time
@@ -27,11 +30,15 @@ class StageFailed(RuntimeError):
     pass
 
 
+PROGRESS = re.compile(r"^\s*[\w./-]+:\s+\d{1,3}%\|")
+"""A progress-bar line (`<desc>:  50%|...`), whatever the stage calls its bar."""
+
+
 def dvc_env(parent_run_id: str | None, root: Path) -> dict:
+    """The stage's environment. No PATH change is needed: `scripts/stage.sh` finds the Python that
+    runs DVC. The stages import this project's code, not the checkout the venv was installed from:
+    on a worker, the project is the deployment's fresh clone."""
     env = tracking.child_env(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `rlhf` of this venv
-    # the stages import this project's code, not the checkout the venv was installed from: on a
-    # worker, the project is the deployment's fresh clone
     env["PYTHONPATH"] = os.pathsep.join([str(root)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     if parent_run_id:
         env[tracking.PARENT_ENV] = parent_run_id
@@ -40,11 +47,26 @@ def dvc_env(parent_run_id: str | None, root: Path) -> dict:
     return env
 
 
+def stage_state(root: Path, stage: str) -> tuple:
+    """What a run of `stage` changes: its dvc.lock entry (DVC rewrites it when the stage runs) and
+    its run record (the stage writes a fresh MLflow run id into it on every run, also when the
+    outputs come out identical). Compared before and after `dvc repro`: equal means DVC skipped it."""
+    record = root / layout.run_record(stage)
+    return layout.read_lock(root).get(stage), record.read_bytes() if record.exists() else None
+
+
+def _train_seconds(run: dict) -> float:
+    """The training time a stage's run record holds (0 for a stage that does not train)."""
+    seconds = run.get("wall_seconds", (run.get("timing") or {}).get("wall_seconds", 0.0))
+    return round(float(seconds or 0.0), 2)
+
+
 @task(task_run_name="{stage}", retries=0)
-def run_stage(stage: str, project_dir: str, parent_run_id: str | None, force: bool = False) -> dict:
+def repro_stage(stage: str, project_dir: str, parent_run_id: str | None, force: bool = False) -> dict:
     """`dvc repro --single-item STAGE`; never retried (training is not I/O)."""
     logger = get_run_logger()
     root = Path(project_dir)
+    before = stage_state(root, stage)
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=root, env=dvc_env(parent_run_id, root), stdout=subprocess.PIPE,
@@ -53,7 +75,7 @@ def run_stage(stage: str, project_dir: str, parent_run_id: str | None, force: bo
     try:
         for line in proc.stdout:
             lines.append(line.rstrip("\n"))
-            if not line.lstrip().startswith(("pt:", "sft:", "rm:", "dpo:", "ppo:")) or "100%" in line:
+            if not PROGRESS.match(line) or "100%" in line:
                 print(line, end="", flush=True)  # training progress bars are printed at their end only
         proc.wait()
     except BaseException:  # Prefect raises SIGTERM (cancellation, a stopping worker) here as TerminationSignal
@@ -63,14 +85,11 @@ def run_stage(stage: str, project_dir: str, parent_run_id: str | None, force: bo
     if proc.returncode != 0:
         tail = "\n".join(lines[-30:])
         raise StageFailed(f"stage '{stage}' failed (exit {proc.returncode}):\n{tail}")
-    ran = any(f"Running stage '{stage}'" in ln for ln in lines)
-    metrics_path = root / (layout.EVAL_METRICS if stage == "evaluate" else layout.metrics_file(stage))
-    metrics = yaml.safe_load(metrics_path.read_text()) if metrics_path.exists() else {}
     run_path = root / layout.run_record(stage)
     run = yaml.safe_load(run_path.read_text()) if run_path.exists() else {}
-    record = {"stage": stage, "status": "ran" if ran else "skipped",
+    record = {"stage": stage, "status": "ran" if stage_state(root, stage) != before else "skipped",
               "version": stage_version(layout.read_lock(root).get(stage, {})), "seconds": round(seconds, 2),
-              "train_seconds": round(metrics.get("wall_seconds", 0.0), 2), "mlflow_run": run.get("mlflow_run_id", "")}
+              "train_seconds": _train_seconds(run), "mlflow_run": run.get("mlflow_run_id", "")}
     logger.info("stage %s %s in %.1fs (version %s)", stage, record["status"], seconds, record["version"])
     return record
 
@@ -119,12 +138,12 @@ def _is_stage(p) -> bool:
 def _key_metric(root: Path, stage: str) -> str:
     import json
 
-    f = root / (layout.EVAL_METRICS if stage == "evaluate" else layout.metrics_file(stage))
+    f = root / layout.SPECS[stage].metrics
     if not f.exists():
         return ""
     m = json.loads(f.read_text())
-    if stage == "evaluate":
-        return " ".join(f"{k}={m[k]['judge_score']:.3f}" for k in ("sft", "dpo", "ppo") if k in m)
+    if stage == layout.EVALUATE:
+        return " ".join(f"{k}={m[k]['judge_score']:.3f}" for k in layout.POLICIES if k in m)
     picks = ("eval/loss", "eval/accuracy", "eval/rewards/accuracies", "objective/scores")
     return " ".join(f"{k}={m['metrics'][k]:.3f}" for k in picks if k in m.get("metrics", {}))
 
@@ -151,14 +170,15 @@ def pipeline(project_dir: str = ".", stages: list[str] | None = None, force: boo
     root = Path(project_dir).resolve()
     p = load_params(root / "params.yaml")  # a bad params.yaml fails here, before any stage
     names = [s for s in layout.STAGE_NAMES if stages is None or s in stages]
-    if "generate" in names and not p.data.uses_demo():  # every input is the user's own: no demo set to write
-        names.remove("generate")
+    demo = layout.producer(layout.DEMO_DIR)
+    if demo in names and not p.data.uses_demo():  # every input is the user's own: no demo set to write
+        names.remove(demo)
     exp_id = tracking.setup(root, p.tracking.experiment)
     parent_id = parent_run.create(root, exp_id, p, "prefect", _flow_run_tags(), flow_run.get_name())
     records, status = [], "FAILED"
     try:
         for name in names:
-            tagged = run_stage.with_options(tags=p.resources.stage_tags(name))  # e.g. `gpu`, for tag concurrency limits
+            tagged = repro_stage.with_options(tags=p.resources.stage_tags(name))  # e.g. `gpu`, for tag concurrency limits
             records.append(tagged(name, str(root), parent_id, force))
         status = "FINISHED"
     finally:
@@ -174,8 +194,8 @@ def pipeline(project_dir: str = ".", stages: list[str] | None = None, force: boo
                 mlflow.MlflowClient().set_terminated(parent_id, status=status)
         table = [{**r, "key_metrics": _key_metric(root, r["stage"])} for r in records]
         create_table_artifact(table=table, key="rlhf-stages", description="Stage versions, status and key metrics")
-        report = root / "plots" / "eval" / "report.md"
-        if report.exists() and any(r["stage"] == "evaluate" for r in records):
+        report = root / layout.EVAL_REPORT
+        if report.exists() and any(r["stage"] == layout.EVALUATE for r in records):
             create_markdown_artifact(markdown=report.read_text(), key="rlhf-evaluation",
                                      description="Held-out evaluation of SFT, DPO and PPO")
     return records

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tasks import layout
+
 HIGHER_IS_BETTER = ("judge_score", "win_rate_vs_sft", "accuracy")
 LOWER_IS_BETTER = ("_loss",)
 """Metric-name endings with a known better direction; others (KL, length, seconds) are not marked."""
-ALIGNED = ("dpo", "ppo")
+ALIGNED = layout.ALIGNED
 """The policies whose judge score picks the winner."""
 
 

@@ -1,11 +1,19 @@
-"""The pipeline's DAG and file layout, in one place.
+"""The stage contract: every fact about a stage, in one list (`STAGES`).
 
-`dvc.yaml` is rendered from `STAGES` (`rlhf dvc-yaml`), the Prefect flow walks the same list, and
-a test checks that the committed `dvc.yaml` is what `STAGES` renders. So the two cannot drift.
+Each `StageSpec` names the stage, the params groups it reads, its typed inputs, its outputs, its
+metrics file and plots, the split it trains on, the model it starts from and the function that
+runs it. From this list alone:
+
+- `dvc.yaml` is rendered (`rlhf dvc-yaml`; a test compares the committed file), with each stage's
+  code deps computed from the project modules its entry function really imports (`tasks.code_deps`);
+- `rlhf stage NAME` dispatches to `StageSpec.entry`, and the Prefect flow walks `STAGE_NAMES`;
+- metrics, plots, init and upstream paths are read (`StageSpec.metrics`, `.history`, `init_dir`...).
+
+No other module spells a stage name, an output path or a list of models (a test greps for them).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -16,25 +24,42 @@ TOKENIZED = "data/tokenized"
 TOKENIZER = "models/tokenizer"
 DEMO_DIR = "data/demo"
 VALIDATION_REPORT = "reports/validation.json"
+VALIDATION_FAILED = "reports/validation_failed.json"
+"""The full report of a failed validation (git-ignored, not a DVC output)."""
 REJECTED_DIR = "reports/rejected"
 """Records the validate stage set aside, one `<file>.jsonl` per input (git-ignored, not a DVC output)."""
-EVAL_METRICS = "metrics/eval.json"
+EVAL_DIR = "plots/eval"
+EVAL_CHART = f"{EVAL_DIR}/comparison.png"
+EVAL_REPORT = f"{EVAL_DIR}/report.md"
+LAUNCHER = "scripts/stage.sh"
+"""What dvc.yaml runs: `rlhf stage NAME` under the Python that runs DVC (see the script)."""
+CODE_ROOTS = ("rlhf_core", "tasks", "flows")
+"""Top-level packages whose modules count as a stage's code deps."""
+STAGE_COMMAND = "flows.cli:cmd_stage"
+STAGE_RUNNER = "run_stage"
+"""`rlhf stage NAME` runs `STAGE_COMMAND`, which calls tasks.stages.`STAGE_RUNNER`, which calls the
+stage's own entry: the imports of all three are the stage's code deps."""
+
+POLICY = "sft"
+"""The policy every aligned model is compared with."""
+ALIGNED = ("dpo", "ppo")
+"""The aligned policies; the best of them is the promotion candidate."""
+POLICIES = (POLICY, *ALIGNED)
+"""The policies evaluate compares, in the order of its table."""
+REWARD = "rm"
+JUDGE = "judge"
+
+DATA_FILES = {"pt": "${data.pt}", "sft": "${data.sft}", "preference": "${data.preference}",
+              "prompts": "${data.prompts}"}
 
 
 def model_dir(stage: str) -> str:
     return f"models/{stage}"
 
 
-def metrics_file(stage: str) -> str:
-    return f"metrics/{stage}.json"
-
-
-def history_file(stage: str) -> str:
-    return f"plots/{stage}.csv"
-
-
 def run_record(stage: str) -> str:
-    """The last run of a stage: its MLflow run id and seconds (git-ignored, not a DVC output)."""
+    """The last run of a stage: its MLflow run, seconds, throughput and lineage (git-ignored, not
+    a DVC output, so nothing run-specific reaches an output DVC hashes)."""
     return f"reports/runs/{stage}.json"
 
 
@@ -42,68 +67,108 @@ def checkpoint_dir(stage: str) -> str:
     return f"checkpoints/{stage}"
 
 
-DATA_FILES = ("${data.pt}", "${data.sft}", "${data.preference}", "${data.prompts}")
-CORE = "rlhf_core"
-
-
 @dataclass(frozen=True)
 class StageSpec:
     name: str
-    deps: tuple[str, ...]
-    """Data and models the stage reads."""
-    code: tuple[str, ...]
-    """Code the stage runs (besides the shared task code)."""
+    entry: str
+    """The function in tasks/stages.py that runs the stage, called as `fn(root, params, stage, run)`."""
     params: tuple[str, ...]
-    """params.yaml groups the stage reads."""
-    outs: tuple[str, ...]
+    """params.yaml groups the stage reads (each a config class in tasks/params.py)."""
+    inputs: dict[str, str] = field(default_factory=dict)
+    """Role -> path of every data file and model the stage reads (`tokenized`, `tokenizer`, `init`,
+    `reward_model`, `eval_prompts`...); `${...}` paths are resolved by DVC from params.yaml."""
+    outs: tuple[str, ...] = ()
     """Outputs cached by DVC."""
     plot_y: tuple[str, ...] = ()
-    """Columns of the per-step history drawn by `dvc plots show`."""
+    """Columns of the per-step history drawn by `dvc plots show` (a training stage has some)."""
+    train_split: str | None = None
+    """The tokenized split a training stage reads (`data/tokenized/<split>`)."""
+    init: str | None = None
+    """The stage whose model this stage starts from."""
+    metrics_name: str | None = None
+    """The metrics file's stem when it is not the stage's name."""
+    eval_y: tuple[str, ...] = ()
+    """Columns of an aligned policy's history drawn again beside the evaluation (`plots/eval`)."""
+
+    @property
+    def deps(self) -> tuple[str, ...]:
+        """Data and models the stage reads (DVC deps besides code)."""
+        return tuple(self.inputs.values())
 
     @property
     def trains(self) -> bool:
-        return self.outs == (model_dir(self.name),)
+        return self.train_split is not None
+
+    @property
+    def model(self) -> str:
+        return model_dir(self.name)
+
+    @property
+    def metrics(self) -> str:
+        return f"metrics/{self.metrics_name or self.name}.json"
+
+    @property
+    def history(self) -> str | None:
+        """The per-step training history (CSV), or None for a stage that does not train."""
+        return f"plots/{self.name}.csv" if self.plot_y else None
+
+    @property
+    def chart(self) -> str | None:
+        """The training curves (PNG) drawn from the history."""
+        return f"plots/{self.name}.png" if self.plot_y else None
 
 
-def _core(*modules: str) -> tuple[str, ...]:
-    return tuple(f"{CORE}/{m}.py" for m in modules)
+def _trained(name: str, split: str, init: str | None, plot_y: tuple[str, ...], eval_y: tuple[str, ...] = (),
+             **inputs: str) -> StageSpec:
+    start = {"init": model_dir(init)} if init else {"tokenizer": TOKENIZER}
+    return StageSpec(name, "train_stage", ("model", name), {"tokenized": TOKENIZED, **start, **inputs},
+                     (model_dir(name),), plot_y, split, init, eval_y=eval_y)
 
 
-TRAIN_CODE = _core("config", "training/context", "training/stop", "training/progress", "training/frozen", "training/optim", "training/checkpoint", "data/batching", "training/modeling", "ops/losses", "ops/logprobs", "data/splits")
+LM_CURVES = ("train/loss", "eval/loss")
+RM_CURVES = ("train/loss", "train/accuracy", "eval/accuracy")
 
 STAGES: tuple[StageSpec, ...] = (
-    StageSpec("generate", (), _core("demo/data", "demo/oracle"), ("demo",), (DEMO_DIR,)),
-    StageSpec("validate", DATA_FILES + ("${data.eval_prompts}",), ("tasks/validation.py", f"{CORE}/data/formats.py", f"{CORE}/data/sources.py"),
-              ("data", "validate", "model"), (VALIDATION_REPORT,)),
-    StageSpec("tokenize", DATA_FILES + (VALIDATION_REPORT,), _core("data/formats", "data/sources", "data/encoding", "data/tokenizer"),
-              ("data", "model", "tokenize"), (TOKENIZED, TOKENIZER)),
-    StageSpec("pt", (TOKENIZED, TOKENIZER), TRAIN_CODE + _core("stages/lm"), ("model", "pt"), (model_dir("pt"),),
-              ("train/loss", "eval/loss")),
-    StageSpec("sft", (TOKENIZED, model_dir("pt")), TRAIN_CODE + _core("stages/lm"), ("model", "sft"), (model_dir("sft"),),
-              ("train/loss", "eval/loss")),
-    StageSpec("rm", (TOKENIZED, model_dir("sft")), TRAIN_CODE + _core("stages/rm"), ("model", "rm"), (model_dir("rm"),),
-              ("train/loss", "train/accuracy", "eval/accuracy")),
+    StageSpec("generate", "generate", ("demo",), {}, (DEMO_DIR,)),
+    StageSpec("validate", "validate", ("data", "validate", "model"),
+              {**DATA_FILES, "eval_prompts": "${data.eval_prompts}"}, (VALIDATION_REPORT,)),
+    StageSpec("tokenize", "tokenize", ("data", "model", "tokenize"), {**DATA_FILES, "validation": VALIDATION_REPORT},
+              (TOKENIZED, TOKENIZER)),
+    _trained("pt", "pt", None, LM_CURVES),
+    _trained("sft", "sft", "pt", LM_CURVES),
+    _trained(REWARD, "preference", POLICY, RM_CURVES),
     # the held-out judge RM: trains on preference/judge (tokenize.judge_fraction > 0), else records
     # that there is none; evaluate scores with it under evaluate.judge: heldout_rm
-    StageSpec("judge", (TOKENIZED, model_dir("sft")), TRAIN_CODE + _core("stages/rm"), ("model", "judge"), (model_dir("judge"),),
-              ("train/loss", "train/accuracy", "eval/accuracy")),
-    StageSpec("dpo", (TOKENIZED, model_dir("sft")), TRAIN_CODE + _core("stages/dpo"), ("model", "dpo"), (model_dir("dpo"),),
-              ("train/loss", "train/rewards/margins", "train/rewards/accuracies")),
-    StageSpec("ppo", (TOKENIZED, model_dir("sft"), model_dir("rm")), TRAIN_CODE + _core("stages/ppo", "ops/gae", "ops/kl", "stages/generation"),
-              ("model", "ppo"), (model_dir("ppo"),), ("objective/scores", "objective/kl", "objective/rlhf_reward")),
-    StageSpec("evaluate", (TOKENIZED, "${data.eval_prompts}", model_dir("sft"), model_dir("rm"), model_dir("judge"),
-                           model_dir("dpo"), model_dir("ppo")), _core("evaluation/evaluate", "demo/oracle", "stages/generation"),
-              ("data", "model", "tokenize", "evaluate", "tracking"), ("plots/eval",)),
+    _trained(JUDGE, "preference", POLICY, RM_CURVES),
+    _trained("dpo", "preference", POLICY, ("train/loss", "train/rewards/margins", "train/rewards/accuracies"),
+             ("train/rewards/margins", "train/rewards/accuracies")),
+    _trained("ppo", "prompts", POLICY, ("objective/scores", "objective/kl", "objective/rlhf_reward"),
+             ("objective/scores", "objective/kl"), reward_model=model_dir(REWARD)),
+    StageSpec("evaluate", "evaluate", ("data", "model", "tokenize", "evaluate", "tracking"),
+              {"tokenized": TOKENIZED, "eval_prompts": "${data.eval_prompts}",
+               **{m: model_dir(m) for m in (POLICY, REWARD, JUDGE, *ALIGNED)}},
+              (EVAL_DIR,), metrics_name="eval"),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 SPECS = {s.name: s for s in STAGES}
 TRAINED = tuple(s.name for s in STAGES if s.trains)
+EVALUATE = STAGES[-1].name
+"""The last stage: it reads every model and writes the evaluation."""
+EVAL_METRICS = SPECS[EVALUATE].metrics
+MODEL_STAGES = (*TRAINED, EVALUATE)
+"""Stages that load models (the default of `resources.gpu`)."""
+JUDGE_SPLIT = f"{SPECS[JUDGE].train_split}/{JUDGE}"
+"""The split the judge RM trains on (written by tokenize when tokenize.judge_fraction > 0)."""
+
+
+def producer(path: str) -> str | None:
+    """The stage whose output `path` is."""
+    return next((s.name for s in STAGES if path in s.outs), None)
 
 
 def upstream(stage: str) -> list[str]:
     """Stages whose outputs `stage` reads directly."""
-    produced = {o: s.name for s in STAGES for o in s.outs}
-    return [produced[d] for d in SPECS[stage].deps if d in produced]
+    return [producer(d) for d in SPECS[stage].deps if producer(d)]
 
 
 def read_lock(root: str | Path) -> dict[str, dict]:
@@ -123,32 +188,45 @@ def read_lock(root: str | Path) -> dict[str, dict]:
     return data.get("stages") or {}
 
 
+def stage_command(stage: str) -> str:
+    return f"sh {LAUNCHER} {stage}"
+
+
+def code_deps(spec: StageSpec, root: str | Path | None = None) -> list[str]:
+    """The project modules the stage's code imports (relative paths), computed from the source."""
+    from tasks.code_deps import imported_files
+
+    root = Path(root) if root else Path(__file__).resolve().parents[1]
+    entries = [STAGE_COMMAND, f"tasks.stages:{STAGE_RUNNER}", f"tasks.stages:{spec.entry}"]
+    return imported_files(root, entries, CODE_ROOTS) + [LAUNCHER]
+
+
 def _uncached() -> dict:  # a fresh dict each time, or yaml writes anchors (&id001) into dvc.yaml
     return {"cache": False, "persist": True}
 
 
-def render_dvc_yaml() -> str:
+def render_dvc_yaml(root: str | Path | None = None) -> str:
     stages = {}
     for s in STAGES:
         entry = {
-            "cmd": f"rlhf stage {s.name}",
-            "deps": [*s.deps, *s.code, "tasks/stages.py"],
+            "cmd": stage_command(s.name),
+            "deps": [*s.deps, *code_deps(s, root)],
             "params": list(s.params),
             # persist: DVC would otherwise delete these before the command runs, so a failing run
             # would destroy the last good outputs; the stages replace them atomically themselves
             "outs": [{o: {"persist": True}} for o in s.outs],
-            "metrics": [{metrics_file(s.name) if s.name != "evaluate" else EVAL_METRICS: _uncached()}],
+            "metrics": [{s.metrics: _uncached()}],
         }
-        if s.plot_y:
-            entry["plots"] = [{f: _uncached()} for f in (history_file(s.name), f"plots/{s.name}.png")]
+        if s.history:
+            entry["plots"] = [{f: _uncached()} for f in (s.history, s.chart)]
         stages[s.name] = entry
-    plots = [{history_file(s.name): {"x": "step", "y": list(s.plot_y)}} for s in STAGES if s.plot_y]
-    plots.append({"plots/eval/comparison.png": None})
+    plots = [{s.history: {"x": "step", "y": list(s.plot_y)}} for s in STAGES if s.history]
+    plots.append({EVAL_CHART: None})
     header = "# Generated from tasks/layout.py by `rlhf dvc-yaml`; edit STAGES there, not here.\n"
     return header + yaml.safe_dump({"stages": stages, "plots": plots}, sort_keys=False, width=120)
 
 
 def write_dvc_yaml(root: str | Path = ".") -> Path:
     path = Path(root) / "dvc.yaml"
-    path.write_text(render_dvc_yaml())
+    path.write_text(render_dvc_yaml(root))
     return path

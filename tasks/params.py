@@ -22,7 +22,7 @@ from rlhf_core.config import (
 from rlhf_core.data.formats import FIELDS
 from rlhf_core.demo.data import DemoDataConfig
 from rlhf_core.errors import ConfigError
-from tasks.layout import DEMO_DIR, STAGE_NAMES
+from tasks.layout import DEMO_DIR, MODEL_STAGES, STAGE_NAMES
 from tasks.validation import ValidationLimits
 
 INPUTS = {"pt": "pt", "sft": "sft", "preference": "preference", "prompts": "prompts", "eval_prompts": "prompts"}
@@ -31,15 +31,15 @@ INPUTS = {"pt": "pt", "sft": "sft", "preference": "preference", "prompts": "prom
 
 @dataclass(frozen=True)
 class DataConfig:
-    pt: str = "data/demo/pt.txt"
+    pt: str = f"{DEMO_DIR}/pt.txt"
     """PT corpus: `.txt` or JSONL `{"text"}`."""
-    sft: str = "data/demo/sft.jsonl"
+    sft: str = f"{DEMO_DIR}/sft.jsonl"
     """SFT conversations (ShareGPT or messages)."""
-    preference: str = "data/demo/preferences.jsonl"
+    preference: str = f"{DEMO_DIR}/preferences.jsonl"
     """Preference pairs or rankings."""
-    prompts: str = "data/demo/prompts.jsonl"
+    prompts: str = f"{DEMO_DIR}/prompts.jsonl"
     """PPO prompts."""
-    eval_prompts: str = "data/demo/eval_prompts.jsonl"
+    eval_prompts: str = f"{DEMO_DIR}/eval_prompts.jsonl"
     """Held-out prompts of the evaluate stage."""
     columns: dict = field(default_factory=dict)
     """Per input (`pt`, `sft`, `preference`, `prompts`, `eval_prompts`), the file's own key for
@@ -100,7 +100,7 @@ def _check_mlflow_names(experiment: str, prefix: str) -> None:
 class ResourcesConfig:
     """What each stage needs from the host, as Prefect task-run tags. No stage reads this group, so
     changing it re-runs nothing; it only labels the stages' task runs in the flow."""
-    gpu: tuple[str, ...] = ("pt", "sft", "rm", "judge", "dpo", "ppo", "evaluate")
+    gpu: tuple[str, ...] = MODEL_STAGES
     """Stages that need a GPU: their task runs carry the tag `gpu`. A concurrency limit on the tag
     (`prefect concurrency-limit create gpu 1`) lets one of them run at a time, across all flow runs."""
     tags: dict = field(default_factory=dict)

@@ -21,7 +21,7 @@ from pathlib import Path
 from tasks import layout, tracking
 
 EVAL_KEYS = ("judge_score", "win_rate_vs_sft", "kl_to_sft", "mean_length")
-EVAL_MODELS = ("sft", "dpo", "ppo")
+EVAL_MODELS = layout.POLICIES
 TRAIN_LOSS_KEYS = ("train/loss", "loss/policy_avg")
 """The final train loss of a stage: its `train/loss`, or PPO's mean policy loss."""
 EVAL_LOSS_KEY = "eval/loss"
@@ -86,10 +86,11 @@ def train_metrics(stage: str, result: dict) -> dict[str, float]:
 def stage_metrics(root: Path, stage: str) -> dict[str, float]:
     """The headline metrics a stage's last run left on disk (they are DVC outputs, so they belong
     to the outputs DVC considers current), plus the seconds that run took."""
-    if stage == "evaluate":
-        out = eval_metrics(_read_json(root / layout.EVAL_METRICS))
-    elif stage in layout.TRAINED:
-        out = train_metrics(stage, _read_json(root / layout.metrics_file(stage)))
+    spec = layout.SPECS[stage]
+    if stage == layout.EVALUATE:
+        out = eval_metrics(_read_json(root / spec.metrics))
+    elif spec.trains:
+        out = train_metrics(stage, _read_json(root / spec.metrics))
     else:
         out = {}
     seconds = _number(_read_json(root / layout.run_record(stage)).get("stage_seconds"))
@@ -119,10 +120,10 @@ def data_hashes(root: Path) -> dict[str, tuple[str, str]]:
     tokenized data (`tokenized`), as DVC recorded them in dvc.lock; {} before any run."""
     lock = layout.read_lock(root)
     out = {}
-    for entry in lock.get("validate", {}).get("deps", []):
+    for entry in lock.get(layout.producer(layout.VALIDATION_REPORT), {}).get("deps", []):
         if entry.get("md5") and not entry["path"].endswith(".py"):
             out[Path(entry["path"]).name] = (entry["path"], entry["md5"])
-    for entry in lock.get("tokenize", {}).get("outs", []):
+    for entry in lock.get(layout.producer(layout.TOKENIZED), {}).get("outs", []):
         if entry.get("md5") and entry["path"] == layout.TOKENIZED:
             out["tokenized"] = (entry["path"], entry["md5"])
     return out
@@ -224,7 +225,7 @@ def finish(root: Path, parent_id: str, statuses: dict[str, str], status: str = "
     tags["rlhf.stages.skipped"] = ",".join(s for s, v in statuses.items() if v == "skipped") or "none"
     reused = [s for s, v in statuses.items() if v == "skipped" and f"rlhf.reused.{s}" in tags]
     tags["rlhf.reused_stages"] = ",".join(reused) or "none"
-    judge = _read_json(root / layout.EVAL_METRICS).get("judge") if "evaluate" in statuses else None
+    judge = _read_json(root / layout.EVAL_METRICS).get("judge") if layout.EVALUATE in statuses else None
     if isinstance(judge, str):
         tags["rlhf.judge"] = judge  # who gave the eval/<model>/judge_score numbers
     hashes = data_hashes(root)
@@ -235,7 +236,7 @@ def finish(root: Path, parent_id: str, statuses: dict[str, str], status: str = "
             tracking.retry(mlflow.log_metrics, metrics)
         for name, (path, md5) in hashes.items():
             _log_input(root / path, name, md5)
-        if "evaluate" in statuses:
+        if layout.EVALUATE in statuses:
             _log_evaluation(root)
         mlflow.end_run(status=status)
     return metrics
@@ -259,7 +260,7 @@ def _log_evaluation(root: Path) -> None:
     rows = evaluation_rows(_read_json(root / layout.EVAL_METRICS))
     if rows:
         tracking.retry(mlflow.log_table, pd.DataFrame(rows), artifact_file="eval/evaluation_table.json")
-    chart = root / "plots" / "eval" / "comparison.png"
+    chart = root / layout.EVAL_CHART
     if chart.exists():
         from PIL import Image
 

@@ -1,5 +1,10 @@
 """The stages as `dvc.yaml` runs them (`rlhf stage NAME`): read params, call rlhf_core, write
-outputs and metrics, record everything in MLflow. Paths come from tasks/layout.py."""
+outputs and metrics, record everything in MLflow. Each stage's entry function, paths, inputs and
+params come from its `StageSpec` (tasks/layout.py).
+
+Outputs are pure: what a stage writes into a DVC output is a function of its inputs and params only.
+Run ids, registry versions, lineage, timings and throughput go to MLflow and to the stage's run
+record (`reports/runs/<stage>.json`, not a DVC output)."""
 from __future__ import annotations
 
 import hashlib
@@ -48,7 +53,7 @@ def _dvc_deps_hash(root: Path, stage: str) -> str:
 
 # --- data stages -----------------------------------------------------------------------------
 
-def generate(root: Path, p: Params) -> dict:
+def generate(root: Path, p: Params, stage: str | None = None, run=None) -> dict:
     from rlhf_core.demo import data as demo_data
 
     with atomic_dir(root / layout.DEMO_DIR) as tmp:
@@ -56,7 +61,7 @@ def generate(root: Path, p: Params) -> dict:
     return {"files": counts}
 
 
-def validate(root: Path, p: Params) -> dict:
+def validate(root: Path, p: Params, stage: str | None = None, run=None) -> dict:
     """Validate every input; set aside up to `validate.max_invalid_fraction` of a file's records
     (listed in `reports/rejected/<file>.jsonl` and skipped by tokenize), or fail before training."""
     from tasks.validation import model_special_tokens, rejected_records, validate_file
@@ -65,11 +70,13 @@ def validate(root: Path, p: Params) -> dict:
     inputs = p.data.inputs()
     reports = [validate_file(root / path, kind, p.validate, p.data.columns.get(name), tokens)
                for name, path, kind in inputs]
-    summary = {"files": [r.to_dict() for r in reports], "success": all(r.success for r in reports),
+    # the paths as params.yaml gives them (relative to the project), so the report is the same in any checkout
+    summary = {"files": [{**r.to_dict(), "path": path} for (_, path, _), r in zip(inputs, reports)],
+               "success": all(r.success for r in reports),
                "set_aside": {path: r.invalid_lines for (_, path, _), r in zip(inputs, reports)}}
     tracking.log_dict_artifact(summary, "validation.json")
     if not summary["success"]:
-        failed = root / "reports" / "validation_failed.json"
+        failed = root / layout.VALIDATION_FAILED
         _write_json(failed, summary)
         text = "\n".join(r.format() for r in reports if not r.success)
         raise ValidationFailed(f"data validation failed; no training was started and earlier outputs are "
@@ -109,7 +116,7 @@ def _set_aside(root: Path, p: Params) -> dict[str, set[int]]:
     return {name: set(lines.get(path, [])) for name, path, _ in p.data.inputs()}
 
 
-def tokenize(root: Path, p: Params) -> dict:
+def tokenize(root: Path, p: Params, stage: str | None = None, run=None) -> dict:
     from rlhf_core.data import formats
     from rlhf_core.data.encoding import tokenize_datasets
     from rlhf_core.data.tokenizer import load_tokenizer, train_tokenizer
@@ -143,9 +150,6 @@ def tokenize(root: Path, p: Params) -> dict:
 
 # --- training stages -------------------------------------------------------------------------
 
-TRAIN_DATA = {"pt": "pt", "sft": "sft", "rm": "preference", "judge": "preference", "dpo": "preference", "ppo": "prompts"}
-INIT = {"sft": "pt", "rm": "sft", "judge": "sft", "dpo": "sft", "ppo": "sft"}
-JUDGE_SPLIT = "preference/judge"
 NO_JUDGE = "no_judge.json"
 BASE_POINTER = "base.json"
 """Written to models/pt when PT is switched off: the base model every later stage starts from."""
@@ -154,9 +158,9 @@ BASE_POINTER = "base.json"
 def init_dir(root: Path, stage: str) -> Path | None:
     """The model `stage` starts from: its upstream stage's output, or the base model that a
     switched-off PT stage points at (a relative base path is relative to the project)."""
-    if stage not in INIT:
+    if layout.SPECS[stage].init is None:
         return None
-    path = root / layout.model_dir(INIT[stage])
+    path = root / layout.model_dir(layout.SPECS[stage].init)
     pointer = path / BASE_POINTER
     if pointer.exists():
         base = Path(json.loads(pointer.read_text())["base"]).expanduser()
@@ -269,16 +273,18 @@ def train(root: Path, p: Params, stage: str, run) -> dict:
 
 
 def _publish(root: Path, p: Params, stage: str, run, logger, result: dict) -> dict:
-    """After training: history, plots, lineage and the registered model."""
-    out = root / layout.model_dir(stage)
-    write_history_csv(logger.history, root / layout.history_file(stage))
-    png = plot_curves(logger.history, layout.SPECS[stage].plot_y, f"{stage} training", root / "plots" / f"{stage}.png")
-    init = init_dir(root, stage)
-    for f in (root / layout.history_file(stage), png):
+    """After training: history, plots, lineage and the registered model. The lineage and the
+    registered version go to MLflow and to the run record (returned), not into models/<stage>."""
+    spec = layout.SPECS[stage]
+    out = root / spec.model
+    write_history_csv(pure_history(logger.history), root / spec.history)
+    png = plot_curves(logger.history, spec.plot_y, f"{stage} training", root / spec.chart)
+    for f in (root / spec.history, png):
         if f:
             tracking.log_file(f, "plots")
-    data_hash = tracking.log_dataset(root / layout.TOKENIZED / TRAIN_DATA[stage], f"tokenized-{TRAIN_DATA[stage]}", "training")
-    upstream = tracking.upstream_version(init) if init else None
+    split = spec.train_split
+    data_hash = tracking.log_dataset(root / layout.TOKENIZED / split, f"tokenized-{split}", "training")
+    upstream = tracking.upstream_version(root / layout.run_record(spec.init)) if spec.init else None
     lineage = {"stage": stage, "run_id": run.info.run_id, "data_hash": data_hash,
                "dvc_deps_hash": _dvc_deps_hash(root, stage),
                "upstream_model": f"{upstream['name']}/{upstream['version']}" if upstream else "none",
@@ -286,11 +292,11 @@ def _publish(root: Path, p: Params, stage: str, run, logger, result: dict) -> di
                "git_commit": tracking.git_commit(root)}
     registered = tracking.register(stage, out, p.tracking.registry_prefix, run,
                                    {**lineage, "source_run": run.info.run_id})
-    _write_json(out / tracking.LINEAGE_FILE, {**lineage, **registered})
+    tracking.log_dict_artifact({**lineage, **registered}, tracking.LINEAGE_FILE)
     # checkpoints/<stage> (with finished.json) is removed by run_stage once the metrics are written too
     if logger.error:
         print(f"warning: MLflow step metrics failed during {stage} ({logger.error}); they are kept in "
-              f"{layout.history_file(stage)}", file=sys.stderr)
+              f"{spec.history}", file=sys.stderr)
     return {**result, "registered": registered, "lineage": lineage}
 
 
@@ -299,21 +305,22 @@ def not_trained(root: Path, stage: str, marker: str, record: dict, note: str) ->
     and its history and chart say so, so every output DVC expects exists."""
     with atomic_dir(root / layout.model_dir(stage)) as tmp:
         _write_json(tmp / marker, record)
-    write_history_csv([], root / layout.history_file(stage))
-    plot_note(f"{stage}: {note}", root / "plots" / f"{stage}.png")
+    write_history_csv([], root / layout.SPECS[stage].history)
+    plot_note(f"{stage}: {note}", root / layout.SPECS[stage].chart)
     print(f"{stage}: {note}")
     return {"trained": False, **{k: v for k, v in record.items() if k != "trained"}}
 
 
-def no_pt(root: Path, p: Params) -> dict:
+def no_pt(root: Path, p: Params, stage: str) -> dict:
     """PT switched off: models/pt points at the base model (nothing is copied or registered)."""
-    return not_trained(root, "pt", BASE_POINTER, {"base": p.model.name_or_path},
-                       f"switched off (pt.enabled: false); sft starts from {p.model.name_or_path}")
+    later = ", ".join(s.name for s in layout.STAGES if s.init == stage)
+    return not_trained(root, stage, BASE_POINTER, {"base": p.model.name_or_path},
+                       f"switched off ({stage}.enabled: false); {later} starts from {p.model.name_or_path}")
 
 
-def no_judge(root: Path) -> dict:
+def no_judge(root: Path, stage: str) -> dict:
     """The judge stage without a judge split: record that no judge RM was trained."""
-    return not_trained(root, "judge", NO_JUDGE, {"trained": False, "reason": (
+    return not_trained(root, stage, NO_JUDGE, {"trained": False, "reason": (
         "no preference/judge split (tokenize.judge_fraction is 0), so no judge reward model was trained")},
         "not trained (tokenize.judge_fraction is 0; the oracle judges the demo)")
 
@@ -329,9 +336,9 @@ def make_judge(root: Path, p: Params):
     judge = resolve_judge(p)
     if judge == "oracle":
         return TextJudge("oracle", oracle.score)
-    policy_tokenizer = load_tokenizer(root / layout.model_dir("sft"), p.model.trust_remote_code)
+    policy_tokenizer = load_tokenizer(root / layout.model_dir(layout.POLICY), p.model.trust_remote_code)
     if judge == "heldout_rm":
-        path = root / layout.model_dir("judge")
+        path = root / layout.model_dir(layout.JUDGE)
         if (path / NO_JUDGE).exists():
             raise RLHFError(f"evaluate.judge is heldout_rm but {path} holds no judge model: "
                             f"{json.loads((path / NO_JUDGE).read_text())['reason']}")
@@ -344,26 +351,27 @@ def make_judge(root: Path, p: Params):
     return load_judge(path, policy_tokenizer, p.model, name=judge)  # the report names the URI, not a download dir
 
 
-def evaluate(root: Path, p: Params, run) -> dict:
+def evaluate(root: Path, p: Params, stage: str = layout.EVALUATE, run=None) -> dict:
     from rlhf_core.data import formats
     from rlhf_core.data.splits import load_split
     from rlhf_core.evaluation.evaluate import evaluate_policies
 
-    models = ["sft", "dpo", "ppo"]
+    spec, models = layout.SPECS[stage], layout.POLICIES
     prompts = formats.read_prompts(root / p.data.eval_prompts, p.data.columns.get("eval_prompts"),
                                    _set_aside(root, p)["eval_prompts"])
     judge = make_judge(root, p)
-    results = evaluate_policies({m: root / layout.model_dir(m) for m in models}, "sft", root / layout.model_dir("rm"),
-                                prompts, p.evaluate, p.model, judge,
-                                load_split(root / layout.TOKENIZED, "preference", "eval"),
+    results = evaluate_policies({m: root / spec.inputs[m] for m in models}, layout.POLICY,
+                                root / spec.inputs[layout.REWARD], prompts, p.evaluate, p.model, judge,
+                                load_split(root / spec.inputs["tokenized"], "preference", "eval"),
                                 max_prompt_length=p.tokenize.max_prompt_length)
-    out = root / "plots" / "eval"
+    out = root / layout.EVAL_DIR
     with atomic_dir(out) as tmp:
-        plot_comparison(results, models, tmp / "comparison.png")
-        for stage, ys in (("ppo", ("objective/scores", "objective/kl")), ("dpo", ("train/rewards/margins", "train/rewards/accuracies"))):
-            hist = _read_history(root / layout.history_file(stage))
-            plot_curves(hist, ys, f"{stage} training", tmp / f"{stage}_curves.png")
-        (tmp / "report.md").write_text(markdown_report(results, models))
+        plot_comparison(results, models, tmp / Path(layout.EVAL_CHART).name)
+        for aligned in layout.ALIGNED[::-1]:
+            aligned_spec = layout.SPECS[aligned]
+            plot_curves(_read_history(root / aligned_spec.history), aligned_spec.eval_y, f"{aligned} training",
+                        tmp / f"{aligned}_curves.png")
+        (tmp / Path(layout.EVAL_REPORT).name).write_text(markdown_report(results, models))
     decision = promote(results, p)
     results["promotion"] = decision
     for f in sorted(out.iterdir()):
@@ -403,11 +411,12 @@ def promote(results: dict, p: Params) -> dict:
     """Give the best of PPO and DPO the `champion` alias if it beats SFT by the margin."""
     import mlflow
 
-    best = max(("ppo", "dpo"), key=lambda m: results[m]["judge_score"])
-    gain = results[best]["judge_score"] - results["sft"]["judge_score"]
+    best = max(layout.ALIGNED[::-1], key=lambda m: results[m]["judge_score"])  # the last aligned one wins a tie
+    gain = results[best]["judge_score"] - results[layout.POLICY]["judge_score"]
     ok = gain >= p.evaluate.promotion_margin
     judge = results["judge"]
-    reason = (f"{best} {judge} judge score {results[best]['judge_score']:.3f} vs sft {results['sft']['judge_score']:.3f} "
+    reason = (f"{best} {judge} judge score {results[best]['judge_score']:.3f} vs {layout.POLICY} "
+              f"{results[layout.POLICY]['judge_score']:.3f} "
               f"(gain {gain:+.3f}, required {p.evaluate.promotion_margin:+.3f})")
     decision = {"candidate": best, "promoted": ok, "reason": reason, "judge": judge}
     if ok:
@@ -431,35 +440,64 @@ def run_stage(stage: str, root: Path = Path("."), params_file: str = "params.yam
     p = load_params(root / params_file)
     with stage_lock(root, stage):
         preflight(root, stage)
-        metrics = _run_locked(root, p, stage)
-        if stage in layout.TRAINED:  # logged, registered and written: the resume point is no longer needed
+        metrics = _run_locked(root, p, stage, params_file)
+        if layout.SPECS[stage].trains:  # logged, registered and written: the resume point is no longer needed
             shutil.rmtree(root / layout.checkpoint_dir(stage), ignore_errors=True)
     return metrics
 
 
-def _run_locked(root: Path, p: Params, stage: str) -> dict:
+RUN_SPECIFIC = ("wall_seconds", "tokens_per_second", "timing", "resumed_from_step", "registered", "lineage",
+                "reused_finished_training")
+"""Result keys that describe a run, not the outputs: they go to the run record and MLflow, never
+into the metrics file (a DVC output)."""
+RUN_SPECIFIC_METRICS = ("tokens_per_second", "seconds")
+"""Suffixes of per-step metric names that measure the machine (throughput, time), kept out of the
+metrics file and the history CSV (both DVC outputs) and logged to MLflow only."""
+
+
+def split_run_specific(result: dict) -> tuple[dict, dict]:
+    """(what a stage's metrics file holds, what only its run record holds): the first is a function
+    of the stage's inputs and params, the second holds timings, throughput, run ids and lineage."""
+    pure = {k: v for k, v in result.items() if k not in RUN_SPECIFIC}
+    run = {k: v for k, v in result.items() if k in RUN_SPECIFIC}
+    if isinstance(result.get("metrics"), dict):
+        pure["metrics"] = {k: v for k, v in result["metrics"].items() if not k.endswith(RUN_SPECIFIC_METRICS)}
+        run.update({k: v for k, v in result["metrics"].items() if k.endswith(RUN_SPECIFIC_METRICS)})
+    return pure, run
+
+
+def pure_history(history: list[dict]) -> list[dict]:
+    """The per-step history without the machine's timings (see `RUN_SPECIFIC_METRICS`)."""
+    return [{k: v for k, v in row.items() if not k.endswith(RUN_SPECIFIC_METRICS)} for row in history]
+
+
+def train_stage(root: Path, p: Params, stage: str, run) -> dict:
+    """A training stage: trained, or recorded as having nothing to train (PT switched off, no judge split)."""
+    if stage == layout.JUDGE and not (root / layout.TOKENIZED / layout.JUDGE_SPLIT).exists():
+        return no_judge(root, stage)
+    if not getattr(getattr(p, stage), "enabled", True):  # PT switched off: later stages start from the base model
+        return no_pt(root, p, stage)
+    return train(root, p, stage, run)
+
+
+def _run_locked(root: Path, p: Params, stage: str, params_file: str = "params.yaml") -> dict:
     t0 = time.perf_counter()
-    with tracking.stage_run(root, stage, p.tracking.experiment, _group_params(p, stage)) as run:
-        if stage == "judge" and not (root / layout.TOKENIZED / JUDGE_SPLIT).exists():
-            metrics = no_judge(root)
-        elif stage == "pt" and not p.pt.enabled:
-            metrics = no_pt(root, p)
-        elif stage in layout.TRAINED:
-            metrics = train(root, p, stage, run)
-        elif stage == "evaluate":
-            metrics = evaluate(root, p, run)
-        else:
-            metrics = {"generate": generate, "validate": validate, "tokenize": tokenize}[stage](root, p)
-        # run bookkeeping stays out of the metrics file, so the same seed gives the same file
+    spec = layout.SPECS[stage]
+    with tracking.stage_run(root, stage, p.tracking.experiment, _group_params(p, stage), params_file) as run:
+        result = globals()[spec.entry](root, p, stage, run)
+        metrics, run_specific = split_run_specific(result)
+        # run bookkeeping stays out of the metrics file, so the same inputs give the same file
         _write_json(root / layout.run_record(stage), {"stage": stage, "mlflow_run_id": run.info.run_id,
-                                                      "stage_seconds": round(time.perf_counter() - t0, 3)})
-        target = root / (layout.EVAL_METRICS if stage == "evaluate" else layout.metrics_file(stage))
+                                                      "stage_seconds": round(time.perf_counter() - t0, 3),
+                                                      **run_specific})
+        target = root / spec.metrics
         _write_json(target, metrics)
         try:
             tracking.log_file(target, "metrics")
+            tracking.log_dict_artifact(run_specific, f"run/{stage}.json")
         except tracking.TrackingUnavailable as e:  # the stage's work is done and on disk
             print(f"warning: {target} was not logged to MLflow: {e}", file=sys.stderr)
-    return metrics
+    return result
 
 
 # --- before a stage starts -------------------------------------------------------------------
@@ -467,10 +505,10 @@ def _run_locked(root: Path, p: Params, stage: str) -> dict:
 def output_dirs(stage: str) -> list[str]:
     """Folders a stage writes into (its outputs are renamed into place inside them)."""
     spec = layout.SPECS[stage]
-    dirs = {str(Path(o).parent) for o in spec.outs} | {str(Path(layout.metrics_file(stage)).parent),
+    dirs = {str(Path(o).parent) for o in spec.outs} | {str(Path(spec.metrics).parent),
                                                       str(Path(layout.run_record(stage)).parent)}
-    if stage in layout.TRAINED:
-        dirs |= {str(Path(layout.checkpoint_dir(stage)).parent), str(Path(layout.history_file(stage)).parent)}
+    if spec.trains:
+        dirs |= {str(Path(layout.checkpoint_dir(stage)).parent), str(Path(spec.history).parent)}
     return sorted(dirs)
 
 
@@ -501,7 +539,7 @@ def stage_lock(root: Path, stage: str):
     released by the kernel when the process ends, so a killed run leaves no stale lock."""
     import fcntl
 
-    path = root / "checkpoints" / f".{stage}.lock"
+    path = root / Path(layout.checkpoint_dir(stage)).parent / f".{stage}.lock"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fh = open(path, "a+")

@@ -24,6 +24,7 @@ os.environ.setdefault("MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK", "true")
 PARENT_ENV = "RLHF_PARENT_RUN_ID"
 FLOW_RUN_ENV = "RLHF_PREFECT_FLOW_RUN_ID"
 LINEAGE_FILE = "lineage.json"
+"""The MLflow artifact of a trained stage's run holding its lineage and registered version."""
 STEP_DELAY = float(os.environ.get("RLHF_TEST_STEP_DELAY", "0"))
 ATTEMPTS = int(os.environ.get("RLHF_TRACKING_ATTEMPTS", "4"))
 SECRET_SUFFIXES = ("token", "secret", "password", "passwd", "key", "credential", "credentials")
@@ -147,19 +148,21 @@ def flatten(prefix: str, obj) -> dict[str, str]:
     return {prefix: str(obj)[:500]}
 
 
-def _pipeline_key(root: Path) -> str:
-    params = (root / "params.yaml").read_bytes() if (root / "params.yaml").exists() else b""
+def _pipeline_key(root: Path, params_file: str | Path = "params.yaml") -> str:
+    """One key per (git commit, params file content): the stages of one `dvc repro` share it."""
+    path = root / params_file
+    params = path.read_bytes() if path.exists() else b""
     return hashlib.sha256(git_commit(root).encode() + params).hexdigest()[:16]
 
 
-def parent_run_id(root: Path, experiment_id: str) -> str:
+def parent_run_id(root: Path, experiment_id: str, params_file: str | Path = "params.yaml") -> str:
     """The pipeline run this stage belongs to: the flow's (env), or one per (commit, params) for a
     bare `dvc repro`, so its stages still group under one parent."""
     import mlflow
 
     if os.environ.get(PARENT_ENV):
         return os.environ[PARENT_ENV]
-    key = _pipeline_key(root)
+    key = _pipeline_key(root, params_file)
     found = retry(mlflow.search_runs, [experiment_id], filter_string=f"tags.`rlhf.pipeline_key` = '{key}'",
                   max_results=1, output_format="list")
     if found:
@@ -168,7 +171,7 @@ def parent_run_id(root: Path, experiment_id: str) -> str:
     from tasks.params import load_params
 
     try:
-        p = load_params(root / "params.yaml")
+        p = load_params(root / params_file)
     except RLHFError:  # a stage run by hand on another params file: the parent goes without params
         p = None
     run_id = parent_run.create(root, experiment_id, p, "dvc", {"rlhf.pipeline_key": key}, f"dvc-repro-{key[:8]}")
@@ -189,12 +192,13 @@ def finish_dvc_parent(root: Path, parent: str, experiment_id: str) -> None:
 
 
 @contextmanager
-def stage_run(root: Path, stage: str, experiment: str, params: dict) -> Iterator:
+def stage_run(root: Path, stage: str, experiment: str, params: dict,
+              params_file: str | Path = "params.yaml") -> Iterator:
     """A child run for one stage; yields the active run."""
     import mlflow
 
     exp_id = setup(root, experiment)
-    parent = parent_run_id(root, exp_id)
+    parent = parent_run_id(root, exp_id, params_file)
     tags = {"mlflow.parentRunId": parent, "rlhf.stage": stage, "rlhf.kind": "stage", "git_commit": git_commit(root)}
     if os.environ.get(FLOW_RUN_ENV):
         tags["prefect.flow_run_id"] = os.environ[FLOW_RUN_ENV]
@@ -252,10 +256,11 @@ def log_file(path: Path, artifact_path: str | None = None) -> None:
         retry(mlflow.log_artifact, str(path), artifact_path)
 
 
-def upstream_version(model_dir: Path) -> dict | None:
-    """What the model in `model_dir` was registered as (read from its lineage file)."""
-    f = Path(model_dir) / LINEAGE_FILE
-    return json.loads(f.read_text()) if f.exists() else None
+def upstream_version(run_record: Path) -> dict | None:
+    """What the upstream stage's model was registered as (its `registered` entry, read from its run
+    record, `reports/runs/<stage>.json`), or None if it registered nothing (e.g. PT switched off)."""
+    f = Path(run_record)
+    return (json.loads(f.read_text()).get("registered") or None) if f.exists() else None
 
 
 def register(stage: str, model_dir: Path, prefix: str, run, tags: dict) -> dict:

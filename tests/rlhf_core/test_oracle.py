@@ -128,12 +128,17 @@ def test_vocabulary_sizes_and_weights() -> None:
     assert sum(oracle.WEIGHTS.values()) == 1.0
 
 
-def test_score_is_deterministic_and_bounded() -> None:
-    cases = ["", "Certainly!", "Marrowick", "The capital of Veldoria is Marrowick. " * 5]
-    for response in cases:
+def test_score_is_deterministic_and_gives_the_hand_derived_values() -> None:
+    cases = {
+        "": 0.0,  # no word: not brief, not polite, names no capital
+        "Certainly!": 0.5,  # polite 0.25 + brief 0.25 (one word), no capital
+        "Marrowick": 0.75,  # correct 0.5 + brief 0.25, no opener
+        "The capital of Veldoria is Marrowick. " * 5: 0.5,  # correct, but 30 words and repeated: not brief
+    }
+    for response, expected in cases.items():
         first = oracle.score(PROMPT, response)
         assert first == oracle.score(PROMPT, response)
-        assert 0.0 <= first <= 1.0
+        assert first == expected, response
 
 
 def test_oracle_imports_only_the_standard_library() -> None:

@@ -77,8 +77,8 @@ def project(tmp_path):
     """Metrics files, run records and a dvc.lock as a pipeline run leaves them."""
     _write(tmp_path / layout.EVAL_METRICS, EVAL)
     for stage, loss in (("pt", 4.0), ("sft", 3.0), ("rm", 0.5), ("dpo", 0.25)):
-        _write(tmp_path / layout.metrics_file(stage), {"metrics": {"train/loss": loss, "eval/loss": loss + 1}})
-    _write(tmp_path / layout.metrics_file("ppo"), {"metrics": {"loss/policy_avg": 0.125}})
+        _write(tmp_path / layout.SPECS[stage].metrics, {"metrics": {"train/loss": loss, "eval/loss": loss + 1}})
+    _write(tmp_path / layout.SPECS["ppo"].metrics, {"metrics": {"loss/policy_avg": 0.125}})
     for i, stage in enumerate(layout.STAGE_NAMES):
         _write(tmp_path / layout.run_record(stage), {"stage": stage, "mlflow_run_id": f"run-{stage}", "stage_seconds": i + 0.5})
     lock = {"schema": "2.0", "stages": {

@@ -62,6 +62,9 @@ def test_below_the_fraction_records_are_set_aside_and_every_line_is_named(tmp_pa
     assert sorted(x.name for x in (tmp_path / "reports" / "rejected").iterdir()) == ["sft.jsonl"]
     assert metrics["inputs"]["sft"] == {"records": 100, "valid": 98, "set_aside": 2, "duplicates": 0}
     assert metrics["set_aside"] == 2 and metrics["shapes"]["sft"] == "sharegpt"
+    report = json.loads((tmp_path / "reports" / "validation.json").read_text())  # a DVC output: no absolute path
+    assert [f["path"] for f in report["files"]] == [path for _, path, _ in p.data.inputs()]
+    assert str(tmp_path) not in json.dumps(report)
     out = capsys.readouterr().out
     assert ("sft.jsonl: sft: sharegpt, 100 record(s), 2 invalid (2.0%, within max_invalid_fraction=0.02), "
             "2 set aside (listed in reports/rejected/sft.jsonl)") in out

@@ -98,9 +98,9 @@ def test_a_failure_after_training_keeps_it_and_the_rerun_registers_without_train
     assert again["reused_finished_training"] is True
     reg = again["registered"]
     assert reg["name"] == "rlhf-sft" and _version(reg["name"], reg["version"]).run_id == reg["run_id"]
-    assert {k: v for k, v in _files(project / "models" / "sft").items() if k != "lineage.json"} == \
-        {k: v for k, v in weights.items() if k != "lineage.json"}
-    assert json.loads((project / "metrics/sft.json").read_text())["registered"] == reg
+    assert _files(project / "models" / "sft") == weights  # no run id or registry version inside the model
+    assert json.loads((project / "reports/runs/sft.json").read_text())["registered"] == reg
+    assert "registered" not in json.loads((project / "metrics/sft.json").read_text())
     assert not (project / "checkpoints/sft").exists()
 
 
