@@ -61,7 +61,7 @@ def cmd_stage(a) -> int:
 
     from rlhf_core.training.stop import Stopped
     from tasks.layout import TRAINED
-    from tasks.stages import STOP, run_stage
+    from tasks.stages import STOP, LaunchFailed, run_stage
 
     def on_sigterm(signum, frame):
         if a.name in TRAINED:  # a preempted worker: finish the step, checkpoint it, exit (the next run resumes)
@@ -70,7 +70,11 @@ def cmd_stage(a) -> int:
             raise Stopped(f"{a.name}: stopped by SIGTERM; its previous outputs are unchanged", signum)
 
     signal.signal(signal.SIGTERM, on_sigterm)
-    run_stage(a.name, Path(a.project_dir), a.params)
+    try:
+        run_stage(a.name, Path(a.project_dir), a.params)
+    except LaunchFailed as e:  # the launched processes failed: their exit code is this command's
+        print(f"error: {e}", file=sys.stderr)
+        return e.returncode
     return 0
 
 

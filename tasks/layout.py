@@ -121,7 +121,8 @@ class StageSpec:
 def _trained(name: str, split: str, init: str | None, plot_y: tuple[str, ...], eval_y: tuple[str, ...] = (),
              **inputs: str) -> StageSpec:
     start = {"init": model_dir(init)} if init else {"tokenizer": TOKENIZER}
-    return StageSpec(name, "train_stage", ("model", name), {"tokenized": TOKENIZED, **start, **inputs},
+    # launch: the number of processes sets the global batch (batch_size is per process)
+    return StageSpec(name, "train_stage", ("model", name, "launch"), {"tokenized": TOKENIZED, **start, **inputs},
                      (model_dir(name),), plot_y, split, init, eval_y=eval_y)
 
 

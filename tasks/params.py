@@ -124,6 +124,26 @@ class ResourcesConfig:
 
 
 @dataclass(frozen=True)
+class LaunchConfig:
+    """How many processes a training stage runs in (tasks/launch.py): with `num_processes` > 1,
+    `rlhf stage` runs the stage under `accelerate launch`. Each stage's `batch_size` is per process,
+    so the global batch is `num_processes` x `batch_size`; precision stays each stage's own
+    `mixed_precision`."""
+    num_processes: int = 1
+    """Processes (one per GPU; on a CPU-only host, gloo processes). 1: no launcher at all."""
+    config_file: str = ""
+    """An accelerate config file (relative to the project, or absolute) for FSDP or DeepSpeed, e.g.
+    from `accelerate config`; empty: plain DDP (`--multi_gpu`). Not tracked by DVC: a change to the
+    file itself re-runs nothing."""
+
+    def __post_init__(self) -> None:
+        if self.num_processes < 1:
+            raise ConfigError("num_processes", f"must be >= 1, got {self.num_processes}")
+        if self.config_file and self.num_processes == 1:
+            raise ConfigError("config_file", "is used only with num_processes > 1; set num_processes or clear it")
+
+
+@dataclass(frozen=True)
 class Params:
     demo: DemoDataConfig = field(default_factory=DemoDataConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -139,6 +159,7 @@ class Params:
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
 
 
 GROUPS: dict[str, type] = typing.get_type_hints(Params)

@@ -20,7 +20,7 @@ from rlhf_core.atomic import atomic_dir, atomic_write_text
 from rlhf_core.config import to_dict
 from rlhf_core.errors import ConfigError, RLHFError
 from rlhf_core.training.stop import StopRequest
-from tasks import layout, tracking
+from tasks import launch, layout, tracking
 from tasks.params import Params, load_params, resolve_judge
 from tasks.plots import plot_comparison, plot_curves, plot_note, write_history_csv
 
@@ -223,7 +223,7 @@ def _fit(root: Path, p: Params, stage: str, logger, key: str) -> dict:
                             train_split="judge" if stage == "judge" else "train", log_fn=logger,
                             timing_fn=_timing_to_mlflow(logger), stop=STOP)
     result = loop(ctx, cfg, p.model)
-    return {**result.to_dict(), **result.run_record()}  # the run record: for MLflow and the run's side file
+    return {**result.to_dict(), **result.run_record(), "num_processes": ctx.num_processes}  # the run record: for MLflow and the run's side file
 
 
 def _read_finished(finished: Path) -> dict | None:
@@ -247,6 +247,10 @@ def train(root: Path, p: Params, stage: str, run) -> dict:
     key = _train_key(root, p, stage)
     logger = tracking.MetricLogger()
     saved = _read_finished(finished)
+    if not launch.is_main_rank():  # another process of a launched stage: the loop only, it logs on the main one
+        if not (saved and saved["key"] == key and out.exists()):
+            _fit(root, p, stage, logger, key)
+        return {}
     if saved and saved["key"] == key and out.exists():
         result, logger.history = saved["result"], saved["history"]
         result["reused_finished_training"] = True
@@ -438,16 +442,57 @@ def run_stage(stage: str, root: Path = Path("."), params_file: str = "params.yam
         raise RLHFError(f"unknown stage '{stage}' (stages: {', '.join(layout.STAGE_NAMES)})")
     root = Path(root).resolve()
     p = load_params(root / params_file)
+    if launch.in_child():  # one of the processes of a launch below: the parent holds the lock
+        return _run_rank(root, p, stage, params_file)
     with stage_lock(root, stage):
         preflight(root, stage)
+        if p.launch.num_processes > 1 and layout.SPECS[stage].trains and trains_now(root, p, stage):
+            return _launch(root, p, stage, params_file)
         metrics = _run_locked(root, p, stage, params_file)
         if layout.SPECS[stage].trains:  # logged, registered and written: the resume point is no longer needed
             shutil.rmtree(root / layout.checkpoint_dir(stage), ignore_errors=True)
     return metrics
 
 
+class LaunchFailed(RLHFError):
+    """The processes of a launched stage failed; `returncode` is the launcher's exit code."""
+
+    def __init__(self, message: str, returncode: int):
+        super().__init__(message)
+        self.returncode = returncode
+
+
+def _launch(root: Path, p: Params, stage: str, params_file: str) -> dict:
+    """Run `stage` in `launch.num_processes` processes (tasks/launch.py) and wait for them; their
+    main process writes the outputs, so the metrics are read back from its metrics file."""
+    from rlhf_core.training.stop import Stopped
+
+    cfg = p.launch
+    cmd = launch.launch_command(cfg, stage, params_file, root, launch.free_port())
+    print(f"{stage}: launching {cfg.num_processes} processes: {' '.join(cmd[1:])}", flush=True)
+    rc, signum = launch.run_launched(cmd, os.environ)
+    if signum is not None:
+        raise Stopped(f"{stage}: stopped by signal {signum}; its {cfg.num_processes} processes checkpointed and "
+                      f"stopped, and the next run with the same number resumes", signum)
+    if rc != 0:
+        raise LaunchFailed(f"{stage}: {cfg.num_processes} processes under accelerate launch failed (exit code {rc}); "
+                           "their errors are above", rc)
+    return json.loads((root / layout.SPECS[stage].metrics).read_text())
+
+
+def _run_rank(root: Path, p: Params, stage: str, params_file: str) -> dict:
+    """One process of a launched stage. The main process runs the stage as one process would
+    (MLflow run, metrics, plots, run record, registration); the others run the training loop
+    only, so its collectives have all their members, and return nothing."""
+    if launch.is_main_rank():
+        metrics = _run_locked(root, p, stage, params_file)
+        shutil.rmtree(root / layout.checkpoint_dir(stage), ignore_errors=True)
+        return metrics
+    return globals()[layout.SPECS[stage].entry](root, p, stage, None)  # the loop only (see `train`)
+
+
 RUN_SPECIFIC = ("wall_seconds", "tokens_per_second", "timing", "resumed_from_step", "registered", "lineage",
-                "reused_finished_training")
+                "reused_finished_training", "num_processes")
 """Result keys that describe a run, not the outputs: they go to the run record and MLflow, never
 into the metrics file (a DVC output)."""
 RUN_SPECIFIC_METRICS = ("tokens_per_second", "seconds")
@@ -473,11 +518,17 @@ def pure_history(history: list[dict]) -> list[dict]:
 
 def train_stage(root: Path, p: Params, stage: str, run) -> dict:
     """A training stage: trained, or recorded as having nothing to train (PT switched off, no judge split)."""
-    if stage == layout.JUDGE and not (root / layout.TOKENIZED / layout.JUDGE_SPLIT).exists():
-        return no_judge(root, stage)
-    if not getattr(getattr(p, stage), "enabled", True):  # PT switched off: later stages start from the base model
-        return no_pt(root, p, stage)
+    if not trains_now(root, p, stage):  # never launched in several processes (see run_stage)
+        return no_judge(root, stage) if stage == layout.JUDGE else no_pt(root, p, stage)
     return train(root, p, stage, run)
+
+
+def trains_now(root: Path, p: Params, stage: str) -> bool:
+    """False for a training stage with nothing to train: the judge without a judge split, PT
+    switched off (later stages then start from the base model)."""
+    if stage == layout.JUDGE and not (root / layout.TOKENIZED / layout.JUDGE_SPLIT).exists():
+        return False
+    return getattr(getattr(p, stage), "enabled", True)
 
 
 def _run_locked(root: Path, p: Params, stage: str, params_file: str = "params.yaml") -> dict:
