@@ -7,8 +7,8 @@ With `launch.num_processes: N > 1` in params.yaml, the `rlhf stage` process of a
         --main_process_port PORT [--config_file F] -m flows.cli stage NAME --params P --project-dir D
 
 with `LAUNCHED_ENV` set, so the N children run the stage instead of launching again. It waits for
-them, passes a SIGTERM on to the launcher (which passes it to every child, so they checkpoint the
-same step and stop) and returns their exit code. With N = 1 nothing is launched.
+them, passes a SIGTERM on to the children (so they checkpoint the same step and stop; see
+`stage_processes`) and returns the launcher's exit code. With N = 1 nothing is launched.
 
 `--multi_gpu` is accelerate's torchrun launcher: on a CPU-only host it starts N gloo processes
 (accelerate 1.15's `--cpu --num_processes N` starts one). With a config file (FSDP, DeepSpeed) the
@@ -23,6 +23,8 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+
+import psutil
 
 from rlhf_core.errors import ConfigError
 
@@ -65,6 +67,19 @@ def launch_command(cfg, stage: str, params_file: str, root: Path, port: int) -> 
     return cmd
 
 
+def stage_processes(launcher_pid: int) -> list:
+    """The processes a SIGTERM is passed on to: the launched stage processes (the launcher's
+    children), each of which checkpoints and exits, after which the launcher exits; the launcher
+    itself only while it has no children yet. Not the launcher and its children both: torchrun
+    passes a signal on to its children itself, and a second one while it waits for them could end
+    it before them (`rlhf run`'s stop signals every stage process, the launcher included, anyway)."""
+    try:
+        launcher = psutil.Process(launcher_pid)
+        return launcher.children() or [launcher]
+    except psutil.Error:  # it has ended
+        return []
+
+
 def run_launched(cmd: list[str], env: dict) -> tuple[int, int | None]:
     """Run the launcher and wait; a SIGTERM meanwhile is passed on to it. Returns (exit code, the
     signal passed on or None). The previous SIGTERM handler is restored afterwards."""
@@ -73,8 +88,11 @@ def run_launched(cmd: list[str], env: dict) -> tuple[int, int | None]:
 
     def forward(signum, frame):
         forwarded.append(signum)
-        if proc.poll() is None:
-            proc.send_signal(signum)  # torchrun sends it to every child, then waits for them (30 s)
+        for target in stage_processes(proc.pid):
+            try:
+                target.send_signal(signum)
+            except psutil.Error:  # ended meanwhile
+                pass
 
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, forward) if main_thread else None

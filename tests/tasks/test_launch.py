@@ -62,8 +62,9 @@ def test_the_exit_code_of_the_launched_processes_comes_back_and_they_see_the_mar
 
 
 def test_sigterm_to_the_parent_reaches_the_launched_processes(tmp_path):
-    """A parent process runs `run_launched` on a child that checkpoints on SIGTERM (writes a file)
-    and exits 143; SIGTERM to the parent must reach the child, and the parent reports both."""
+    """A parent process runs `run_launched` on a stand-in launcher whose child checkpoints on SIGTERM
+    (writes a file) and exits 143. SIGTERM to the parent must reach that child, not the launcher
+    (which would die of it, orphaning the child), and the parent reports both."""
     child = tmp_path / "child.py"
     child.write_text(textwrap.dedent(f"""
         import signal, sys, time
@@ -77,7 +78,8 @@ def test_sigterm_to_the_parent_reaches_the_launched_processes(tmp_path):
     parent = textwrap.dedent(f"""
         import os, sys
         from tasks import launch
-        print(launch.run_launched([sys.executable, {str(child)!r}], dict(os.environ)), flush=True)
+        launcher = "import subprocess, sys; sys.exit(subprocess.call([sys.executable, {str(child)!r}]))"
+        print(launch.run_launched([sys.executable, "-c", launcher], dict(os.environ)), flush=True)
     """)
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
