@@ -89,6 +89,10 @@ class StageSpec:
     """The metrics file's stem when it is not the stage's name."""
     eval_y: tuple[str, ...] = ()
     """Columns of an aligned policy's history drawn again beside the evaluation (`plots/eval`)."""
+    loop: str | None = None
+    """A training stage's loop, `module:function` in rlhf_core, called as `fn(ctx, cfg, model_cfg)`."""
+    split: str = "train"
+    """Which part of `train_split` the loop trains on (the judge RM: `judge`, held out from the rest)."""
 
     @property
     def deps(self) -> tuple[str, ...]:
@@ -118,12 +122,13 @@ class StageSpec:
         return f"plots/{self.name}.png" if self.plot_y else None
 
 
-def _trained(name: str, split: str, init: str | None, plot_y: tuple[str, ...], eval_y: tuple[str, ...] = (),
-             **inputs: str) -> StageSpec:
+def _trained(name: str, loop: str, split: str, init: str | None, plot_y: tuple[str, ...],
+             eval_y: tuple[str, ...] = (), subsplit: str = "train", **inputs: str) -> StageSpec:
     start = {"init": model_dir(init)} if init else {"tokenizer": TOKENIZER}
     # launch: the number of processes sets the global batch (batch_size is per process)
     return StageSpec(name, "train_stage", ("model", name, "launch"), {"tokenized": TOKENIZED, **start, **inputs},
-                     (model_dir(name),), plot_y, split, init, eval_y=eval_y)
+                     (model_dir(name),), plot_y, split, init, eval_y=eval_y, loop=f"rlhf_core.stages.{loop}",
+                     split=subsplit)
 
 
 LM_CURVES = ("train/loss", "eval/loss")
@@ -135,15 +140,15 @@ STAGES: tuple[StageSpec, ...] = (
               {**DATA_FILES, "eval_prompts": "${data.eval_prompts}"}, (VALIDATION_REPORT,)),
     StageSpec("tokenize", "tokenize", ("data", "model", "tokenize"), {**DATA_FILES, "validation": VALIDATION_REPORT},
               (TOKENIZED, TOKENIZER)),
-    _trained("pt", "pt", None, LM_CURVES),
-    _trained("sft", "sft", "pt", LM_CURVES),
-    _trained(REWARD, "preference", POLICY, RM_CURVES),
+    _trained("pt", "lm:run_pt", "pt", None, LM_CURVES),
+    _trained("sft", "lm:run_sft", "sft", "pt", LM_CURVES),
+    _trained(REWARD, "rm:run_rm", "preference", POLICY, RM_CURVES),
     # the held-out judge RM: trains on preference/judge (tokenize.judge_fraction > 0), else records
     # that there is none; evaluate scores with it under evaluate.judge: heldout_rm
-    _trained(JUDGE, "preference", POLICY, RM_CURVES),
-    _trained("dpo", "preference", POLICY, ("train/loss", "train/rewards/margins", "train/rewards/accuracies"),
+    _trained(JUDGE, "rm:run_rm", "preference", POLICY, RM_CURVES, subsplit=JUDGE),
+    _trained("dpo", "dpo:run_dpo", "preference", POLICY, ("train/loss", "train/rewards/margins", "train/rewards/accuracies"),
              ("train/rewards/margins", "train/rewards/accuracies")),
-    _trained("ppo", "prompts", POLICY, ("objective/scores", "objective/kl", "objective/rlhf_reward"),
+    _trained("ppo", "ppo:run_ppo", "prompts", POLICY, ("objective/scores", "objective/kl", "objective/rlhf_reward"),
              ("objective/scores", "objective/kl"), reward_model=model_dir(REWARD)),
     StageSpec("evaluate", "evaluate", ("data", "model", "tokenize", "evaluate", "tracking"),
               {"tokenized": TOKENIZED, "eval_prompts": "${data.eval_prompts}",
@@ -158,7 +163,7 @@ EVALUATE = STAGES[-1].name
 EVAL_METRICS = SPECS[EVALUATE].metrics
 MODEL_STAGES = (*TRAINED, EVALUATE)
 """Stages that load models (the default of `resources.gpu`)."""
-JUDGE_SPLIT = f"{SPECS[JUDGE].train_split}/{JUDGE}"
+JUDGE_SPLIT = f"{SPECS[JUDGE].train_split}/{SPECS[JUDGE].split}"
 """The split the judge RM trains on (written by tokenize when tokenize.judge_fraction > 0)."""
 
 
@@ -198,7 +203,7 @@ def code_deps(spec: StageSpec, root: str | Path | None = None) -> list[str]:
     from tasks.code_deps import imported_files
 
     root = Path(root) if root else Path(__file__).resolve().parents[1]
-    entries = [STAGE_COMMAND, f"tasks.stages:{STAGE_RUNNER}", f"tasks.stages:{spec.entry}"]
+    entries = [STAGE_COMMAND, f"tasks.stages:{STAGE_RUNNER}", f"tasks.stages:{spec.entry}", *([spec.loop] if spec.loop else [])]
     return imported_files(root, entries, CODE_ROOTS) + [LAUNCHER]
 
 

@@ -211,19 +211,22 @@ def _timing_to_mlflow(logger):
 
 def _fit(root: Path, p: Params, stage: str, logger, key: str) -> dict:
     """Run the stage's training loop (resuming from its last checkpoint with this `key`)."""
-    from rlhf_core.stages import dpo, lm, ppo, rm
+    import importlib
+
     from rlhf_core.training.context import RunContext
 
-    loop = {"pt": lm.run_pt, "sft": lm.run_sft, "rm": rm.run_rm, "judge": rm.run_rm, "dpo": dpo.run_dpo,
-            "ppo": ppo.run_ppo}[stage]
+    spec = layout.SPECS[stage]
+    module, name = spec.loop.split(":")
+    loop = getattr(importlib.import_module(module), name)  # only this stage's loop (its code deps say so)
     cfg = getattr(p, stage)
+    reward = spec.inputs.get("reward_model")
     inputs = {"data": root / layout.TOKENIZED, "tokenizer": root / layout.TOKENIZER, "init": init_dir(root, stage),
-              "reward": root / layout.model_dir("rm") if layout.model_dir("rm") in layout.SPECS[stage].deps else None}
-    ctx = RunContext.create(stage, cfg, inputs, root / layout.model_dir(stage), root / layout.checkpoint_dir(stage), key,
-                            train_split="judge" if stage == "judge" else "train", log_fn=logger,
-                            timing_fn=_timing_to_mlflow(logger), stop=STOP)
+              "reward": root / reward if reward else None}
+    ctx = RunContext.create(stage, cfg, inputs, root / spec.model, root / layout.checkpoint_dir(stage), key,
+                            train_split=spec.split, log_fn=logger, timing_fn=_timing_to_mlflow(logger), stop=STOP)
     result = loop(ctx, cfg, p.model)
-    return {**result.to_dict(), **result.run_record(), "num_processes": ctx.num_processes}  # the run record: for MLflow and the run's side file
+    # the run record (for MLflow and the run's side file) says how many processes trained
+    return {**result.to_dict(), **result.run_record(), "num_processes": ctx.num_processes}
 
 
 def _read_finished(finished: Path) -> dict | None:
