@@ -33,6 +33,13 @@ def wait_for_first_checkpoint(proc: subprocess.Popen, state: Path, what: str, ti
         time.sleep(0.1)
 
 
+def run_record(project: Path, stage: str) -> dict:
+    """The stage's last run (MLflow run, resumed step, registered version): beside the outputs, not in them."""
+    from tasks.layout import run_record as path
+
+    return json.loads((project / path(stage)).read_text())
+
+
 def kill_after_first_checkpoint(project: Path, stage: str) -> int:
     """Start the stage slowed down, SIGKILL it as soon as a checkpoint exists; return its step."""
     state = project / "checkpoints" / stage / "trainer_state.json"
@@ -57,7 +64,8 @@ def test_killed_stage_resumes_and_ends_with_the_uninterrupted_metrics(e2e_projec
     proc = subprocess.run(stage_cmd(stage), cwd=e2e_project, env=env(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     resumed = json.loads((e2e_project / f"metrics/{stage}.json").read_text())
-    assert resumed["resumed_from_step"] == step
+    assert run_record(e2e_project, stage)["resumed_from_step"] == step  # run facts live beside, not in, the metrics
+    assert "resumed_from_step" not in resumed
     keys = [k for k in COMPARED if k in reference["metrics"]]
     assert keys
     for k in keys:
@@ -90,7 +98,7 @@ def test_sigterm_checkpoints_the_step_in_progress_and_the_rerun_resumes_there(e2
     rerun = subprocess.run(stage_cmd(stage), cwd=e2e_project, env=env(), capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     resumed = json.loads((e2e_project / f"metrics/{stage}.json").read_text())
-    assert resumed["resumed_from_step"] == stopped_at
+    assert run_record(e2e_project, stage)["resumed_from_step"] == stopped_at
     assert resumed["metrics"]["train/loss"] == pytest.approx(reference["metrics"]["train/loss"], abs=1e-5)
     assert {p.name: p.read_bytes() for p in (e2e_project / "models" / stage).glob("*.safetensors")} == model_files
 
@@ -110,6 +118,7 @@ def test_tracking_outage_at_registration_keeps_the_training_and_a_rerun_does_not
     from tasks import stages, tracking
 
     reference = json.loads((e2e_project / "metrics/rm.json").read_text())
+    reference_version = int(run_record(e2e_project, "rm")["registered"]["version"])
 
     def unreachable(*args, **kwargs):
         raise tracking.TrackingUnavailable("MLflow call create_model_version failed 4 times: connection refused")
@@ -123,7 +132,8 @@ def test_tracking_outage_at_registration_keeps_the_training_and_a_rerun_does_not
     again = stages.run_stage("rm", e2e_project)
     assert again["reused_finished_training"] is True
     assert again["metrics"]["eval/accuracy"] == reference["metrics"]["eval/accuracy"]
-    assert int(again["registered"]["version"]) > int(reference["registered"]["version"])
+    assert int(again["registered"]["version"]) > reference_version
+    assert int(run_record(e2e_project, "rm")["registered"]["version"]) == int(again["registered"]["version"])
     assert not (e2e_project / "checkpoints/rm").exists()
 
 
@@ -211,7 +221,7 @@ def test_a_killed_flow_run_can_simply_be_run_again(e2e_project, e2e_flow_run, pr
     records = pipeline(project_dir=str(e2e_project))
     status = {r["stage"]: r["status"] for r in records}
     assert [s for s, v in status.items() if v == "skipped"] == ["generate", "validate", "tokenize", "pt"]
-    assert json.loads((e2e_project / "metrics/sft.json").read_text())["resumed_from_step"] == step
+    assert run_record(e2e_project, "sft")["resumed_from_step"] == step
     assert "up to date" in dvc(e2e_project, "status")
 
 
@@ -309,7 +319,7 @@ def test_sigterm_to_the_flow_is_passed_on_to_the_stage_and_the_next_flow_resumes
     assert json.loads(state.read_text())["step"] == periodic + 1, "the step in progress was checkpointed"
     records = pipeline(project_dir=str(e2e_project))
     assert {r["stage"]: r["status"] for r in records}["sft"] == "ran"
-    assert json.loads((e2e_project / "metrics/sft.json").read_text())["resumed_from_step"] == periodic + 1
+    assert run_record(e2e_project, "sft")["resumed_from_step"] == periodic + 1
     assert "up to date" in dvc(e2e_project, "status")
 
 
