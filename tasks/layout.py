@@ -194,6 +194,11 @@ def read_lock(root: str | Path) -> dict[str, dict]:
     return data.get("stages") or {}
 
 
+def lock_outs(root: str | Path) -> dict[str, dict]:
+    """Every output DVC recorded in `dvc.lock`, by path (its md5, size, nfiles); {} before any run."""
+    return {o["path"]: o for s in read_lock(root).values() for o in s.get("outs", [])}
+
+
 def stage_command(stage: str) -> str:
     return f"sh {LAUNCHER} {stage}"
 

@@ -43,11 +43,10 @@ def _group_params(p: Params, stage: str) -> dict:
 
 def _dvc_deps_hash(root: Path, stage: str) -> str:
     """Hash of the md5s DVC recorded for this stage's upstream outputs (from dvc.lock)."""
-    stages = layout.read_lock(root)
-    if not stages:
+    outs = layout.lock_outs(root)
+    if not outs:  # no dvc.lock yet (every stage has outputs, so a lock with stages has some)
         return "none"
-    md5s = {o["path"]: o.get("md5", "") for s in stages.values() for o in s.get("outs", [])}
-    deps = [f"{d}:{md5s[d]}" for d in layout.SPECS[stage].deps if d in md5s]
+    deps = [f"{d}:{outs[d].get('md5', '')}" for d in layout.SPECS[stage].deps if d in outs]
     return hashlib.sha256("|".join(deps).encode()).hexdigest()[:16]
 
 
@@ -189,7 +188,7 @@ def _input_hash(root: Path, stage: str, rel: str, lock_outs: dict[str, dict]) ->
 def _train_key(root: Path, p: Params, stage: str) -> str:
     """Identity of a training run: the stage's params and the content of each of its inputs. A
     finished result with this key is reused, and the loop resumes only a checkpoint with it."""
-    lock_outs = {o["path"]: o for s in layout.read_lock(root).values() for o in s.get("outs", [])}
+    lock_outs = layout.lock_outs(root)
     inputs = {d: _input_hash(root, stage, d, lock_outs) for d in layout.SPECS[stage].deps if (root / d).exists()}
     return hashlib.sha256(json.dumps({"params": _group_params(p, stage), "inputs": inputs}, sort_keys=True,
                                      default=str).encode()).hexdigest()[:16]
