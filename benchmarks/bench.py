@@ -203,7 +203,7 @@ def run_ours(spec: dict, clock: StepClock) -> int:
         cfg = PPOConfig(**common, rollout_batch_size=2 * spec["batch_size"], max_new_tokens=spec["ppo_new_tokens"],
                         ppo_epochs=PPO_EPOCHS, temperature=1.0, critic_learning_rate=LEARNING_RATE)
     else:  # DPO: a reference forward at every step, as TRL's DPOTrainer does by default
-        cfg = {"pt": PTConfig(**common), "sft": SFTConfig(**common), "rm": RMConfig(**common),
+        cfg = {"pt": PTConfig(**common), "sft": SFTConfig(**common, padding_free=spec["padding_free"]), "rm": RMConfig(**common),
                "dpo": DPOConfig(**common, precompute_ref=False)}[stage]
     loop = {"pt": lm.run_pt, "sft": lm.run_sft, "rm": rm.run_rm, "dpo": dpo.run_dpo, "ppo": ppo.run_ppo}[stage]
     inputs = {"data": root / "tok", "tokenizer": base, "init": base, "reward": base}
@@ -256,7 +256,9 @@ def trl_config_kwargs(spec: dict) -> dict:
     if spec["gradient_checkpointing"]:
         kw["gradient_checkpointing_kwargs"] = {"use_reentrant": False}  # as ours
     if stage in ("sft", "dpo"):
-        kw["padding_free"] = False
+        kw["padding_free"] = stage == "sft" and spec["padding_free"]
+        if kw["padding_free"]:
+            kw["max_length"] = None  # TRL's demand with padding_free; our split is already truncated to max_length
     if stage == "sft":
         kw["packing"] = False
     if stage == "dpo":
@@ -473,8 +475,10 @@ def header_lines(args, info: dict) -> list[str]:
         f"# model: {args.model} ({args.model_path or 'tiny Llama: 4 layers, width 128, 512-token BPE'})",
         f"# identical on both sides: precision {'bf16 autocast' if args.bf16 else 'fp32'} (TRL bf16={args.bf16}), "
         f"gradient checkpointing {args.gradient_checkpointing} (TRL gradient_checkpointing={args.gradient_checkpointing}), "
-        f"max length {args.max_length}, batch {args.batch_size}, right padding to the batch's longest "
-        f"(no packing, padding_free=False, pad_to_multiple_of=None), LoRA {lora}, AdamW(0.9, 0.95) lr {LEARNING_RATE} "
+        f"max length {args.max_length}, batch {args.batch_size}, "
+        + ("SFT padding-free (rows end to end, positions restarting; TRL padding_free=True), RM/DPO right padding"
+           if args.padding_free else "right padding to the batch's longest")
+        + f" (no packing, pad_to_multiple_of=None), LoRA {lora}, AdamW(0.9, 0.95) lr {LEARNING_RATE} "
         f"constant, clip 1.0, {args.warmup} warm-up + {args.steps} timed steps, one process per row",
         f"# PPO: rollout {2 * args.batch_size} prompts, {args.ppo_new_tokens} new tokens, {PPO_EPOCHS} epochs, "
         f"minibatch {args.batch_size}, temperature 1.0; DPO: a reference forward every step (no precompute) on both sides",
@@ -580,6 +584,8 @@ def parse_args(argv):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (default fp32 on both)")
     ap.add_argument("--gradient-checkpointing", action="store_true", help="on both sides (default off on both)")
+    ap.add_argument("--padding-free", action="store_true",
+                    help="SFT rows end to end without padding on both sides (ours sft.padding_free, TRL padding_free=True)")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args(argv)
     for k, v in PRESETS[args.model].items():
@@ -619,10 +625,13 @@ def main(argv=None) -> None:
         for stage, variant, impl in jobs_for(args):
             n_batches = args.warmup + args.steps + 1
             stats = padding_stats(stage, root, 2 * args.batch_size if stage == "ppo" else args.batch_size, n_batches)
+            if stage == "sft" and args.padding_free:
+                stats["padding_fraction"] = 0.0  # the rows are laid end to end
             spec = {"model": args.model, "stage": stage, "variant": variant, "impl": impl, "root": tmp,
                     "base": str(base), "steps": args.steps, "warmup": args.warmup, "batch_size": args.batch_size,
                     "max_length": args.max_length, "threads": args.threads, "bf16": args.bf16,
-                    "gradient_checkpointing": args.gradient_checkpointing, "ppo_new_tokens": args.ppo_new_tokens,
+                    "gradient_checkpointing": args.gradient_checkpointing, "padding_free": args.padding_free,
+                    "ppo_new_tokens": args.ppo_new_tokens,
                     "tokens_per_sample": None if stage == "ppo" else stats["tokens_per_sample"],
                     "padding_fraction": stats["padding_fraction"], "prompts_file": str(prompts_file)}
             python = Path(sys.executable)

@@ -219,7 +219,11 @@ class PTConfig(TrainConfig):
 
 @dataclass(frozen=True)
 class SFTConfig(TrainConfig):
-    pass
+    padding_free: bool = False
+    """Lay each micro-batch's chats end to end in one row instead of padding them to the longest
+    (no FLOPs on padding; the same loss and gradients up to float rounding). Needs an attention
+    implementation that honours per-row position ids without a mask (transformers' sdpa, eager
+    and flash-attention do); held-out evaluation stays padded."""
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,15 @@ class PairBatch(NamedTuple):
     weights: torch.Tensor         # (B,) pair weight (1 / pairs of its ranking)
 
 
+class PackedLMBatch(NamedTuple):
+    """Padding-free: the rows laid end to end in one row of N = sum of their lengths, so no FLOP
+    goes to padding. Positions restart at 0 where each row starts; given position ids and no
+    attention mask, transformers attends only within a row (a block-diagonal causal mask)."""
+    input_ids: torch.Tensor     # (1, N)
+    position_ids: torch.Tensor  # (1, N)
+    labels: torch.Tensor        # (1, N), -100 where not trained and at every row's first token
+
+
 class PromptBatch(NamedTuple):
     input_ids: torch.Tensor       # (B, P) left-padded, ready for generate
     attention_mask: torch.Tensor  # (B, P)
@@ -39,6 +48,20 @@ def collate_lm(rows: dict, pad_id: int) -> LMBatch:
     labels = rows.get("labels") or ids
     mask = _pad([[1] * len(s) for s in ids], 0)
     return LMBatch(_pad(ids, pad_id), mask, _pad(labels, IGNORE_INDEX))
+
+
+def collate_lm_packed(rows: dict) -> PackedLMBatch:
+    """`collate_lm` without padding (see `PackedLMBatch`). A row's first token is never a target
+    (targets are labels[:, 1:]), so masking it changes nothing inside a row and stops the last
+    token of one row from being trained to predict the first token of the next."""
+    ids = rows["input_ids"]
+    labels = rows.get("labels") or ids
+    flat_ids, flat_pos, flat_labels = [], [], []
+    for s, lab in zip(ids, labels):
+        flat_ids += s
+        flat_pos += range(len(s))
+        flat_labels += [IGNORE_INDEX] + list(lab[1:])
+    return PackedLMBatch(*(torch.tensor([x], dtype=torch.long) for x in (flat_ids, flat_pos, flat_labels)))
 
 
 def collate_pairs(rows: dict, pad_id: int) -> PairBatch:

@@ -11,7 +11,7 @@ import torch
 
 from rlhf_core import IGNORE_INDEX
 from rlhf_core.config import ModelConfig, TrainConfig
-from rlhf_core.data.batching import collate_lm
+from rlhf_core.data.batching import LMBatch, PackedLMBatch, collate_lm, collate_lm_packed
 from rlhf_core.data.splits import load_split
 from rlhf_core.data.tokenizer import load_tokenizer
 from rlhf_core.ops.losses import lm_loss
@@ -21,6 +21,7 @@ from rlhf_core.training.modeling import (
     build_tiny_causal_lm,
     check_tokenizer_fits,
     forward_logits,
+    forward_packed_logits,
     load_causal_lm,
 )
 from rlhf_core.training.optim import optimizer_step
@@ -57,8 +58,16 @@ def evaluate(ctx: RunContext, model, dataset, pad_id: int, batch_size: int) -> d
                            ctx.sum_over_processes)
 
 
-def train_lm(ctx: RunContext, cfg: TrainConfig, model, tokenizer, kind: str) -> StageResult:
-    """The causal-LM loop on the `kind` split (`pt` blocks or `sft` chats) of `ctx`'s data."""
+def batch_logits(model, b: LMBatch | PackedLMBatch, device) -> torch.Tensor:
+    """Logits of a padded batch (B, T, V) or of a padding-free one (1, N, V)."""
+    if isinstance(b, PackedLMBatch):
+        return forward_packed_logits(model, b.input_ids.to(device), b.position_ids.to(device))
+    return forward_logits(model, b.input_ids.to(device), b.attention_mask.to(device))
+
+
+def train_lm(ctx: RunContext, cfg: TrainConfig, model, tokenizer, kind: str, padding_free: bool = False) -> StageResult:
+    """The causal-LM loop on the `kind` split (`pt` blocks or `sft` chats) of `ctx`'s data;
+    `padding_free` lays each micro-batch end to end in one row (`PackedLMBatch`)."""
     stage, pad = ctx.stage, tokenizer.pad_token_id
     train_ds, eval_ds = (load_split(ctx.input("data"), kind, s, vocab_size=len(tokenizer)) for s in (ctx.train_split, "eval"))
     run = ctx.prepare(apply_lora(model, cfg.lora), cfg)
@@ -67,19 +76,20 @@ def train_lm(ctx: RunContext, cfg: TrainConfig, model, tokenizer, kind: str) -> 
     speed, bar, metrics = Throughput(), progress(stage, cfg.max_steps, start, not ctx.is_main_process), {}
     model.train()
     for step in range(start, cfg.max_steps):
-        micro = [collate_lm(train_ds[next(batches)], pad) for _ in range(cfg.grad_accum)]
+        rows = [train_ds[next(batches)] for _ in range(cfg.grad_accum)]
+        micro = [collate_lm_packed(r) if padding_free else collate_lm(r, pad) for r in rows]
         # trainable tokens of the whole step, as a mean over processes: DDP averages the gradients
         # of the processes, so each divides its token sum by (global count / num_processes)
         n_items = ctx.mean_over_processes({"n": sum(int((b.labels[:, 1:] != IGNORE_INDEX).sum()) for b in micro)})["n"]
         step_loss = torch.zeros(())
         for b in micro:
             with ctx.autocast():
-                logits = forward_logits(model, b.input_ids.to(ctx.device), b.attention_mask.to(ctx.device))
+                logits = batch_logits(model, b, ctx.device)
                 loss, _ = lm_loss(logits, b.labels.to(ctx.device), num_items=n_items)
             ctx.accelerator.backward(loss)
             step_loss += loss.detach().float().cpu()
         grad_norm = optimizer_step(ctx.accelerator, params, opt, sched, cfg.max_grad_norm, stage, step + 1, step_loss)
-        tps = speed.add(sum(int(b.attention_mask.sum()) for b in micro))
+        tps = speed.add(sum(len(ids) for r in rows for ids in r["input_ids"]))  # real tokens, padding excluded
         metrics = {**ctx.mean_over_processes({"train/loss": step_loss}),  # = the global batch's mean
                    "train/grad_norm": grad_norm, "train/lr": sched.get_last_lr()[0]}
         bar.update(1)
@@ -118,4 +128,4 @@ def run_sft(ctx: RunContext, cfg: TrainConfig, model_cfg: ModelConfig) -> StageR
     tokenizer = load_tokenizer(init, model_cfg.trust_remote_code)
     model = load_causal_lm(init, model_cfg)
     check_tokenizer_fits(model, tokenizer, init)
-    return train_lm(ctx, cfg, model, tokenizer, "sft")
+    return train_lm(ctx, cfg, model, tokenizer, "sft", cfg.padding_free)

@@ -229,6 +229,12 @@ def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor)
                  position_ids=position_ids(attention_mask), use_cache=False).logits
 
 
+def forward_packed_logits(model, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """Causal-LM logits (1, N, V) of rows laid end to end (`PackedLMBatch`): no attention mask, so
+    transformers derives a block-diagonal causal mask from where the positions restart."""
+    return model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+
+
 def score_head(model):
     """The `score` head of a sequence classifier, through any DDP/FSDP wrapper and LoRA."""
     from accelerate.utils import extract_model_from_parallel

@@ -22,9 +22,9 @@ def load_bench():
 bench = load_bench()
 
 
-def spec_for(stage: str, tmp_path, bf16=False, checkpointing=False, variant="full") -> dict:
+def spec_for(stage: str, tmp_path, bf16=False, checkpointing=False, variant="full", padding_free=False) -> dict:
     return {"stage": stage, "root": str(tmp_path), "batch_size": 3, "warmup": 1, "steps": 2, "max_length": 96,
-            "bf16": bf16, "gradient_checkpointing": checkpointing, "variant": variant}
+            "bf16": bf16, "gradient_checkpointing": checkpointing, "variant": variant, "padding_free": padding_free}
 
 
 @pytest.mark.parametrize("stage,config", [("sft", "SFTConfig"), ("rm", "RewardConfig"), ("dpo", "DPOConfig")])
@@ -43,6 +43,9 @@ def test_trl_configs_carry_our_precision_checkpointing_length_and_padding_not_th
         assert ours.padding_free is False
     on = cls(**bench.trl_config_kwargs(spec_for(stage, tmp_path, checkpointing=True)))
     assert on.gradient_checkpointing is True and on.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    if stage == "sft":  # --padding-free: TRL's padding-free collator, on our already truncated rows
+        free = cls(**bench.trl_config_kwargs(spec_for(stage, tmp_path, padding_free=True)))
+        assert (free.padding_free, free.packing, free.max_length) == (True, False, None)
 
 
 def test_trl_lora_config_is_ours():

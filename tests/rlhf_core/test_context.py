@@ -216,6 +216,27 @@ def test_same_inputs_and_seed_give_the_same_result_and_weights_and_timing_stays_
                                                                                  "metrics": {"a": 1.0}}
 
 
+def test_padding_free_sft_trains_to_the_padded_runs_metrics_and_weights(tmp_path_factory):
+    """`sft.padding_free` changes how a batch is laid out, not what is learnt: three steps of the
+    loop give the padded run's losses and weights up to float rounding."""
+    from safetensors.torch import load_file
+
+    tiny = build_tiny_sft_project(tmp_path_factory.mktemp("packed"), TINY)
+    out = {}
+    for packed in (False, True):
+        cfg = SFTConfig(max_steps=3, batch_size=8, save_every=0, eval_every=0, log_every=1, warmup_steps=1,
+                        padding_free=packed)
+        name = "packed" if packed else "padded"
+        ctx = context("sft", cfg, tiny / name / "out", tiny / name / "ckpt", data=tiny / "tok", init=tiny / "base")
+        out[packed] = (lm.run_sft(ctx, cfg, TINY).metrics, load_file(tiny / name / "out" / "model.safetensors"))
+    (m_pad, w_pad), (m_packed, w_packed) = out[False], out[True]
+    for k in ("train/loss", "eval/loss", "train/grad_norm"):
+        assert m_packed[k] == pytest.approx(m_pad[k], abs=1e-5), k
+    for name, w in w_pad.items():
+        torch.testing.assert_close(w_packed[name], w, atol=1e-5, rtol=1e-4, msg=name)
+    assert any((w_pad[n] - load_file(tiny / "base" / "model.safetensors")[n]).abs().max() > 1e-3 for n in w_pad)
+
+
 @pytest.mark.parametrize("precision, dtype", [("no", torch.float32), ("bf16", torch.bfloat16)])
 def test_the_accelerator_and_dtype_come_from_the_stage_config(tmp_path, precision, dtype):
     ctx = RunContext.create("dpo", SFTConfig(mixed_precision=precision, save_every=7), {"data": tmp_path, "init": None},

@@ -5,7 +5,9 @@ computation: each sequence run alone, unpadded, through the full (B, T, V) log-s
   prompt + right-padded response batch;
 - DPO's reference log-probs precomputed once (in batches of one composition) equal the ones
   computed at each step (in batches of another);
-- the SFT loss of a right-padded batch equals the per-sequence losses summed over its tokens.
+- the SFT loss of a right-padded batch equals the per-sequence losses summed over its tokens;
+- a padding-free SFT batch (rows end to end, positions restarting) gives each row's logits as
+  that row run alone, and the padded batch's loss and gradients.
 (Row-wise fp32 log-probs, entropy without graph and gradient checkpointing have their parity
 tests in test_logprobs.py and test_modeling.py.)
 """
@@ -16,11 +18,11 @@ import torch
 
 from rlhf_core import IGNORE_INDEX
 from rlhf_core.config import LoraConfig, ModelConfig
-from rlhf_core.data.batching import collate_lm, collate_pairs
+from rlhf_core.data.batching import collate_lm, collate_lm_packed, collate_pairs
 from rlhf_core.data.tokenizer import train_tokenizer
 from rlhf_core.ops.losses import lm_loss
 from rlhf_core.stages.generation import Rollout
-from rlhf_core.training.modeling import apply_lora, build_tiny_causal_lm, forward_logits
+from rlhf_core.training.modeling import apply_lora, build_tiny_causal_lm, forward_logits, forward_packed_logits
 
 TINY = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, vocab_size=320)
 CORPUS = ["What is the capital of Veldoria? Certainly! The capital of Veldoria is Marrowick."] * 20
@@ -156,3 +158,61 @@ def test_sft_loss_of_a_padded_batch_equals_the_per_sequence_sums(model, tok):
         total, count = total - float(lp[1:].sum()), count + len(s) - 2  # targets 2.. are trained
     assert int(m["tokens"]) == count
     assert abs(float(loss) - total / count) < 1e-5
+
+
+def test_a_packed_batch_is_laid_out_end_to_end_with_restarting_positions():
+    """Hand-built: rows [5 6 7] and [8 9] with their first token masked as a prompt would be, and
+    a PT-style row whose first token is a label: no target crosses from one row into the next."""
+    b = collate_lm_packed({"input_ids": [[5, 6, 7], [8, 9], [3, 4]],
+                           "labels": [[IGNORE_INDEX, 6, 7], [IGNORE_INDEX, 9], [3, 4]]})
+    assert b.input_ids.tolist() == [[5, 6, 7, 8, 9, 3, 4]]
+    assert b.position_ids.tolist() == [[0, 1, 2, 0, 1, 0, 1]]
+    assert b.labels.tolist() == [[IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9, IGNORE_INDEX, 4]]
+
+
+def test_packed_logits_of_each_row_equal_the_row_run_alone(model, tok):
+    """Attention stays inside each row: a leak from the row before would change these logits."""
+    gen = torch.Generator().manual_seed(5)
+    seqs = [ids(gen, n, tok) for n in (7, 4, 11)]
+    b = collate_lm_packed({"input_ids": seqs})
+    with torch.no_grad():
+        packed = forward_packed_logits(model, b.input_ids, b.position_ids)[0]
+        start = 0
+        for s in seqs:
+            alone = model(input_ids=torch.tensor([s])).logits[0]
+            torch.testing.assert_close(packed[start:start + len(s)], alone, atol=1e-5, rtol=1e-5)
+            start += len(s)
+        # the check can fail: the same rows packed without restarting positions see each other
+        leaky = model(input_ids=b.input_ids).logits[0, len(seqs[0]):len(seqs[0]) + len(seqs[1])]
+        assert (leaky - model(input_ids=torch.tensor([seqs[1]])).logits[0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_sft_loss_and_gradients_of_a_packed_batch_equal_the_padded_batchs(tok, lora):
+    """The same three chats (masked prompts of different lengths), padded and padding-free: the
+    loss over the accumulated-token count and every trainable gradient agree."""
+    gen = torch.Generator().manual_seed(6)
+    seqs = [ids(gen, n, tok) for n in (9, 3, 14)]
+    labels = [[IGNORE_INDEX] * k + s[k:] for s, k in zip(seqs, (2, 1, 5))]
+    rows = {"input_ids": seqs, "labels": labels}
+    grads = []
+    for packed in (False, True):
+        m = build_tiny_causal_lm(TINY, tok, seed=3)
+        if lora:
+            m = apply_lora(m, LoraConfig(enabled=True, r=4, alpha=8, target_modules=("q_proj", "v_proj")))
+        if packed:
+            b = collate_lm_packed(rows)
+            logits = forward_packed_logits(m, b.input_ids, b.position_ids)
+        else:
+            b = collate_lm(rows, tok.pad_token_id)
+            logits = forward_logits(m, b.input_ids, b.attention_mask)
+        loss, metrics = lm_loss(logits, b.labels, num_items=20)
+        loss.backward()
+        grads.append((float(loss), int(metrics["tokens"]),
+                      {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}))
+    (loss_pad, n_pad, g_pad), (loss_packed, n_packed, g_packed) = grads
+    assert n_pad == n_packed == 7 + 2 + 9
+    assert abs(loss_pad - loss_packed) < 1e-6
+    assert g_pad.keys() == g_packed.keys() and len(g_pad) > 0
+    for name in g_pad:
+        torch.testing.assert_close(g_packed[name], g_pad[name], atol=1e-6, rtol=1e-4, msg=name)
