@@ -2,6 +2,11 @@
 
 Convention: logits[:, t] is the model's prediction for token t + 1, so a sequence of T tokens
 yields T - 1 scored positions.
+
+Logits come either at every position, (B, T, V), or only where a trained token is predicted,
+(N, V) in row-major order of `scored_mask(labels)`: what a transformers causal LM returns for
+`logits_to_keep=scored_mask(labels)`, so the vocabulary projection never runs on prompt or padding
+positions and no (B, T, V) tensor exists.
 """
 from __future__ import annotations
 
@@ -21,12 +26,26 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Te
     """
     if logits.dtype in (torch.float32, torch.float64):
         return _picked_minus_logsumexp(logits, index)
-    return torch.stack([_picked_minus_logsumexp(row.float(), i) for row, i in zip(logits, index)])
+    chunk = 1 if logits.dim() > 2 else 256  # (N, V): a few hundred positions at a time
+    return torch.cat([_picked_minus_logsumexp(part.float(), i) for part, i in zip(logits.split(chunk), index.split(chunk))])
 
 
 def _picked_minus_logsumexp(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     picked = torch.gather(logits, -1, index.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
+
+
+def scored_mask(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: True at position t when labels[:, t + 1] is trained (not -100); the last column
+    is False. Passed as `logits_to_keep`, it makes the model project only these positions."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return keep
+
+
+def scored_targets(labels: torch.Tensor) -> torch.Tensor:
+    """(N,): the trained tokens, in the order of the logits at `scored_mask(labels)`."""
+    return labels[:, 1:][scored_mask(labels)[:, :-1]]
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -40,10 +59,15 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tenso
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed log-probability of the trainable tokens of each sequence.
 
-    logits: (B, T, V); labels: (B, T) with -100 marking tokens that are not scored (prompt,
-    padding). Returns (B,) = sum_t [labels[:, t+1] != -100] * log p(labels[:, t+1] | prefix).
+    logits: (B, T, V), or (N, V) at `scored_mask(labels)` only; labels: (B, T) with -100 marking
+    tokens that are not scored (prompt, padding).
+    Returns (B,) = sum_t [labels[:, t+1] != -100] * log p(labels[:, t+1] | prefix).
     A sum, not a mean: the DPO convention (TRL) for sequence log-likelihoods.
     """
+    if logits.dim() == 2:
+        per_token = selective_log_softmax(logits, scored_targets(labels))
+        rows = scored_mask(labels).nonzero()[:, 0]
+        return torch.zeros(labels.shape[0], dtype=per_token.dtype, device=per_token.device).index_add(0, rows, per_token)
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     safe_targets = torch.where(keep, targets, torch.zeros_like(targets))  # never gather at -100

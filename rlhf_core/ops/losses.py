@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf_core import IGNORE_INDEX
+from rlhf_core.ops.logprobs import scored_targets
 from rlhf_core.ops.masked import masked_mean
 
 Metrics = dict[str, torch.Tensor]
@@ -24,15 +25,19 @@ def lm_loss(
 ) -> tuple[torch.Tensor, Metrics]:
     """Next-token cross-entropy, summed over trainable tokens and divided by `num_items`.
 
-    logits: (B, T, V); labels: (B, T), -100 marks tokens that are not trained on.
+    logits: (B, T, V), or (N, V) at `scored_mask(labels)` only (see `ops.logprobs`); labels:
+    (B, T), -100 marks tokens that are not trained on.
     num_items: trainable-token count of the whole accumulated batch (all micro-batches of one
     optimizer step), so that summing micro-batch losses reproduces the full-batch mean exactly.
     None divides by this batch's own trainable-token count (clamped to 1, so a batch with no
     trainable token gives a zero loss rather than NaN).
     Metrics: `loss` (mean per token over this batch), `tokens` (trainable tokens in this batch).
     """
-    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    shift_labels = labels[:, 1:].reshape(-1)
+    if logits.dim() == 2:
+        shift_logits, shift_labels = logits.float(), scored_targets(labels)
+    else:
+        shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+        shift_labels = labels[:, 1:].reshape(-1)
     total = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
     tokens = (shift_labels != IGNORE_INDEX).sum()
     denom = tokens.clamp(min=1) if num_items is None else num_items

@@ -16,7 +16,7 @@ from rlhf_core.config import DPOConfig, ModelConfig
 from rlhf_core.data.batching import PairBatch, collate_pairs
 from rlhf_core.data.splits import load_split
 from rlhf_core.data.tokenizer import load_tokenizer
-from rlhf_core.ops.logprobs import sequence_logprobs
+from rlhf_core.ops.logprobs import scored_mask, sequence_logprobs
 from rlhf_core.ops.losses import dpo_loss
 from rlhf_core.training.context import RunContext, StageResult
 from rlhf_core.training.frozen import Frozen, reference
@@ -27,9 +27,9 @@ from rlhf_core.training.progress import Throughput, progress, scalars
 
 def pair_logprobs(model, batch: PairBatch, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(chosen, rejected) summed response log-probs, each (B,), and the chosen-token count (B,)."""
-    logits = forward_logits(model, batch.input_ids.to(device), batch.attention_mask.to(device))
     labels = batch.labels.to(device)
-    logps = sequence_logprobs(logits, labels)
+    logits = forward_logits(model, batch.input_ids.to(device), batch.attention_mask.to(device), scored_mask(labels))
+    logps = sequence_logprobs(logits, labels)  # (N, V) logits: only the response positions are projected
     n_tokens = (labels[:, 1:] != IGNORE_INDEX).sum(-1)
     chosen, rejected = logps.chunk(2)
     return chosen, rejected, n_tokens.chunk(2)[0]

@@ -14,6 +14,7 @@ from rlhf_core.config import ModelConfig, TrainConfig
 from rlhf_core.data.batching import LMBatch, PackedLMBatch, collate_lm, collate_lm_packed
 from rlhf_core.data.splits import load_split
 from rlhf_core.data.tokenizer import load_tokenizer
+from rlhf_core.ops.logprobs import scored_mask
 from rlhf_core.ops.losses import lm_loss
 from rlhf_core.training.context import RunContext, StageResult
 from rlhf_core.training.modeling import (
@@ -28,6 +29,15 @@ from rlhf_core.training.optim import optimizer_step
 from rlhf_core.training.progress import Throughput, progress, scalars
 
 
+def batch_logits(model, b: LMBatch | PackedLMBatch, device) -> torch.Tensor:
+    """(N, V) logits at the N positions that predict a trained token (`scored_mask`), of a padded
+    or a padding-free batch: the vocabulary projection skips prompt and padding positions."""
+    keep = scored_mask(b.labels)
+    if isinstance(b, PackedLMBatch):
+        return forward_packed_logits(model, b.input_ids.to(device), b.position_ids.to(device), keep)
+    return forward_logits(model, b.input_ids.to(device), b.attention_mask.to(device), keep)
+
+
 @torch.no_grad()
 def evaluate_lm(model, dataset, pad_id: int, batch_size: int, device, rows: list[int] | None = None,
                 total: Callable[[dict], dict] | None = None) -> dict[str, float]:
@@ -40,8 +50,7 @@ def evaluate_lm(model, dataset, pad_id: int, batch_size: int, device, rows: list
     loss_sum, count = 0.0, 0
     for i in range(0, len(rows), batch_size):
         b = collate_lm(dataset[rows[i:i + batch_size]], pad_id)
-        logits = forward_logits(model, b.input_ids.to(device), b.attention_mask.to(device))
-        loss, m = lm_loss(logits, b.labels.to(device))
+        loss, m = lm_loss(batch_logits(model, b, device), b.labels.to(device))
         loss_sum, count = loss_sum + float(loss) * int(m["tokens"]), count + int(m["tokens"])
     model.train()
     sums = (total or dict)({"loss": loss_sum, "tokens": count})
@@ -58,11 +67,6 @@ def evaluate(ctx: RunContext, model, dataset, pad_id: int, batch_size: int) -> d
                            ctx.sum_over_processes)
 
 
-def batch_logits(model, b: LMBatch | PackedLMBatch, device) -> torch.Tensor:
-    """Logits of a padded batch (B, T, V) or of a padding-free one (1, N, V)."""
-    if isinstance(b, PackedLMBatch):
-        return forward_packed_logits(model, b.input_ids.to(device), b.position_ids.to(device))
-    return forward_logits(model, b.input_ids.to(device), b.attention_mask.to(device))
 
 
 def train_lm(ctx: RunContext, cfg: TrainConfig, model, tokenizer, kind: str, padding_free: bool = False) -> StageResult:

@@ -23,7 +23,7 @@ from rlhf_core.data.splits import load_split
 from rlhf_core.data.tokenizer import load_tokenizer
 from rlhf_core.ops.gae import compute_token_rewards, gae_advantages
 from rlhf_core.ops.kl import kl_penalty, make_kl_controller
-from rlhf_core.ops.logprobs import entropy_from_logits, gather_last, selective_log_softmax
+from rlhf_core.ops.logprobs import entropy_from_logits, gather_last, scored_mask, selective_log_softmax
 from rlhf_core.ops.losses import lm_loss, ppo_policy_loss, ppo_value_loss
 from rlhf_core.ops.masked import masked_mean, masked_whiten
 from rlhf_core.stages.generation import Rollout, decode_responses, sample
@@ -69,7 +69,8 @@ def response_logprobs(model, rollout: Rollout, temperature: float, rows=slice(No
     low-precision logits are upcast a row at a time (see `selective_log_softmax`)."""
     seq, attn, P = rollout.sequences[rows], rollout.attention_mask[rows], rollout.prompt_length
     R = seq.shape[1] - P
-    logits = forward_logits(model, seq, attn)[:, P - 1:P - 1 + R] / temperature  # position t predicts t+1
+    # position t predicts t + 1; only the R response-predicting positions are projected
+    logits = forward_logits(model, seq, attn, torch.arange(P - 1, P - 1 + R)) / temperature
     return selective_log_softmax(logits, seq[:, P:]), entropy_from_logits(logits)
 
 
@@ -128,8 +129,10 @@ def ppo_update(exp: Experience, rows: torch.Tensor, actor, critic, cfg: PPOConfi
     actor_loss = pg_loss
     if ptx_batch is not None:  # InstructGPT PPO-ptx: keep the pretraining (or SFT) likelihood up
         device = logprobs.device
-        logits = forward_logits(actor, ptx_batch.input_ids.to(device), ptx_batch.attention_mask.to(device))
-        ptx, _ = lm_loss(logits, ptx_batch.labels.to(device))
+        labels = ptx_batch.labels.to(device)
+        logits = forward_logits(actor, ptx_batch.input_ids.to(device), ptx_batch.attention_mask.to(device),
+                                scored_mask(labels))
+        ptx, _ = lm_loss(logits, labels)
         actor_loss = actor_loss + cfg.ptx_coef * ptx
         m["loss/ptx"] = ptx.detach()
     return actor_loss, vf_loss, m

@@ -223,16 +223,24 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Causal-LM logits (B, T, V) with padding-aware positions."""
+def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal-LM logits (B, T, V) with padding-aware positions. `keep` projects only some positions
+    onto the vocabulary (transformers' `logits_to_keep`): a (B, T) bool mask such as
+    `ops.logprobs.scored_mask(labels)` gives (N, V) for its N True positions, a 1-D tensor of
+    positions gives (B, K, V)."""
+    extra = {} if keep is None else {"logits_to_keep": keep.to(input_ids.device)}
     return model(input_ids=input_ids, attention_mask=attention_mask,
-                 position_ids=position_ids(attention_mask), use_cache=False).logits
+                 position_ids=position_ids(attention_mask), use_cache=False, **extra).logits
 
 
-def forward_packed_logits(model, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+def forward_packed_logits(model, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                          keep: torch.Tensor | None = None) -> torch.Tensor:
     """Causal-LM logits (1, N, V) of rows laid end to end (`PackedLMBatch`): no attention mask, so
-    transformers derives a block-diagonal causal mask from where the positions restart."""
-    return model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+    transformers derives a block-diagonal causal mask from where the positions restart. `keep` as
+    in `forward_logits`."""
+    extra = {} if keep is None else {"logits_to_keep": keep.to(input_ids.device)}
+    return model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra).logits
 
 
 def score_head(model):

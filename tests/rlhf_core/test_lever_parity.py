@@ -7,7 +7,9 @@ computation: each sequence run alone, unpadded, through the full (B, T, V) log-s
   computed at each step (in batches of another);
 - the SFT loss of a right-padded batch equals the per-sequence losses summed over its tokens;
 - a padding-free SFT batch (rows end to end, positions restarting) gives each row's logits as
-  that row run alone, and the padded batch's loss and gradients.
+  that row run alone, and the padded batch's loss and gradients;
+- logits projected only at the positions that predict a trained token (`scored_mask` as
+  `logits_to_keep`) give the full-logits SFT loss, DPO sequence log-probs and their gradients.
 (Row-wise fp32 log-probs, entropy without graph and gradient checkpointing have their parity
 tests in test_logprobs.py and test_modeling.py.)
 """
@@ -20,6 +22,7 @@ from rlhf_core import IGNORE_INDEX
 from rlhf_core.config import LoraConfig, ModelConfig
 from rlhf_core.data.batching import collate_lm, collate_lm_packed, collate_pairs
 from rlhf_core.data.tokenizer import train_tokenizer
+from rlhf_core.ops.logprobs import scored_mask, sequence_logprobs
 from rlhf_core.ops.losses import lm_loss
 from rlhf_core.stages.generation import Rollout
 from rlhf_core.training.modeling import apply_lora, build_tiny_causal_lm, forward_logits, forward_packed_logits
@@ -216,3 +219,39 @@ def test_sft_loss_and_gradients_of_a_packed_batch_equal_the_padded_batchs(tok, l
     assert g_pad.keys() == g_packed.keys() and len(g_pad) > 0
     for name in g_pad:
         torch.testing.assert_close(g_packed[name], g_pad[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_logits_at_the_scored_positions_only_give_the_full_logits_loss_logprobs_and_gradients(tok, lora):
+    """A right-padded batch with prompts of different lengths: the (N, V) logits at
+    `scored_mask(labels)` (N = trained tokens, here 7 + 2 + 9) give the (B, T, V) path's SFT loss,
+    per-sequence log-prob sums and gradients."""
+    gen = torch.Generator().manual_seed(7)
+    seqs = [ids(gen, n, tok) for n in (9, 3, 14)]
+    labels = [[IGNORE_INDEX] * k + s[k:] for s, k in zip(seqs, (2, 1, 5))]
+    b = collate_lm({"input_ids": seqs, "labels": labels}, tok.pad_token_id)
+    keep = scored_mask(b.labels)
+    assert int(keep.sum()) == 18 and not keep[:, -1].any()
+    out = []
+    for kept in (False, True):
+        m = build_tiny_causal_lm(TINY, tok, seed=3)
+        if lora:
+            m = apply_lora(m, LoraConfig(enabled=True, r=4, alpha=8, target_modules=("q_proj", "v_proj")))
+        logits = forward_logits(m, b.input_ids, b.attention_mask, keep if kept else None)
+        assert logits.shape == ((18, len(tok)) if kept else (3, 14, len(tok)))
+        loss, _ = lm_loss(logits, b.labels, num_items=18)
+        logps = sequence_logprobs(logits, b.labels)
+        (loss + logps.sum()).backward()
+        out.append((float(loss), logps.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}))
+    (loss_full, lp_full, g_full), (loss_kept, lp_kept, g_kept) = out
+    assert abs(loss_full - loss_kept) < 1e-6
+    torch.testing.assert_close(lp_kept, lp_full, atol=1e-5, rtol=1e-6)
+    for name in g_full:
+        torch.testing.assert_close(g_kept[name], g_full[name], atol=1e-6, rtol=1e-4, msg=name)
+    # and both equal the straightforward sum over each sequence run alone
+    with torch.no_grad():
+        m = build_tiny_causal_lm(TINY, tok, seed=3).eval()
+        for i, (s, k) in enumerate(zip(seqs, (2, 1, 5))):
+            alone, _ = alone_logprobs(m, s)
+            if not lora:  # LoRA starts at zero (B = 0), so the model is the base model either way
+                assert abs(float(lp_full[i]) - float(alone[k - 1:].sum())) < 1e-4

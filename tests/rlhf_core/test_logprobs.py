@@ -116,3 +116,14 @@ def test_entropy_is_a_metric_without_graph_and_upcasts_low_precision_rows():
     assert got.dtype == torch.float32
     p = torch.softmax(low.float(), -1)
     torch.testing.assert_close(got, -(p * torch.log(p)).sum(-1))
+
+
+def test_bf16_logits_at_scored_positions_are_upcast_in_chunks_and_match_float32():
+    """(N, V) low-precision logits (the `scored_mask` form) go through the same formula in float32,
+    a few hundred rows at a time: equal to the float32 result, for N across a chunk boundary."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(600, 50, generator=g).to(torch.bfloat16)
+    index = torch.randint(0, 50, (600,), generator=g)
+    got = selective_log_softmax(logits, index)
+    assert got.dtype == torch.float32 and got.shape == (600,)
+    assert torch.equal(got, selective_log_softmax(logits.float(), index))
