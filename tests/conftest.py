@@ -173,10 +173,10 @@ def smollm2_dir() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
     """SmolLM2's own tokenizer and chat template (no weights: a few seconds to build)."""
+    from filelock import FileLock
+
     from rlhf_core.data.tokenizer import load_tokenizer
     from rlhf_core.gguf_import import import_gguf, is_imported, smollm2_gguf
-
-    from filelock import FileLock
 
     full = SMOLLM2_CACHE / "smollm2-135m-instruct"
     SMOLLM2_CACHE.mkdir(parents=True, exist_ok=True)
