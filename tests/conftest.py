@@ -158,29 +158,31 @@ def e2e_flow_run(e2e_project, prefect_server):
 SMOLLM2_CACHE = Path(os.environ.get("RLHF_CACHE_DIR", Path.home() / ".cache" / "rlhf-pipeline"))
 
 
+def smollm2_cache_lock():
+    """Held while the SmolLM2 cache is read or written: the two test workers share it."""
+    from filelock import FileLock
+
+    SMOLLM2_CACHE.mkdir(parents=True, exist_ok=True)
+    return FileLock(SMOLLM2_CACHE / ".import.lock")
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """An HF folder (fp32 safetensors, tokenizer, ChatML template) built from the GGUF file once."""
-    from filelock import FileLock
-
     from rlhf_core.gguf_import import import_gguf, smollm2_gguf
 
-    SMOLLM2_CACHE.mkdir(parents=True, exist_ok=True)
-    with FileLock(SMOLLM2_CACHE / ".import.lock"):  # the two test workers share the cache
+    with smollm2_cache_lock():
         return import_gguf(smollm2_gguf(), SMOLLM2_CACHE / "smollm2-135m-instruct")
 
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
     """SmolLM2's own tokenizer and chat template (no weights: a few seconds to build)."""
-    from filelock import FileLock
-
     from rlhf_core.data.tokenizer import load_tokenizer
     from rlhf_core.gguf_import import import_gguf, is_imported, smollm2_gguf
 
     full = SMOLLM2_CACHE / "smollm2-135m-instruct"
-    SMOLLM2_CACHE.mkdir(parents=True, exist_ok=True)
-    with FileLock(SMOLLM2_CACHE / ".import.lock"):
+    with smollm2_cache_lock():
         path = full if is_imported(full, weights=False) else import_gguf(
             smollm2_gguf(), SMOLLM2_CACHE / "smollm2-tokenizer", weights=False)
         return load_tokenizer(path)

@@ -309,7 +309,7 @@ def test_sigterm_to_the_flow_is_passed_on_to_the_stage_and_the_next_flow_resumes
     wait_for_first_checkpoint(flow_proc, state, "the flow (DPO)", timeout=300)
     periodic = json.loads(state.read_text())["step"]
     tree = [p for p in psutil.Process(flow_proc.pid).children(recursive=True)
-            if {"dvc", "stage", "uvicorn"} & set(p.cmdline())]  # dvc repro, rlhf stage sft, the ephemeral Prefect API
+            if {"dvc", "stage", "uvicorn"} & set(p.cmdline())]  # dvc repro, rlhf stage dpo, the ephemeral Prefect API
     assert any("stage" in p.cmdline() for p in tree), "the stage runs under the flow"
     assert any("uvicorn" in p.cmdline() for p in tree), "the flow's own ephemeral Prefect API server runs under it"
     flow_proc.send_signal(signal.SIGTERM)

@@ -67,8 +67,6 @@ def evaluate(ctx: RunContext, model, dataset, pad_id: int, batch_size: int) -> d
                            ctx.sum_over_processes)
 
 
-
-
 def train_lm(ctx: RunContext, cfg: TrainConfig, model, tokenizer, kind: str, padding_free: bool = False) -> StageResult:
     """The causal-LM loop on the `kind` split (`pt` blocks or `sft` chats) of `ctx`'s data;
     `padding_free` lays each micro-batch end to end in one row (`PackedLMBatch`)."""

@@ -229,9 +229,8 @@ def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     onto the vocabulary (transformers' `logits_to_keep`): a (B, T) bool mask such as
     `ops.logprobs.scored_mask(labels)` gives (N, V) for its N True positions, a 1-D tensor of
     positions gives (B, K, V)."""
-    extra = {} if keep is None else {"logits_to_keep": keep.to(input_ids.device)}
     return model(input_ids=input_ids, attention_mask=attention_mask,
-                 position_ids=position_ids(attention_mask), use_cache=False, **extra).logits
+                 position_ids=position_ids(attention_mask), use_cache=False, **_keep(keep, input_ids.device)).logits
 
 
 def forward_packed_logits(model, input_ids: torch.Tensor, position_ids: torch.Tensor,
@@ -239,8 +238,12 @@ def forward_packed_logits(model, input_ids: torch.Tensor, position_ids: torch.Te
     """Causal-LM logits (1, N, V) of rows laid end to end (`PackedLMBatch`): no attention mask, so
     transformers derives a block-diagonal causal mask from where the positions restart. `keep` as
     in `forward_logits`."""
-    extra = {} if keep is None else {"logits_to_keep": keep.to(input_ids.device)}
-    return model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra).logits
+    return model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **_keep(keep, input_ids.device)).logits
+
+
+def _keep(keep: torch.Tensor | None, device) -> dict:
+    """The model's `logits_to_keep` argument for `keep` (none: every position)."""
+    return {} if keep is None else {"logits_to_keep": keep.to(device)}
 
 
 def score_head(model):

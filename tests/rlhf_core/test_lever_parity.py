@@ -163,6 +163,22 @@ def test_sft_loss_of_a_padded_batch_equals_the_per_sequence_sums(model, tok):
     assert abs(float(loss) - total / count) < 1e-5
 
 
+PROMPTS = (2, 1, 5)  # masked prompt tokens of the three chats below: 7 + 2 + 9 = 18 trained tokens
+
+
+def three_chats(tok, seed: int) -> dict:
+    """Three chats of 9, 3 and 14 random tokens whose first `PROMPTS` tokens are masked."""
+    gen = torch.Generator().manual_seed(seed)
+    seqs = [ids(gen, n, tok) for n in (9, 3, 14)]
+    return {"input_ids": seqs, "labels": [[IGNORE_INDEX] * k + s[k:] for s, k in zip(seqs, PROMPTS)]}
+
+
+def fresh_model(tok, lora: bool):
+    """The tiny model at seed 3, with LoRA on q/v when asked (its B starts at zero)."""
+    m = build_tiny_causal_lm(TINY, tok, seed=3)
+    return apply_lora(m, LoraConfig(enabled=True, r=4, alpha=8, target_modules=("q_proj", "v_proj"))) if lora else m
+
+
 def test_a_packed_batch_is_laid_out_end_to_end_with_restarting_positions():
     """Hand-built: rows [5 6 7] and [8 9] with their first token masked as a prompt would be, and
     a PT-style row whose first token is a label: no target crosses from one row into the next."""
@@ -194,15 +210,10 @@ def test_packed_logits_of_each_row_equal_the_row_run_alone(model, tok):
 def test_sft_loss_and_gradients_of_a_packed_batch_equal_the_padded_batchs(tok, lora):
     """The same three chats (masked prompts of different lengths), padded and padding-free: the
     loss over the accumulated-token count and every trainable gradient agree."""
-    gen = torch.Generator().manual_seed(6)
-    seqs = [ids(gen, n, tok) for n in (9, 3, 14)]
-    labels = [[IGNORE_INDEX] * k + s[k:] for s, k in zip(seqs, (2, 1, 5))]
-    rows = {"input_ids": seqs, "labels": labels}
+    rows = three_chats(tok, seed=6)
     grads = []
     for packed in (False, True):
-        m = build_tiny_causal_lm(TINY, tok, seed=3)
-        if lora:
-            m = apply_lora(m, LoraConfig(enabled=True, r=4, alpha=8, target_modules=("q_proj", "v_proj")))
+        m = fresh_model(tok, lora)
         if packed:
             b = collate_lm_packed(rows)
             logits = forward_packed_logits(m, b.input_ids, b.position_ids)
@@ -226,17 +237,13 @@ def test_logits_at_the_scored_positions_only_give_the_full_logits_loss_logprobs_
     """A right-padded batch with prompts of different lengths: the (N, V) logits at
     `scored_mask(labels)` (N = trained tokens, here 7 + 2 + 9) give the (B, T, V) path's SFT loss,
     per-sequence log-prob sums and gradients."""
-    gen = torch.Generator().manual_seed(7)
-    seqs = [ids(gen, n, tok) for n in (9, 3, 14)]
-    labels = [[IGNORE_INDEX] * k + s[k:] for s, k in zip(seqs, (2, 1, 5))]
-    b = collate_lm({"input_ids": seqs, "labels": labels}, tok.pad_token_id)
+    rows = three_chats(tok, seed=7)
+    b = collate_lm(rows, tok.pad_token_id)
     keep = scored_mask(b.labels)
     assert int(keep.sum()) == 18 and not keep[:, -1].any()
     out = []
     for kept in (False, True):
-        m = build_tiny_causal_lm(TINY, tok, seed=3)
-        if lora:
-            m = apply_lora(m, LoraConfig(enabled=True, r=4, alpha=8, target_modules=("q_proj", "v_proj")))
+        m = fresh_model(tok, lora)
         logits = forward_logits(m, b.input_ids, b.attention_mask, keep if kept else None)
         assert logits.shape == ((18, len(tok)) if kept else (3, 14, len(tok)))
         loss, _ = lm_loss(logits, b.labels, num_items=18)
@@ -248,10 +255,8 @@ def test_logits_at_the_scored_positions_only_give_the_full_logits_loss_logprobs_
     torch.testing.assert_close(lp_kept, lp_full, atol=1e-5, rtol=1e-6)
     for name in g_full:
         torch.testing.assert_close(g_kept[name], g_full[name], atol=1e-6, rtol=1e-4, msg=name)
-    # and both equal the straightforward sum over each sequence run alone
-    with torch.no_grad():
-        m = build_tiny_causal_lm(TINY, tok, seed=3).eval()
-        for i, (s, k) in enumerate(zip(seqs, (2, 1, 5))):
+    if not lora:  # and both equal the straightforward sum over each sequence run alone
+        m = fresh_model(tok, lora=False).eval()
+        for i, (s, k) in enumerate(zip(rows["input_ids"], PROMPTS)):
             alone, _ = alone_logprobs(m, s)
-            if not lora:  # LoRA starts at zero (B = 0), so the model is the base model either way
-                assert abs(float(lp_full[i]) - float(alone[k - 1:].sum())) < 1e-4
+            assert abs(float(lp_full[i]) - float(alone[k - 1:].sum())) < 1e-4
