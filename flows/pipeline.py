@@ -86,7 +86,7 @@ def repro_stage(stage: str, project_dir: str, parent_run_id: str | None, force: 
         tail = "\n".join(lines[-30:])
         raise StageFailed(f"stage '{stage}' failed (exit {proc.returncode}):\n{tail}")
     run_path = root / layout.run_record(stage)
-    run = yaml.safe_load(run_path.read_text()) if run_path.exists() else {}
+    run = yaml.load(run_path.read_text(), Loader=layout.SAFE_LOADER) if run_path.exists() else {}
     record = {"stage": stage, "status": "ran" if stage_state(root, stage) != before else "skipped",
               "version": stage_version(layout.read_lock(root).get(stage, {})), "seconds": round(seconds, 2),
               "train_seconds": _train_seconds(run), "mlflow_run": run.get("mlflow_run_id", "")}

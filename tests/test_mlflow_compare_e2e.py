@@ -4,13 +4,11 @@ The first run is the session's `e2e_flow_run`. Its project is copied (git repo, 
 MLflow store) so the second flow run, with another `dpo.beta`, touches nothing the other end-to-end
 tests look at; DVC reruns only `dpo` and `evaluate` there and skips the rest."""
 import json
-import shutil
-import sqlite3
 import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, set_params
+from conftest import ROOT, copy_project, set_params
 
 pytestmark = pytest.mark.slow
 
@@ -33,12 +31,7 @@ def two_runs(e2e_project, e2e_flow_run, tmp_path_factory):
 
     first_child = next(r["mlflow_run"] for r in e2e_flow_run if r["stage"] == "generate")
     first = _client(e2e_project).get_run(first_child).data.tags["mlflow.parentRunId"]
-    project = tmp_path_factory.mktemp("compare") / "project"
-    shutil.copytree(e2e_project, project, symlinks=True)
-    old = (e2e_project / "mlruns").resolve().as_uri()
-    with sqlite3.connect(project / "mlflow.db") as db:  # new artifacts go to the copy's own mlruns
-        db.execute("UPDATE experiments SET artifact_location = ? WHERE artifact_location = ?",
-                   ((project / "mlruns").resolve().as_uri(), old))
+    project = copy_project(e2e_project, tmp_path_factory.mktemp("compare") / "project")
     set_params(project / "params.yaml", {"dpo": {"beta": SECOND_BETA}, "data": {"sft": "data/demo/sft.jsonl"}})
     records = pipeline(project_dir=str(project))
     second_child = next(r["mlflow_run"] for r in records if r["stage"] == "dpo")
