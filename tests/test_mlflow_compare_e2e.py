@@ -1,14 +1,14 @@
 """Two pipeline runs that differ in `dpo.beta`, compared through MLflow and `rlhf compare`.
 
-The first run is the session's `e2e_flow_run`. Its project is copied (git repo, DVC cache, outputs,
-MLflow store) so the second flow run, with another `dpo.beta`, touches nothing the other end-to-end
-tests look at; DVC reruns only `dpo` and `evaluate` there and skips the rest."""
+The first run is the session's `e2e_flow_run`; the second, with another `dpo.beta`, runs in this
+file's own copy of its project (git repo, DVC cache, outputs, MLflow store), where DVC reruns only
+`dpo` and `evaluate` and skips the rest."""
 import json
 import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, copy_project, set_params
+from conftest import ROOT, set_params
 
 pytestmark = pytest.mark.slow
 
@@ -25,13 +25,13 @@ def _client(project):
 
 
 @pytest.fixture(scope="module")
-def two_runs(e2e_project, e2e_flow_run, tmp_path_factory):
+def two_runs(e2e_project, e2e_flow_run):
     """(project copy, first parent run id, second parent run id, second flow's records)."""
     from flows.pipeline import pipeline
 
     first_child = next(r["mlflow_run"] for r in e2e_flow_run if r["stage"] == "generate")
-    first = _client(e2e_project).get_run(first_child).data.tags["mlflow.parentRunId"]
-    project = copy_project(e2e_project, tmp_path_factory.mktemp("compare") / "project")
+    project = e2e_project  # this file's own copy of the session's flow run
+    first = _client(project).get_run(first_child).data.tags["mlflow.parentRunId"]
     set_params(project / "params.yaml", {"dpo": {"beta": SECOND_BETA}, "data": {"sft": "data/demo/sft.jsonl"}})
     records = pipeline(project_dir=str(project))
     second_child = next(r["mlflow_run"] for r in records if r["stage"] == "dpo")

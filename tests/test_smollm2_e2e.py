@@ -16,11 +16,11 @@ pytestmark = pytest.mark.slow
 TWO_STEPS = {"max_steps": 2, "batch_size": 2, "warmup_steps": 1, "save_every": 1, "eval_every": 0, "log_every": 1}
 
 
-def make_sample(out):
+def make_sample(out, **kw):
     spec = importlib.util.spec_from_file_location("make_sample", ROOT / "examples" / "make_sample.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.make(out)
+    return module.make(out, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +29,11 @@ def recipe(tmp_path_factory, smollm2_dir, one_torch_thread):
     from tasks.stages import run_stage
 
     root = tmp_path_factory.mktemp("smollm2")
-    make_sample(root / "data" / "sample")
+    make_sample(root / "data" / "sample", n_eval=3)  # 3 evaluation prompts, not 8
     p = yaml.safe_load((ROOT / "examples" / "smollm2.yaml").read_text())
     p["model"]["name_or_path"] = str(smollm2_dir)
-    p["tokenize"].update({"max_length": 96, "max_prompt_length": 64, "max_response_length": 32})
+    # short rows, and held-out splits of a few rows: each is scored by every model at the end of its stage
+    p["tokenize"].update({"max_length": 96, "max_prompt_length": 64, "max_response_length": 32, "eval_fraction": 0.05})
     for stage in ("sft", "rm", "judge", "dpo"):
         p[stage].update(TWO_STEPS)
     p["ppo"].update({**TWO_STEPS, "rollout_batch_size": 2, "max_new_tokens": 8})

@@ -41,13 +41,22 @@ def reference_logprobs(ref: Frozen, batch: PairBatch, device) -> tuple[torch.Ten
     return c, r
 
 
-def precompute_reference(ref: Frozen, dataset, pad_id: int, batch_size: int, device) -> torch.Tensor:
-    """(N, 2) reference log-probs of every row, chosen then rejected."""
-    out = []
+def precompute_reference(ref: Frozen, dataset, pad_id: int, batch_size: int, device,
+                         rows: list[int] | None = None) -> torch.Tensor:
+    """(N, 2) reference log-probs, chosen then rejected, of every row, or only of `rows` (the rows
+    a run will draw; NaN elsewhere): a run shorter than an epoch scores what it trains on. Rows are
+    scored in fixed chunks of `batch_size` in dataset order whichever are asked for, so a row's
+    value never depends on which others a run needs: a resumed run gets the same values, bit for
+    bit, as the uninterrupted one."""
+    out = torch.full((len(dataset), 2), float("nan"))
+    wanted = None if rows is None else set(rows)
     for i in range(0, len(dataset), batch_size):
-        c, r = reference_logprobs(ref, collate_pairs(dataset[i:i + batch_size], pad_id), device)
-        out.append(torch.stack([c, r], -1).cpu())
-    return torch.cat(out)
+        chunk = range(i, min(i + batch_size, len(dataset)))
+        if wanted is not None and wanted.isdisjoint(chunk):
+            continue
+        c, r = reference_logprobs(ref, collate_pairs(dataset[i:chunk.stop], pad_id), device)
+        out[i:chunk.stop] = torch.stack([c, r], -1).float().cpu()
+    return out
 
 
 def step_loss(policy, ref: Frozen, batch: PairBatch, ref_logps: torch.Tensor | None, cfg: DPOConfig, device):
@@ -113,8 +122,11 @@ def run_dpo(ctx: RunContext, cfg: DPOConfig, model_cfg: ModelConfig) -> StageRes
     policy, opt, sched, params, start = run.model, run.optimizer, run.scheduler, run.params, run.start
     # under the policy's autocast, so step 0 has log-ratio 0
     ref = reference(ctx.accelerator.unwrap_model(policy), lambda: load_causal_lm(init, model_cfg), ctx.device, ctx.autocast)
-    ref_table = precompute_reference(ref, train_ds, pad, cfg.batch_size, ctx.device) if cfg.precompute_ref else None
     batches = ctx.batches(len(train_ds), cfg.batch_size, cfg.seed, start * cfg.grad_accum)
+    planned = [next(batches) for _ in range((cfg.max_steps - start) * cfg.grad_accum)]  # this run's micro-batches
+    ref_table = (precompute_reference(ref, train_ds, pad, cfg.batch_size, ctx.device, [i for b in planned for i in b])
+                 if cfg.precompute_ref else None)
+    batches = iter(planned)
     speed, bar, metrics = Throughput(), progress(stage, cfg.max_steps, start, not ctx.is_main_process), {}
     policy.train()
     for step in range(start, cfg.max_steps):

@@ -38,7 +38,7 @@ def test_missing_model_path_is_named(tmp_path, capsys):
 def test_rlhf_run_ends_on_sigterm_by_an_exception_that_main_turns_into_143():
     """The handler `rlhf run` installs raises (the process then exits normally, running the exit
     handler that stops Prefect's ephemeral API server); the process-level check is in
-    test_reliability_e2e.py."""
+    test_flow_interruptions_e2e.py."""
     import signal
 
     import pytest

@@ -148,6 +148,36 @@ def test_precomputed_dpo_reference_equals_the_per_step_reference_and_each_pair_a
             assert abs(float(table[i, k]) - float(lp[-len(resp):].sum())) < 1e-4
 
 
+def test_reference_precomputed_for_the_rows_a_run_draws_equals_the_full_table_bit_for_bit(tok):
+    """A run shorter than an epoch scores only the chunks holding its rows, the same fixed chunks
+    as the full table: they get identical values (a resumed run, asking for fewer, too), and the
+    chunks holding none of them are never run and stay NaN."""
+    from rlhf_core.stages.dpo import precompute_reference
+    from rlhf_core.training.frozen import reference
+
+    ds = pair_rows(tok, 11, seed=4)
+    scored = []
+
+    class Counting(torch.nn.Module):  # the tiny model, recording how many rows each forward scores
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, **kw):
+            scored.append(input_ids.shape[0])
+            return self.inner(input_ids=input_ids, **kw)
+
+    model = Counting(build_tiny_causal_lm(TINY, tok, seed=5)).eval()
+    ref = reference(model, lambda: model, "cpu")  # no LoRA: the frozen copy is what `load` gives
+    full = precompute_reference(ref, ds, tok.pad_token_id, 4, "cpu")  # chunks [0..3], [4..7], [8..10]
+    scored.clear()
+    part = precompute_reference(ref, ds, tok.pad_token_id, 4, "cpu", rows=[9, 2, 10])
+    assert sum(scored) == 2 * (4 + 3), "chunks [0..3] and [8..10] only, chosen and rejected"
+    scored_rows = [0, 1, 2, 3, 8, 9, 10]  # the rows asked for, and the others in their chunks
+    assert torch.equal(part[scored_rows], full[scored_rows]) and not full.isnan().any()
+    assert part[4:8].isnan().all()
+
+
 def test_sft_loss_of_a_padded_batch_equals_the_per_sequence_sums(model, tok):
     gen = torch.Generator().manual_seed(4)
     seqs = [ids(gen, n, tok) for n in (9, 3, 6)]
