@@ -152,7 +152,6 @@ def run_record(project: Path, stage: str) -> dict:
     return json.loads((project / path(stage)).read_text())
 
 
-
 def copy_project(src: Path, dst: Path) -> Path:
     """A finished project moved to `dst`: git repo, DVC cache, outputs and MLflow store. The SQLite
     store holds absolute paths (artifact locations, dataset sources); they are pointed at the copy,

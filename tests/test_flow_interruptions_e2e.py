@@ -14,10 +14,6 @@ from conftest import clean_env, copy_project, dvc, processes_with_env, run_recor
 pytestmark = pytest.mark.slow
 
 
-def env(**extra):
-    return clean_env(**extra)
-
-
 def test_a_killed_flow_run_can_simply_be_run_again(e2e_project, e2e_flow_run, prefect_server, tmp_path):
     """Kill the whole flow (process group) during DPO after its first checkpoint; the next flow
     run skips the finished and unchanged stages and resumes DPO. (DPO, not an earlier stage: only
@@ -30,7 +26,7 @@ def test_a_killed_flow_run_can_simply_be_run_again(e2e_project, e2e_flow_run, pr
     set_params(e2e_project / "params.yaml", {"dpo": {"learning_rate": 0.0009}})
     state = e2e_project / "checkpoints" / "dpo" / "trainer_state.json"
     worker = subprocess.Popen([sys.executable, "-m", "flows.cli", "run"], cwd=e2e_project, start_new_session=True,
-                              env=env(RLHF_TEST_STEP_DELAY="1.5", PREFECT_HOME=str(tmp_path / "prefect")),
+                              env=clean_env(RLHF_TEST_STEP_DELAY="1.5", PREFECT_HOME=str(tmp_path / "prefect")),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_first_checkpoint(worker, state, "the flow (DPO)", timeout=300)
     os.killpg(worker.pid, signal.SIGKILL)  # the worker and everything it started die at once
@@ -82,7 +78,7 @@ def test_two_flow_runs_at_once_in_separate_checkouts_share_one_prefect_db(e2e_pr
     for name, margin in margins.items():
         copy_project(e2e_project, tmp_path / name)
         set_params(tmp_path / name / "params.yaml", {"evaluate": {"promotion_margin": margin}})
-    prefect_env = env(PREFECT_HOME=str(tmp_path / "shared-prefect"))
+    prefect_env = clean_env(PREFECT_HOME=str(tmp_path / "shared-prefect"))
     procs = {name: subprocess.Popen([sys.executable, "-m", "flows.cli", "run"], cwd=tmp_path / name, env=prefect_env,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for name in margins}
     outs = {name: p.communicate(timeout=900)[0] for name, p in procs.items()}
@@ -130,7 +126,7 @@ def test_sigterm_to_the_flow_is_passed_on_to_the_stage_and_the_next_flow_resumes
     state = e2e_project / "checkpoints" / "dpo" / "trainer_state.json"
     prefect_home = str(tmp_path / "prefect")  # only this flow (and what it starts) has it in its environment
     flow_proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run"], cwd=e2e_project,
-                                 env=env(RLHF_TEST_STEP_DELAY="1.5", PREFECT_HOME=prefect_home),
+                                 env=clean_env(RLHF_TEST_STEP_DELAY="1.5", PREFECT_HOME=prefect_home),
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_for_first_checkpoint(flow_proc, state, "the flow (DPO)", timeout=300)
     periodic = json.loads(state.read_text())["step"]

@@ -55,7 +55,7 @@ def precompute_reference(ref: Frozen, dataset, pad_id: int, batch_size: int, dev
         if wanted is not None and wanted.isdisjoint(chunk):
             continue
         c, r = reference_logprobs(ref, collate_pairs(dataset[i:chunk.stop], pad_id), device)
-        out[i:chunk.stop] = torch.stack([c, r], -1).float().cpu()
+        out[i:chunk.stop] = torch.stack([c, r], -1).cpu()
     return out
 
 
