@@ -203,8 +203,10 @@ def run_ours(spec: dict, clock: StepClock) -> int:
         cfg = PPOConfig(**common, rollout_batch_size=2 * spec["batch_size"], max_new_tokens=spec["ppo_new_tokens"],
                         ppo_epochs=PPO_EPOCHS, temperature=1.0, critic_learning_rate=LEARNING_RATE)
     else:  # DPO: a reference forward at every step, as TRL's DPOTrainer does by default
-        cfg = {"pt": PTConfig(**common), "sft": SFTConfig(**common, padding_free=spec["padding_free"]), "rm": RMConfig(**common),
-               "dpo": DPOConfig(**common, precompute_ref=False)}[stage]
+        pairs_free = spec.get("pairs_padding_free", False)
+        cfg = {"pt": PTConfig(**common), "sft": SFTConfig(**common, padding_free=spec["padding_free"]),
+               "rm": RMConfig(**common, padding_free=pairs_free),
+               "dpo": DPOConfig(**common, precompute_ref=False, padding_free=pairs_free)}[stage]
     loop = {"pt": lm.run_pt, "sft": lm.run_sft, "rm": rm.run_rm, "dpo": dpo.run_dpo, "ppo": ppo.run_ppo}[stage]
     inputs = {"data": root / "tok", "tokenizer": base, "init": base, "reward": base}
     loop(RunContext.create(stage, cfg, inputs, root / "out" / stage, root / "ckpt" / stage, f"bench-{stage}",
@@ -476,8 +478,12 @@ def header_lines(args, info: dict) -> list[str]:
         f"# identical on both sides: precision {'bf16 autocast' if args.bf16 else 'fp32'} (TRL bf16={args.bf16}), "
         f"gradient checkpointing {args.gradient_checkpointing} (TRL gradient_checkpointing={args.gradient_checkpointing}), "
         f"max length {args.max_length}, batch {args.batch_size}, "
-        + ("SFT padding-free (rows end to end, positions restarting; TRL padding_free=True), RM/DPO right padding"
-           if args.padding_free else "right padding to the batch's longest")
+        + ("SFT padding-free (rows end to end, positions restarting; TRL padding_free=True)"
+           if args.padding_free else "SFT right padding to the batch's longest")
+        + (", RM/DPO right padding" if not args.pairs_padding_free else
+           ", RM/DPO: NOT identical, ours padding-free (rm/dpo.padding_free), TRL 1.16 right-padded (RewardTrainer "
+           "has no padding-free mode and DPOTrainer disables its padding_free), so these ratios show the lever "
+           "against TRL's best available setting")
         + f" (no packing, pad_to_multiple_of=None), LoRA {lora}, AdamW(0.9, 0.95) lr {LEARNING_RATE} "
         f"constant, clip 1.0, {args.warmup} warm-up + {args.steps} timed steps, one process per row",
         f"# PPO: rollout {2 * args.batch_size} prompts, {args.ppo_new_tokens} new tokens, {PPO_EPOCHS} epochs, "
@@ -586,6 +592,9 @@ def parse_args(argv):
     ap.add_argument("--gradient-checkpointing", action="store_true", help="on both sides (default off on both)")
     ap.add_argument("--padding-free", action="store_true",
                     help="SFT rows end to end without padding on both sides (ours sft.padding_free, TRL padding_free=True)")
+    ap.add_argument("--pairs-padding-free", action="store_true",
+                    help="RM and DPO pairs end to end on our side only (rm/dpo.padding_free); TRL 1.16 has no such "
+                         "mode, so those rows are not identical work (the header says so)")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args(argv)
     for k, v in PRESETS[args.model].items():
@@ -625,12 +634,14 @@ def main(argv=None) -> None:
         for stage, variant, impl in jobs_for(args):
             n_batches = args.warmup + args.steps + 1
             stats = padding_stats(stage, root, 2 * args.batch_size if stage == "ppo" else args.batch_size, n_batches)
-            if stage == "sft" and args.padding_free:
+            if (stage == "sft" and args.padding_free) or (stage in ("rm", "dpo") and args.pairs_padding_free
+                                                          and impl == "ours"):
                 stats["padding_fraction"] = 0.0  # the rows are laid end to end
             spec = {"model": args.model, "stage": stage, "variant": variant, "impl": impl, "root": tmp,
                     "base": str(base), "steps": args.steps, "warmup": args.warmup, "batch_size": args.batch_size,
                     "max_length": args.max_length, "threads": args.threads, "bf16": args.bf16,
                     "gradient_checkpointing": args.gradient_checkpointing, "padding_free": args.padding_free,
+                    "pairs_padding_free": args.pairs_padding_free,
                     "ppo_new_tokens": args.ppo_new_tokens,
                     "tokens_per_sample": None if stage == "ppo" else stats["tokens_per_sample"],
                     "padding_fraction": stats["padding_fraction"], "prompts_file": str(prompts_file)}

@@ -228,6 +228,9 @@ class SFTConfig(TrainConfig):
 
 @dataclass(frozen=True)
 class RMConfig(TrainConfig):
+    padding_free: bool = False
+    """As `sft.padding_free`, for the pairs: a micro-batch's chosen and rejected rows end to end in
+    one row, each reward read at its row's last token."""
     margin: float = 0.0
     """Required reward gap: loss = -logsigmoid(r_c - r_r - margin)."""
     center_coef: float = 0.0
@@ -250,6 +253,9 @@ class DPOConfig(TrainConfig):
     """Weight of an NLL term on the chosen response (RPO); keeps a tiny model from collapsing."""
     precompute_ref: bool = True
     """Compute reference log-probs once before training instead of at every step."""
+    padding_free: bool = False
+    """As `sft.padding_free`, for the pairs: a micro-batch's chosen and rejected rows end to end in
+    one row, through the policy and the reference."""
 
     def __post_init__(self):
         super().__post_init__()

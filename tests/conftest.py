@@ -236,8 +236,9 @@ def smollm2_tokenizer():
         return load_tokenizer(path)
 
 
-def build_tiny_sft_project(root: Path, model_cfg) -> Path:
-    """A small demo SFT set tokenised under root/tok and an untrained tiny model in root/base."""
+def build_tiny_sft_project(root: Path, model_cfg, pairs: int = 0) -> Path:
+    """A small demo SFT set (and, if `pairs`, that many demo preference pairs) tokenised under
+    root/tok and an untrained tiny model in root/base."""
     from rlhf_core.config import TokenizeConfig
     from rlhf_core.data import formats
     from rlhf_core.data.encoding import tokenize_datasets
@@ -245,12 +246,14 @@ def build_tiny_sft_project(root: Path, model_cfg) -> Path:
     from rlhf_core.demo import data as demo_data
     from rlhf_core.training.modeling import build_tiny_causal_lm, save_model
 
-    demo_data.generate(root / "raw", demo_data.DemoDataConfig(n_pt_docs=20, n_sft=48, n_preferences=8,
+    demo_data.generate(root / "raw", demo_data.DemoDataConfig(n_pt_docs=20, n_sft=48, n_preferences=pairs or 8,
                                                              n_prompts=8, n_eval_prompts=2))
     convs = formats.read_conversations(root / "raw" / "sft.jsonl")
+    preferences = formats.read_preferences(root / "raw" / "preferences.jsonl") if pairs else None
     tok = train_tokenizer([t.content for c in convs for t in c.turns], model_cfg.vocab_size)
-    tokenize_datasets(tok, TokenizeConfig(max_length=64, block_size=32, max_prompt_length=32), root / "tok",
-                      conversations=convs)
+    max_length = 128 if pairs else 64  # room for a pair's prompt and its longer response
+    tokenize_datasets(tok, TokenizeConfig(max_length=max_length, block_size=32, max_prompt_length=32), root / "tok",
+                      conversations=convs, preferences=preferences)
     save_model(build_tiny_causal_lm(model_cfg, tok), tok, root / "base")
     return root
 

@@ -21,6 +21,11 @@ class PairBatch(NamedTuple):
     labels: torch.Tensor          # (2B, T), -100 on prompt and padding
     weights: torch.Tensor         # (B,) pair weight (1 / pairs of its ranking)
 
+    @property
+    def tokens(self) -> int:
+        """Real tokens in the batch, padding excluded."""
+        return int(self.attention_mask.sum())
+
 
 class PackedLMBatch(NamedTuple):
     """Padding-free: the rows laid end to end in one row of N = sum of their lengths, so no FLOP
@@ -29,6 +34,20 @@ class PackedLMBatch(NamedTuple):
     input_ids: torch.Tensor     # (1, N)
     position_ids: torch.Tensor  # (1, N)
     labels: torch.Tensor        # (1, N), -100 where not trained and at every row's first token
+
+
+class PackedPairBatch(NamedTuple):
+    """`PairBatch` without padding: its 2B rows (chosen first, then rejected) laid end to end in
+    one row, positions restarting at each, as in `PackedLMBatch`."""
+    input_ids: torch.Tensor     # (1, N)
+    position_ids: torch.Tensor  # (1, N)
+    labels: torch.Tensor        # (1, N), -100 on prompts and at every row's first token
+    ends: torch.Tensor          # (2B,) index of each row's last token
+    weights: torch.Tensor       # (B,)
+
+    @property
+    def tokens(self) -> int:
+        return self.input_ids.shape[1]
 
 
 class PromptBatch(NamedTuple):
@@ -50,29 +69,49 @@ def collate_lm(rows: dict, pad_id: int) -> LMBatch:
     return LMBatch(_pad(ids, pad_id), mask, _pad(labels, IGNORE_INDEX))
 
 
-def collate_lm_packed(rows: dict) -> PackedLMBatch:
-    """`collate_lm` without padding (see `PackedLMBatch`). A row's first token is never a target
-    (targets are labels[:, 1:]), so masking it changes nothing inside a row and stops the last
-    token of one row from being trained to predict the first token of the next."""
-    ids = rows["input_ids"]
-    labels = rows.get("labels") or ids
+def _end_to_end(seqs: list[list[int]], labels: list[list[int]]) -> tuple[torch.Tensor, ...]:
+    """(1, N) ids, positions and labels of `seqs` laid end to end. A row's first token is never a
+    target (targets are labels[:, 1:]), so masking it changes nothing inside a row and stops the
+    last token of one row from being trained to predict the first token of the next."""
     flat_ids, flat_pos, flat_labels = [], [], []
-    for s, lab in zip(ids, labels):
+    for s, lab in zip(seqs, labels):
         flat_ids += s
         flat_pos += range(len(s))
         flat_labels += [IGNORE_INDEX] + list(lab[1:])
-    return PackedLMBatch(*(torch.tensor([x], dtype=torch.long) for x in (flat_ids, flat_pos, flat_labels)))
+    return tuple(torch.tensor([x], dtype=torch.long) for x in (flat_ids, flat_pos, flat_labels))
 
 
-def collate_pairs(rows: dict, pad_id: int) -> PairBatch:
+def collate_lm_packed(rows: dict) -> PackedLMBatch:
+    """`collate_lm` without padding (see `PackedLMBatch`)."""
+    ids = rows["input_ids"]
+    return PackedLMBatch(*_end_to_end(ids, rows.get("labels") or ids))
+
+
+def _pair_rows(rows: dict) -> tuple[list[list[int]], list[list[int]], torch.Tensor]:
+    """Prompt + response of every chosen row, then of every rejected row; labels mask the prompts."""
     seqs, labels = [], []
     for key in ("chosen_ids", "rejected_ids"):
         for p, r in zip(rows["prompt_ids"], rows[key]):
             seqs.append(p + r)
             labels.append([IGNORE_INDEX] * len(p) + r)
+    return seqs, labels, torch.tensor(rows.get("weight") or [1.0] * len(rows["prompt_ids"]))
+
+
+def collate_pairs(rows: dict, pad_id: int) -> PairBatch:
+    seqs, labels, weights = _pair_rows(rows)
     mask = _pad([[1] * len(s) for s in seqs], 0)
-    return PairBatch(_pad(seqs, pad_id), mask, _pad(labels, IGNORE_INDEX),
-                     torch.tensor(rows.get("weight") or [1.0] * len(rows["prompt_ids"])))
+    return PairBatch(_pad(seqs, pad_id), mask, _pad(labels, IGNORE_INDEX), weights)
+
+
+def collate_pairs_packed(rows: dict) -> PackedPairBatch:
+    """`collate_pairs` without padding (see `PackedPairBatch`)."""
+    seqs, labels, weights = _pair_rows(rows)
+    ends = torch.tensor([len(s) for s in seqs]).cumsum(0) - 1
+    return PackedPairBatch(*_end_to_end(seqs, labels), ends, weights)
+
+
+def collate_pair_batch(rows: dict, pad_id: int, padding_free: bool) -> PairBatch | PackedPairBatch:
+    return collate_pairs_packed(rows) if padding_free else collate_pairs(rows, pad_id)
 
 
 def collate_prompts(rows: dict, pad_id: int) -> PromptBatch:

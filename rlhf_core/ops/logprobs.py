@@ -56,23 +56,31 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tenso
     return selective_log_softmax(logits[:, :-1], input_ids[:, 1:])
 
 
-def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, ends: torch.Tensor | None = None) -> torch.Tensor:
     """Summed log-probability of the trainable tokens of each sequence.
 
     logits: (B, T, V), or (N, V) at `scored_mask(labels)` only; labels: (B, T) with -100 marking
     tokens that are not scored (prompt, padding).
     Returns (B,) = sum_t [labels[:, t+1] != -100] * log p(labels[:, t+1] | prefix).
     A sum, not a mean: the DPO convention (TRL) for sequence log-likelihoods.
+    Rows laid end to end (`PackedPairBatch`): labels (1, N), (N', V) logits, and `ends` (R,) the
+    index of each row's last token; returns (R,).
     """
     if logits.dim() == 2:
         per_token = selective_log_softmax(logits, scored_targets(labels))
-        rows = scored_mask(labels).nonzero()[:, 0]
-        return torch.zeros(labels.shape[0], dtype=per_token.dtype, device=per_token.device).index_add(0, rows, per_token)
+        where = scored_mask(labels).nonzero()
+        rows, n = (where[:, 0], labels.shape[0]) if ends is None else (packed_rows(where[:, 1], ends), len(ends))
+        return torch.zeros(n, dtype=per_token.dtype, device=per_token.device).index_add(0, rows, per_token)
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     safe_targets = torch.where(keep, targets, torch.zeros_like(targets))  # never gather at -100
     per_token = selective_log_softmax(logits[:, :-1], safe_targets)
     return (per_token * keep.to(per_token.dtype)).sum(dim=-1)
+
+
+def packed_rows(positions: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """The row of each position of rows laid end to end, `ends` (R,) holding each row's last index."""
+    return torch.searchsorted(ends.to(positions.device), positions)
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,8 @@
 Chosen and rejected go through one concatenated forward. A sequence's log-prob is the sum over
 its response tokens only. Under LoRA the reference is the same weights with the adapters
 disabled, so no second copy is held; otherwise the reference is a frozen copy. Reference
-log-probs can be computed once before training (`precompute_ref`).
+log-probs can be computed once before training (`precompute_ref`). With `padding_free` the pair
+rows of a micro-batch are laid end to end, for the policy and the reference alike.
 """
 from __future__ import annotations
 
@@ -13,53 +14,68 @@ import torch
 
 from rlhf_core import IGNORE_INDEX
 from rlhf_core.config import DPOConfig, ModelConfig
-from rlhf_core.data.batching import PairBatch, collate_pairs
+from rlhf_core.data.batching import PackedPairBatch, PairBatch, collate_pair_batch, collate_pairs
 from rlhf_core.data.splits import load_split
 from rlhf_core.data.tokenizer import load_tokenizer
-from rlhf_core.ops.logprobs import scored_mask, sequence_logprobs
+from rlhf_core.ops.logprobs import packed_rows, scored_mask, sequence_logprobs
 from rlhf_core.ops.losses import dpo_loss
 from rlhf_core.training.context import RunContext, StageResult
 from rlhf_core.training.frozen import Frozen, reference
-from rlhf_core.training.modeling import apply_lora, check_tokenizer_fits, forward_logits, load_causal_lm
+from rlhf_core.training.modeling import (
+    apply_lora,
+    check_tokenizer_fits,
+    forward_logits,
+    forward_packed_logits,
+    load_causal_lm,
+)
 from rlhf_core.training.optim import optimizer_step
 from rlhf_core.training.progress import Throughput, progress, scalars
 
 
-def pair_logprobs(model, batch: PairBatch, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pair_logprobs(model, batch: PairBatch | PackedPairBatch, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(chosen, rejected) summed response log-probs, each (B,), and the chosen-token count (B,)."""
     labels = batch.labels.to(device)
-    logits = forward_logits(model, batch.input_ids.to(device), batch.attention_mask.to(device), scored_mask(labels))
-    logps = sequence_logprobs(logits, labels)  # (N, V) logits: only the response positions are projected
-    n_tokens = (labels[:, 1:] != IGNORE_INDEX).sum(-1)
+    keep = scored_mask(labels)  # (N, V) logits: only the response positions are projected
+    if isinstance(batch, PackedPairBatch):
+        ends = batch.ends.to(device)
+        logits = forward_packed_logits(model, batch.input_ids.to(device), batch.position_ids.to(device), keep)
+        logps = sequence_logprobs(logits, labels, ends)
+        trained = (labels[0] != IGNORE_INDEX).nonzero()[:, 0]
+        n_tokens = torch.zeros(len(ends), dtype=torch.long, device=device).index_add(
+            0, packed_rows(trained, ends), torch.ones_like(trained))
+    else:
+        logits = forward_logits(model, batch.input_ids.to(device), batch.attention_mask.to(device), keep)
+        logps = sequence_logprobs(logits, labels)
+        n_tokens = (labels[:, 1:] != IGNORE_INDEX).sum(-1)
     chosen, rejected = logps.chunk(2)
     return chosen, rejected, n_tokens.chunk(2)[0]
 
 
-def reference_logprobs(ref: Frozen, batch: PairBatch, device) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_logprobs(ref: Frozen, batch: PairBatch | PackedPairBatch, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) summed response log-probs of the frozen reference, each (B,)."""
     c, r, _ = ref(pair_logprobs, batch, device)
     return c, r
 
 
 def precompute_reference(ref: Frozen, dataset, pad_id: int, batch_size: int, device,
-                         rows: list[int] | None = None) -> torch.Tensor:
+                         rows: list[int] | None = None, padding_free: bool = False) -> torch.Tensor:
     """(N, 2) reference log-probs, chosen then rejected, of every row, or only of `rows` (the rows
     a run will draw; NaN elsewhere): a run shorter than an epoch scores what it trains on. Rows are
     scored in fixed chunks of `batch_size` in dataset order whichever are asked for, so a row's
     value never depends on which others a run needs: a resumed run gets the same values, bit for
-    bit, as the uninterrupted one."""
+    bit, as the uninterrupted one. `padding_free` lays each chunk out as training does."""
     out = torch.full((len(dataset), 2), float("nan"))
     wanted = None if rows is None else set(rows)
     for i in range(0, len(dataset), batch_size):
         chunk = range(i, min(i + batch_size, len(dataset)))
         if wanted is not None and wanted.isdisjoint(chunk):
             continue
-        c, r = reference_logprobs(ref, collate_pairs(dataset[i:chunk.stop], pad_id), device)
+        c, r = reference_logprobs(ref, collate_pair_batch(dataset[i:chunk.stop], pad_id, padding_free), device)
         out[i:chunk.stop] = torch.stack([c, r], -1).cpu()
     return out
 
 
-def step_loss(policy, ref: Frozen, batch: PairBatch, ref_logps: torch.Tensor | None, cfg: DPOConfig, device):
+def step_loss(policy, ref: Frozen, batch: PairBatch | PackedPairBatch, ref_logps: torch.Tensor | None, cfg: DPOConfig, device):
     pi_c, pi_r, n_c = pair_logprobs(policy, batch, device)
     ref_c, ref_r = reference_logprobs(ref, batch, device) if ref_logps is None else ref_logps.to(device).unbind(-1)
     loss, m = dpo_loss(pi_c, pi_r, ref_c, ref_r, cfg.beta, cfg.loss_type, cfg.label_smoothing)
@@ -124,8 +140,8 @@ def run_dpo(ctx: RunContext, cfg: DPOConfig, model_cfg: ModelConfig) -> StageRes
     ref = reference(ctx.accelerator.unwrap_model(policy), lambda: load_causal_lm(init, model_cfg), ctx.device, ctx.autocast)
     batches = ctx.batches(len(train_ds), cfg.batch_size, cfg.seed, start * cfg.grad_accum)
     planned = [next(batches) for _ in range((cfg.max_steps - start) * cfg.grad_accum)]  # this run's micro-batches
-    ref_table = (precompute_reference(ref, train_ds, pad, cfg.batch_size, ctx.device, [i for b in planned for i in b])
-                 if cfg.precompute_ref else None)
+    ref_table = (precompute_reference(ref, train_ds, pad, cfg.batch_size, ctx.device, [i for b in planned for i in b],
+                                      cfg.padding_free) if cfg.precompute_ref else None)
     batches = iter(planned)
     speed, bar, metrics = Throughput(), progress(stage, cfg.max_steps, start, not ctx.is_main_process), {}
     policy.train()
@@ -133,13 +149,13 @@ def run_dpo(ctx: RunContext, cfg: DPOConfig, model_cfg: ModelConfig) -> StageRes
         idx = [next(batches) for _ in range(cfg.grad_accum)]
         total, parts = torch.zeros(()), []
         for ix in idx:
-            b = collate_pairs(train_ds[ix], pad)
+            b = collate_pair_batch(train_ds[ix], pad, cfg.padding_free)
             with ctx.autocast():
                 loss, m = step_loss(policy, ref, b, None if ref_table is None else ref_table[ix], cfg, ctx.device)
             ctx.accelerator.backward(loss / cfg.grad_accum)
             total += loss.detach().float().cpu() / cfg.grad_accum
             parts.append(m)
-            speed.add(int(b.attention_mask.sum()))
+            speed.add(b.tokens)
         grad_norm = optimizer_step(ctx.accelerator, params, opt, sched, cfg.max_grad_norm, stage, step + 1, total)
         tps = speed.add(0)
         metrics = {f"train/{k}": sum(float(p[k]) for p in parts) / len(parts) for k in parts[0]}

@@ -1,6 +1,7 @@
 """Reward model: a one-output sequence classifier initialised from SFT, trained on pairs with
 loss -logsigmoid(r_chosen - r_rejected - margin) (+ optional centering). The score is read at
-the last non-pad token, found from the attention mask, so left and right padding both work."""
+the last non-pad token, found from the attention mask, so left and right padding both work;
+with `padding_free` the pair rows are laid end to end and each score is read at its row's end."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -8,7 +9,7 @@ from collections.abc import Callable
 import torch
 
 from rlhf_core.config import ModelConfig, RMConfig
-from rlhf_core.data.batching import PairBatch, collate_pairs
+from rlhf_core.data.batching import PackedPairBatch, PairBatch, collate_pair_batch, collate_pairs
 from rlhf_core.data.splits import load_split
 from rlhf_core.data.tokenizer import load_tokenizer
 from rlhf_core.ops.logprobs import gather_last
@@ -19,8 +20,11 @@ from rlhf_core.training.optim import optimizer_step
 from rlhf_core.training.progress import Throughput, progress, scalars
 
 
-def pair_rewards(model, batch: PairBatch, device) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_rewards(model, batch: PairBatch | PackedPairBatch, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards of the chosen and rejected rows, each (B,), from one forward over 2B rows."""
+    if isinstance(batch, PackedPairBatch):
+        scores = token_scores(model, batch.input_ids.to(device), None, batch.position_ids.to(device))
+        return scores[0, batch.ends.to(device)].chunk(2)
     mask = batch.attention_mask.to(device)
     rewards = gather_last(token_scores(model, batch.input_ids.to(device), mask), mask)
     return rewards.chunk(2)
@@ -77,7 +81,7 @@ def run_rm(ctx: RunContext, cfg: RMConfig, model_cfg: ModelConfig) -> StageResul
     speed, bar, metrics = Throughput(), progress(stage, cfg.max_steps, start, not ctx.is_main_process), {}
     model.train()
     for step in range(start, cfg.max_steps):
-        micro = [collate_pairs(train_ds[next(batches)], pad) for _ in range(cfg.grad_accum)]
+        micro = [collate_pair_batch(train_ds[next(batches)], pad, cfg.padding_free) for _ in range(cfg.grad_accum)]
         step_loss, parts = torch.zeros(()), []
         for b in micro:
             with ctx.autocast():
@@ -90,7 +94,7 @@ def run_rm(ctx: RunContext, cfg: RMConfig, model_cfg: ModelConfig) -> StageResul
             step_loss += loss.detach().float().cpu() / cfg.grad_accum
             parts.append(m)
         grad_norm = optimizer_step(ctx.accelerator, params, opt, sched, cfg.max_grad_norm, stage, step + 1, step_loss)
-        tps = speed.add(sum(int(b.attention_mask.sum()) for b in micro))
+        tps = speed.add(sum(b.tokens for b in micro))
         metrics = {f"train/{k}": sum(float(p[k]) for p in parts) / len(parts) for k in parts[0]}
         metrics.update({"train/loss": float(step_loss)})
         metrics = {**ctx.mean_over_processes(metrics), "train/grad_norm": grad_norm, "train/lr": sched.get_last_lr()[0]}

@@ -254,9 +254,11 @@ def score_head(model):
     return (inner.get_base_model() if is_peft(inner) else inner).score
 
 
-def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 positions: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token outputs (B, T) of a one-label sequence classifier: values for the critic; the
-    reward is the output at the last non-pad token.
+    reward is the output at the last non-pad token. Rows laid end to end (`PackedPairBatch`) pass
+    no mask and their restarting `positions`, as in `forward_packed_logits`.
 
     The model's own forward runs (it pools one score per row, which is not used) and the score
     head's per-token output is read as it passes: calling the backbone and head directly would
@@ -264,8 +266,8 @@ def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
     seen = []
     hook = score_head(model).register_forward_hook(lambda module, args, out: seen.append(out))
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-              use_cache=False)
+        model(input_ids=input_ids, attention_mask=attention_mask,
+              position_ids=position_ids(attention_mask) if positions is None else positions, use_cache=False)
     finally:
         hook.remove()
     return seen[-1].squeeze(-1).float()

@@ -8,6 +8,8 @@ computation: each sequence run alone, unpadded, through the full (B, T, V) log-s
 - the SFT loss of a right-padded batch equals the per-sequence losses summed over its tokens;
 - a padding-free SFT batch (rows end to end, positions restarting) gives each row's logits as
   that row run alone, and the padded batch's loss and gradients;
+- padding-free RM and DPO pairs give each row's reward and response log-prob sum as the row run
+  alone, and the padded pairs' losses and gradients;
 - logits projected only at the positions that predict a trained token (`scored_mask` as
   `logits_to_keep`) give the full-logits SFT loss, DPO sequence log-probs and their gradients.
 (Row-wise fp32 log-probs, entropy without graph and gradient checkpointing have their parity
@@ -20,7 +22,7 @@ import torch
 
 from rlhf_core import IGNORE_INDEX
 from rlhf_core.config import LoraConfig, ModelConfig
-from rlhf_core.data.batching import collate_lm, collate_lm_packed, collate_pairs
+from rlhf_core.data.batching import collate_lm, collate_lm_packed, collate_pairs, collate_pairs_packed
 from rlhf_core.data.tokenizer import train_tokenizer
 from rlhf_core.ops.logprobs import scored_mask, sequence_logprobs
 from rlhf_core.ops.losses import lm_loss
@@ -290,3 +292,88 @@ def test_logits_at_the_scored_positions_only_give_the_full_logits_loss_logprobs_
         for i, (s, k) in enumerate(zip(rows["input_ids"], PROMPTS)):
             alone, _ = alone_logprobs(m, s)
             assert abs(float(lp_full[i]) - float(alone[k - 1:].sum())) < 1e-4
+
+
+def test_packed_pairs_are_laid_out_chosen_then_rejected_with_each_rows_end():
+    b = collate_pairs_packed({"prompt_ids": [[5, 6], [7]], "chosen_ids": [[8], [9, 10]], "rejected_ids": [[11, 12], [13]],
+                              "weight": [1.0, 0.5]})
+    assert b.input_ids.tolist() == [[5, 6, 8, 7, 9, 10, 5, 6, 11, 12, 7, 13]]
+    assert b.position_ids.tolist() == [[0, 1, 2, 0, 1, 2, 0, 1, 2, 3, 0, 1]]
+    x = IGNORE_INDEX
+    assert b.labels.tolist() == [[x, x, 8, x, 9, 10, x, x, 11, 12, x, 13]]
+    assert b.ends.tolist() == [2, 5, 9, 11] and b.weights.tolist() == [1.0, 0.5] and b.tokens == 12
+
+
+def tiny_scorer(tok, lora: bool):
+    """A tiny one-label sequence classifier at seed 0 (the RM), with LoRA on q/v when asked."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    m = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=tok.pad_token_id, num_labels=1))
+    return apply_lora(m, LoraConfig(enabled=True, r=4, alpha=8, target_modules=("q_proj", "v_proj")), "SEQ_CLS") if lora else m
+
+
+def pair_grads(make_model, rows, pad: int, packed: bool, loss_of):
+    m = make_model()
+    b = collate_pairs_packed(rows) if packed else collate_pairs(rows, pad)
+    out = loss_of(m, b)
+    out[0].backward()
+    return [t.detach() for t in out], {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_rm_rewards_and_gradients_of_packed_pairs_equal_the_padded_pairs(tok, lora):
+    """Pairs of different lengths: each reward equals the score of its row run alone at its last
+    token, and the pairwise loss and every trainable gradient equal the padded batch's."""
+    from rlhf_core.ops.losses import reward_pair_loss
+    from rlhf_core.stages.rm import pair_rewards
+
+    rows = pair_rows(tok, 3, seed=8)[:3]
+
+    def loss_of(m, b):
+        c, r = pair_rewards(m, b, "cpu")
+        return reward_pair_loss(c, r, torch.zeros_like(c), 0.0)[0], c, r
+    (loss_pad, c_pad, r_pad), g_pad = pair_grads(lambda: tiny_scorer(tok, lora), rows, tok.pad_token_id, False, loss_of)
+    (loss_packed, c_packed, r_packed), g_packed = pair_grads(lambda: tiny_scorer(tok, lora), rows, tok.pad_token_id, True, loss_of)
+    torch.testing.assert_close(torch.stack([c_packed, r_packed]), torch.stack([c_pad, r_pad]), atol=1e-5, rtol=1e-5)
+    assert abs(float(loss_pad) - float(loss_packed)) < 1e-6
+    assert g_pad.keys() == g_packed.keys() and len(g_pad) > 0
+    for name in g_pad:
+        torch.testing.assert_close(g_packed[name], g_pad[name], atol=1e-6, rtol=1e-4, msg=name)
+    m = tiny_scorer(tok, lora).eval()
+    with torch.no_grad():
+        for k, key in enumerate(("chosen_ids", "rejected_ids")):
+            for i in range(3):
+                seq = rows["prompt_ids"][i] + rows[key][i]
+                alone = m(input_ids=torch.tensor([seq])).logits[0, 0]
+                assert abs(float((c_packed, r_packed)[k][i]) - float(alone)) < 1e-5
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_dpo_logprobs_token_counts_and_gradients_of_packed_pairs_equal_the_padded_pairs(model, tok, lora):
+    """Each summed response log-prob equals its row run alone; the chosen-token counts, the DPO +
+    RPO loss and every trainable gradient equal the padded batch's."""
+    from rlhf_core.ops.losses import dpo_loss
+    from rlhf_core.stages.dpo import pair_logprobs
+
+    rows = pair_rows(tok, 3, seed=9)[:3]
+
+    def loss_of(m, b):
+        c, r, n = pair_logprobs(m, b, "cpu")
+        loss = dpo_loss(c, r, torch.zeros_like(c), torch.zeros_like(r), 0.1, "sigmoid", 0.0)[0] - (c / n).mean()
+        return loss, c, r, n
+    (loss_pad, c_pad, r_pad, n_pad), g_pad = pair_grads(lambda: fresh_model(tok, lora), rows, tok.pad_token_id, False, loss_of)
+    (loss_packed, c_packed, r_packed, n_packed), g_packed = pair_grads(lambda: fresh_model(tok, lora), rows, tok.pad_token_id, True, loss_of)
+    assert n_packed.tolist() == n_pad.tolist() == [len(c) for c in rows["chosen_ids"]]
+    torch.testing.assert_close(torch.stack([c_packed, r_packed]), torch.stack([c_pad, r_pad]), atol=1e-5, rtol=1e-5)
+    assert abs(float(loss_pad) - float(loss_packed)) < 1e-6
+    assert g_pad.keys() == g_packed.keys() and len(g_pad) > 0
+    for name in g_pad:
+        torch.testing.assert_close(g_packed[name], g_pad[name], atol=1e-6, rtol=1e-4, msg=name)
+    for k, key in enumerate(("chosen_ids", "rejected_ids")):
+        for i in range(3):
+            resp = rows[key][i]
+            alone, _ = alone_logprobs(model, rows["prompt_ids"][i] + resp)
+            assert abs(float((c_packed, r_packed)[k][i]) - float(alone[-len(resp):].sum())) < 1e-4
