@@ -40,9 +40,7 @@ def pair_logprobs(model, batch: PairBatch | PackedPairBatch, device) -> tuple[to
         ends = batch.ends.to(device)
         logits = forward_packed_logits(model, batch.input_ids.to(device), batch.position_ids.to(device), keep)
         logps = sequence_logprobs(logits, labels, ends)
-        trained = (labels[0] != IGNORE_INDEX).nonzero()[:, 0]
-        n_tokens = torch.zeros(len(ends), dtype=torch.long, device=device).index_add(
-            0, packed_rows(trained, ends), torch.ones_like(trained))
+        n_tokens = torch.bincount(packed_rows((labels[0] != IGNORE_INDEX).nonzero()[:, 0], ends), minlength=len(ends))
     else:
         logits = forward_logits(model, batch.input_ids.to(device), batch.attention_mask.to(device), keep)
         logps = sequence_logprobs(logits, labels)
@@ -75,7 +73,8 @@ def precompute_reference(ref: Frozen, dataset, pad_id: int, batch_size: int, dev
     return out
 
 
-def step_loss(policy, ref: Frozen, batch: PairBatch | PackedPairBatch, ref_logps: torch.Tensor | None, cfg: DPOConfig, device):
+def step_loss(policy, ref: Frozen, batch: PairBatch | PackedPairBatch, ref_logps: torch.Tensor | None,
+              cfg: DPOConfig, device):
     pi_c, pi_r, n_c = pair_logprobs(policy, batch, device)
     ref_c, ref_r = reference_logprobs(ref, batch, device) if ref_logps is None else ref_logps.to(device).unbind(-1)
     loss, m = dpo_loss(pi_c, pi_r, ref_c, ref_r, cfg.beta, cfg.loss_type, cfg.label_smoothing)

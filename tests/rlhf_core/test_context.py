@@ -237,7 +237,8 @@ def test_padding_free_sft_trains_to_the_padded_runs_metrics_and_weights(tmp_path
     assert any((w_pad[n] - load_file(tiny / "base" / "model.safetensors")[n]).abs().max() > 1e-3 for n in w_pad)
 
 
-PAIR_LOOPS = {"rm": {}, "dpo": {"precompute_ref": True}, "dpo-rpo-per-step-reference": {"precompute_ref": False, "rpo_alpha": 0.5}}
+PAIR_LOOPS = {"rm": {}, "dpo": {"precompute_ref": True},
+              "dpo-rpo-per-step-reference": {"precompute_ref": False, "rpo_alpha": 0.5}}
 
 
 @pytest.mark.parametrize("case", list(PAIR_LOOPS))

@@ -295,8 +295,8 @@ def test_logits_at_the_scored_positions_only_give_the_full_logits_loss_logprobs_
 
 
 def test_packed_pairs_are_laid_out_chosen_then_rejected_with_each_rows_end():
-    b = collate_pairs_packed({"prompt_ids": [[5, 6], [7]], "chosen_ids": [[8], [9, 10]], "rejected_ids": [[11, 12], [13]],
-                              "weight": [1.0, 0.5]})
+    b = collate_pairs_packed({"prompt_ids": [[5, 6], [7]], "chosen_ids": [[8], [9, 10]],
+                              "rejected_ids": [[11, 12], [13]], "weight": [1.0, 0.5]})
     assert b.input_ids.tolist() == [[5, 6, 8, 7, 9, 10, 5, 6, 11, 12, 7, 13]]
     assert b.position_ids.tolist() == [[0, 1, 2, 0, 1, 2, 0, 1, 2, 3, 0, 1]]
     x = IGNORE_INDEX
@@ -312,12 +312,15 @@ def tiny_scorer(tok, lora: bool):
     m = LlamaForSequenceClassification(LlamaConfig(
         vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=2, max_position_embeddings=64, pad_token_id=tok.pad_token_id, num_labels=1))
-    return apply_lora(m, LoraConfig(enabled=True, r=4, alpha=8, target_modules=("q_proj", "v_proj")), "SEQ_CLS") if lora else m
+    if not lora:
+        return m
+    return apply_lora(m, LoraConfig(enabled=True, r=4, alpha=8, target_modules=("q_proj", "v_proj")), "SEQ_CLS")
 
 
-def pair_grads(make_model, rows, pad: int, packed: bool, loss_of):
+def pair_grads(make_model, rows, packed: bool, loss_of):
+    """`loss_of(model, batch)`'s outputs (the loss first, backpropagated) and the trainable gradients."""
     m = make_model()
-    b = collate_pairs_packed(rows) if packed else collate_pairs(rows, pad)
+    b = collate_pairs_packed(rows) if packed else collate_pairs(rows, pad_id=0)
     out = loss_of(m, b)
     out[0].backward()
     return [t.detach() for t in out], {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
@@ -335,8 +338,8 @@ def test_rm_rewards_and_gradients_of_packed_pairs_equal_the_padded_pairs(tok, lo
     def loss_of(m, b):
         c, r = pair_rewards(m, b, "cpu")
         return reward_pair_loss(c, r, torch.zeros_like(c), 0.0)[0], c, r
-    (loss_pad, c_pad, r_pad), g_pad = pair_grads(lambda: tiny_scorer(tok, lora), rows, tok.pad_token_id, False, loss_of)
-    (loss_packed, c_packed, r_packed), g_packed = pair_grads(lambda: tiny_scorer(tok, lora), rows, tok.pad_token_id, True, loss_of)
+    (loss_pad, c_pad, r_pad), g_pad = pair_grads(lambda: tiny_scorer(tok, lora), rows, False, loss_of)
+    (loss_packed, c_packed, r_packed), g_packed = pair_grads(lambda: tiny_scorer(tok, lora), rows, True, loss_of)
     torch.testing.assert_close(torch.stack([c_packed, r_packed]), torch.stack([c_pad, r_pad]), atol=1e-5, rtol=1e-5)
     assert abs(float(loss_pad) - float(loss_packed)) < 1e-6
     assert g_pad.keys() == g_packed.keys() and len(g_pad) > 0
@@ -364,8 +367,10 @@ def test_dpo_logprobs_token_counts_and_gradients_of_packed_pairs_equal_the_padde
         c, r, n = pair_logprobs(m, b, "cpu")
         loss = dpo_loss(c, r, torch.zeros_like(c), torch.zeros_like(r), 0.1, "sigmoid", 0.0)[0] - (c / n).mean()
         return loss, c, r, n
-    (loss_pad, c_pad, r_pad, n_pad), g_pad = pair_grads(lambda: fresh_model(tok, lora), rows, tok.pad_token_id, False, loss_of)
-    (loss_packed, c_packed, r_packed, n_packed), g_packed = pair_grads(lambda: fresh_model(tok, lora), rows, tok.pad_token_id, True, loss_of)
+    def policy():
+        return fresh_model(tok, lora)
+    (loss_pad, c_pad, r_pad, n_pad), g_pad = pair_grads(policy, rows, False, loss_of)
+    (loss_packed, c_packed, r_packed, n_packed), g_packed = pair_grads(policy, rows, True, loss_of)
     assert n_packed.tolist() == n_pad.tolist() == [len(c) for c in rows["chosen_ids"]]
     torch.testing.assert_close(torch.stack([c_packed, r_packed]), torch.stack([c_pad, r_pad]), atol=1e-5, rtol=1e-5)
     assert abs(float(loss_pad) - float(loss_packed)) < 1e-6
