@@ -23,8 +23,15 @@ def use_params(project_dir: str, params: str | None) -> None:
         from rlhf_core.errors import ConfigError
         raise ConfigError(str(src), "params file does not exist")
     if not dst.exists() or src.resolve() != dst.resolve() and src.read_bytes() != dst.read_bytes():
+        from tasks.params import missing_dvc_groups
+
         shutil.copyfile(src, dst)
-        print(f"params.yaml is now a copy of {src} (DVC reads params.yaml; `git diff params.yaml` shows the change)")
+        missing = missing_dvc_groups(src)  # DVC needs each group present; an omitted one means its defaults
+        if missing:
+            with dst.open("a", encoding="utf-8") as f:
+                f.write("".join(f"\n{g}: {{}}  # not in {src.name}: its defaults" for g in missing) + "\n")
+        added = f", with {', '.join(missing)} at defaults" if missing else ""
+        print(f"params.yaml is now a copy of {src}{added} (DVC reads params.yaml; `git diff params.yaml` shows the change)")
 
 
 def stop_run_on_sigterm(signum, frame) -> None:

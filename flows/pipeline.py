@@ -165,10 +165,11 @@ def pipeline(project_dir: str = ".", stages: list[str] | None = None, force: boo
     """Run the stages in DAG order (all by default) through DVC, under one MLflow parent run."""
     import mlflow
 
-    from tasks.params import load_params
+    from tasks.params import check_dvc_groups, load_params
 
     root = Path(project_dir).resolve()
     p = load_params(root / "params.yaml")  # a bad params.yaml fails here, before any stage
+    check_dvc_groups(root / "params.yaml")
     names = [s for s in layout.STAGE_NAMES if stages is None or s in stages]
     demo = layout.producer(layout.DEMO_DIR)
     if demo in names and not p.data.uses_demo():  # every input is the user's own: no demo set to write

@@ -255,6 +255,28 @@ def read_yaml(path: Path):
         raise ConfigError("", f"is not valid YAML ({str(e).splitlines()[0]}) [yaml]", str(path)) from None
 
 
+def dvc_groups() -> list[str]:
+    """The groups some stage's DVC params depend on (tasks/layout.py), in DAG order."""
+    from tasks.layout import STAGES
+
+    return list(dict.fromkeys(g for spec in STAGES for g in spec.params))
+
+
+def missing_dvc_groups(path: str | Path) -> list[str]:
+    """Groups that stages depend on and `path` does not set. `load_params` gives them their
+    defaults, but DVC refuses to run a stage whose params group is absent from params.yaml."""
+    raw = read_yaml(Path(path)) or {}
+    return [g for g in dvc_groups() if g not in raw]
+
+
+def check_dvc_groups(path: str | Path) -> None:
+    missing = missing_dvc_groups(path)
+    if missing:
+        raise ConfigError(missing[0], f"group is missing, and DVC runs no stage whose params group is absent "
+                                      f"(missing: {', '.join(missing)}); add `{missing[0]}: {{}}` for its "
+                                      f"defaults [dvc_groups]", str(path))
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     if not path.is_file():

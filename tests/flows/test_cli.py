@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from flows.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,6 +30,33 @@ def test_bad_params_give_one_line_naming_the_key_and_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert "dpo.beta" in proc.stderr and "must be > 0" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_run_params_file_without_a_group_dvc_needs_gets_it_at_defaults_and_a_params_yaml_without_it_is_refused(
+        tmp_path, capsys):
+    """DVC runs no stage whose params group is absent from params.yaml (its error: "Parameters
+    'launch' are missing"). `rlhf run --params FILE` adds the groups FILE leaves out, at their
+    defaults; a params.yaml that lacks one is refused by name before any stage. The shipped
+    params files lack none."""
+    import yaml
+
+    from flows.cli import use_params
+    from rlhf_core.errors import ConfigError
+    from tasks.params import check_dvc_groups, dvc_groups, load_params, missing_dvc_groups
+
+    recipe = yaml.safe_load((ROOT / "params.yaml").read_text())
+    del recipe["launch"], recipe["tracking"]
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ConfigError, match=r"'launch': group is missing.*missing: launch, tracking.*\[dvc_groups\]"):
+        check_dvc_groups(tmp_path / "mine.yaml")
+    use_params(str(tmp_path), str(tmp_path / "mine.yaml"))
+    assert "with launch, tracking at defaults" in capsys.readouterr().out
+    assert missing_dvc_groups(tmp_path / "params.yaml") == []
+    check_dvc_groups(tmp_path / "params.yaml")
+    assert load_params(tmp_path / "params.yaml") == load_params(tmp_path / "mine.yaml")
+    assert {"launch", "tracking", "model", "dpo"} <= set(dvc_groups())
+    for shipped in ("params.yaml", "examples/smollm2.yaml"):
+        assert missing_dvc_groups(ROOT / shipped) == [], shipped
 
 
 def test_missing_model_path_is_named(tmp_path, capsys):
