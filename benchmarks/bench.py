@@ -251,7 +251,7 @@ def trl_config_kwargs(spec: dict) -> dict:
     kw = dict(output_dir=str(Path(spec["root"]) / "trl" / stage), per_device_train_batch_size=spec["batch_size"],
               gradient_accumulation_steps=1, max_steps=spec["warmup"] + spec["steps"], learning_rate=LEARNING_RATE,
               lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95,
-              max_grad_norm=1.0, optim="adamw_torch", bf16=spec["bf16"], fp16=False,
+              max_grad_norm=1.0, optim="adamw_torch_fused", bf16=spec["bf16"], fp16=False,
               gradient_checkpointing=spec["gradient_checkpointing"], max_length=spec["max_length"],
               pad_to_multiple_of=None, logging_steps=10_000, save_strategy="no", report_to=[], disable_tqdm=True,
               dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), seed=0)
@@ -427,7 +427,8 @@ def anchor_child(spec: dict) -> dict:
                     local_rollout_forward_batch_size=rollout, stop_token="eos", missing_eos_penalty=1.0,
                     kl_coef=0.05, cliprange=0.2, cliprange_value=0.2, gamma=1.0, lam=0.95,
                     learning_rate=LEARNING_RATE, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
-                    adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.0, bf16=spec["bf16"], fp16=False,
+                    adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.0, optim="adamw_torch_fused",
+                    bf16=spec["bf16"], fp16=False,
                     gradient_checkpointing=spec["gradient_checkpointing"], num_sample_generations=0,
                     save_strategy="no", report_to=[], logging_steps=10_000, disable_tqdm=True,
                     use_cpu=not torch.cuda.is_available(), seed=0, dataloader_num_workers=0)
@@ -484,7 +485,8 @@ def header_lines(args, info: dict) -> list[str]:
            ", RM/DPO: NOT identical, ours padding-free (rm/dpo.padding_free), TRL 1.16 right-padded (RewardTrainer "
            "has no padding-free mode and DPOTrainer disables its padding_free), so these ratios show the lever "
            "against TRL's best available setting")
-        + f" (no packing, pad_to_multiple_of=None), LoRA {lora}, AdamW(0.9, 0.95) lr {LEARNING_RATE} "
+        + f" (no packing, pad_to_multiple_of=None), LoRA {lora}, fused AdamW(0.9, 0.95) (TRL and the anchor: "
+        f"optim=adamw_torch_fused) lr {LEARNING_RATE} "
         f"constant, clip 1.0, {args.warmup} warm-up + {args.steps} timed steps, one process per row",
         f"# PPO: rollout {2 * args.batch_size} prompts, {args.ppo_new_tokens} new tokens, {PPO_EPOCHS} epochs, "
         f"minibatch {args.batch_size}, temperature 1.0; DPO: a reference forward every step (no precompute) on both sides",

@@ -11,7 +11,8 @@ computation: each sequence run alone, unpadded, through the full (B, T, V) log-s
 - padding-free RM and DPO pairs give each row's reward and response log-prob sum as the row run
   alone, and the padded pairs' losses and gradients;
 - logits projected only at the positions that predict a trained token (`scored_mask` as
-  `logits_to_keep`) give the full-logits SFT loss, DPO sequence log-probs and their gradients.
+  `logits_to_keep`) give the full-logits SFT loss, DPO sequence log-probs and their gradients;
+- the fused AdamW kernel gives the per-tensor loop's weights and moments.
 (Row-wise fp32 log-probs, entropy without graph and gradient checkpointing have their parity
 tests in test_logprobs.py and test_modeling.py.)
 """
@@ -382,3 +383,33 @@ def test_dpo_logprobs_token_counts_and_gradients_of_packed_pairs_equal_the_padde
             resp = rows[key][i]
             alone, _ = alone_logprobs(model, rows["prompt_ids"][i] + resp)
             assert abs(float((c_packed, r_packed)[k][i]) - float(alone[-len(resp):].sum())) < 1e-4
+
+
+def test_fused_adamw_gives_the_per_tensor_loops_weights_and_moments(tok):
+    """`make_optimizer` takes torch's fused AdamW on CPU; three steps with weight decay, a second
+    parameter group added later (as PPO adds its critic) and changing gradients end where the
+    plain per-tensor AdamW ends."""
+    from rlhf_core.training.optim import make_optimizer
+
+    runs = []
+    for fused in (True, False):
+        actor, critic = build_tiny_causal_lm(TINY, tok, seed=3), build_tiny_causal_lm(TINY, tok, seed=4)
+        if fused:
+            opt = make_optimizer(actor.parameters(), 1e-2, 0.1)
+            assert opt.defaults["fused"] is True
+        else:
+            opt = torch.optim.AdamW(actor.parameters(), lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), foreach=False)
+        opt.add_param_group({"params": list(critic.parameters()), "lr": 3e-3})
+        gen = torch.Generator().manual_seed(0)
+        params = list(actor.parameters()) + list(critic.parameters())
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        runs.append((params, opt))
+    (p_fused, opt_fused), (p_loop, opt_loop) = runs
+    for a, b in zip(p_fused, p_loop):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opt_fused.state[a][key], opt_loop.state[b][key], atol=1e-7, rtol=1e-5)
+    assert (p_loop[0] - build_tiny_causal_lm(TINY, tok, seed=3).get_input_embeddings().weight).abs().max() > 1e-2
