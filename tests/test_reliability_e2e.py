@@ -20,14 +20,10 @@ def stage_cmd(stage):
     return [sys.executable, "-m", "flows.cli", "stage", stage]
 
 
-def env(**extra):
-    return clean_env(**extra)
-
-
 def kill_after_first_checkpoint(project: Path, stage: str) -> int:
     """Start the stage slowed down, SIGKILL it as soon as a checkpoint exists; return its step."""
     state = project / "checkpoints" / stage / "trainer_state.json"
-    proc = subprocess.Popen(stage_cmd(stage), cwd=project, env=env(RLHF_TEST_STEP_DELAY="1.5"),
+    proc = subprocess.Popen(stage_cmd(stage), cwd=project, env=clean_env(RLHF_TEST_STEP_DELAY="1.5"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_first_checkpoint(proc, state, stage, timeout=240)
     proc.send_signal(signal.SIGKILL)
@@ -45,7 +41,7 @@ def test_killed_stage_resumes_and_ends_with_the_uninterrupted_metrics(e2e_projec
     assert step >= 1
     # the killed run never replaced the finished model: outputs are renamed into place only when complete
     assert {p.name: p.read_bytes() for p in (e2e_project / "models" / stage).glob("*.safetensors")} == model_files
-    proc = subprocess.run(stage_cmd(stage), cwd=e2e_project, env=env(), capture_output=True, text=True)
+    proc = subprocess.run(stage_cmd(stage), cwd=e2e_project, env=clean_env(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     resumed = json.loads((e2e_project / f"metrics/{stage}.json").read_text())
     assert run_record(e2e_project, stage)["resumed_from_step"] == step  # run facts live beside, not in, the metrics
@@ -68,7 +64,7 @@ def test_sigterm_checkpoints_the_step_in_progress_and_the_rerun_resumes_there(e2
     reference = json.loads((e2e_project / f"metrics/{stage}.json").read_text())
     model_files = {p.name: p.read_bytes() for p in (e2e_project / "models" / stage).glob("*.safetensors")}
     state = e2e_project / "checkpoints" / stage / "trainer_state.json"
-    proc = subprocess.Popen(stage_cmd(stage), cwd=e2e_project, env=env(RLHF_TEST_STEP_DELAY="1.5"),
+    proc = subprocess.Popen(stage_cmd(stage), cwd=e2e_project, env=clean_env(RLHF_TEST_STEP_DELAY="1.5"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_first_checkpoint(proc, state, stage, timeout=240)
     periodic = json.loads(state.read_text())["step"]  # save_every; the next step is now in progress
@@ -79,7 +75,7 @@ def test_sigterm_checkpoints_the_step_in_progress_and_the_rerun_resumes_there(e2
     assert stopped_at == periodic + 1, "the step in progress was finished and checkpointed"
     assert f"{stage}: stopped by SIGTERM after step {stopped_at}" in err and "Traceback" not in err
     assert {p.name: p.read_bytes() for p in (e2e_project / "models" / stage).glob("*.safetensors")} == model_files
-    rerun = subprocess.run(stage_cmd(stage), cwd=e2e_project, env=env(), capture_output=True, text=True)
+    rerun = subprocess.run(stage_cmd(stage), cwd=e2e_project, env=clean_env(), capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     resumed = json.loads((e2e_project / f"metrics/{stage}.json").read_text())
     assert run_record(e2e_project, stage)["resumed_from_step"] == stopped_at
@@ -88,8 +84,8 @@ def test_sigterm_checkpoints_the_step_in_progress_and_the_rerun_resumes_there(e2
 
 
 def test_tracking_outage_after_training_keeps_the_work_and_a_rerun_only_logs_it(e2e_project, e2e_flow_run):
-    down = env(MLFLOW_TRACKING_URI="http://127.0.0.1:9", RLHF_TRACKING_ATTEMPTS="2",
-               MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="2")
+    down = clean_env(MLFLOW_TRACKING_URI="http://127.0.0.1:9", RLHF_TRACKING_ATTEMPTS="2",
+                     MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="2")
     proc = subprocess.run(stage_cmd("sft"), cwd=e2e_project, env=down, capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "MLflow" in proc.stderr and "failed 2 times" in proc.stderr
@@ -124,8 +120,8 @@ def test_tracking_outage_at_registration_keeps_the_training_and_a_rerun_does_not
 def test_secrets_in_the_environment_never_reach_logged_params_or_artifacts(e2e_project, e2e_flow_run):
     secret = "fake-secret-7f3a9c1e"
     proc = subprocess.run(stage_cmd("tokenize"), cwd=e2e_project, capture_output=True, text=True,
-                          env=env(HF_TOKEN=secret, MLFLOW_TRACKING_PASSWORD=secret, AWS_SECRET_ACCESS_KEY=secret,
-                                  WANDB_API_KEY=secret))
+                          env=clean_env(HF_TOKEN=secret, MLFLOW_TRACKING_PASSWORD=secret, AWS_SECRET_ACCESS_KEY=secret,
+                                        WANDB_API_KEY=secret))
     assert proc.returncode == 0, proc.stderr[-2000:]
     leaked = []
     for where in ("mlflow.db", "mlruns", "metrics", "reports", "models", "plots", "data/tokenized"):
@@ -139,10 +135,10 @@ def test_secrets_in_the_environment_never_reach_logged_params_or_artifacts(e2e_p
 
 def test_two_runs_in_one_checkout_get_dvcs_lock_error(e2e_project, e2e_flow_run):
     slow = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--force", "--single-item", "sft"], cwd=e2e_project,
-                            env=env(RLHF_TEST_STEP_DELAY="1.0", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}"),
+                            env=clean_env(RLHF_TEST_STEP_DELAY="1.0", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     time.sleep(3)  # the first run holds the repo lock while it trains
-    second = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=e2e_project, env=env(),
+    second = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=e2e_project, env=clean_env(),
                             capture_output=True, text=True)
     first_out, _ = slow.communicate(timeout=300)
     assert slow.returncode == 0, first_out[-2000:]
@@ -162,7 +158,7 @@ def test_two_runs_in_separate_checkouts_do_not_interfere(e2e_project, e2e_flow_r
     (other / "mlflow.db").unlink()  # a separate checkout has its own tracking store
     shutil.rmtree(other / "mlruns")
     cmd = [sys.executable, "-m", "dvc", "repro", "--force", "--single-item", "dpo"]
-    path_env = env(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    path_env = clean_env(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     procs = [subprocess.Popen(cmd, cwd=d, env=path_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for d in (e2e_project, other)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
@@ -192,7 +188,7 @@ def test_tokenised_data_of_the_wrong_shape_stops_the_next_stage_by_name(e2e_proj
     shutil.rmtree(split)
     Dataset.from_dict(rows).save_to_disk(str(split))
     try:
-        proc = subprocess.run(stage_cmd("sft"), cwd=e2e_project, env=env(), capture_output=True, text=True)
+        proc = subprocess.run(stage_cmd("sft"), cwd=e2e_project, env=clean_env(), capture_output=True, text=True)
         assert proc.returncode != 0
         assert "data/tokenized/sft/train: row 2: 'labels' has" in proc.stderr
         assert "[labels_aligned]" in proc.stderr
