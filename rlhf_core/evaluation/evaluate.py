@@ -257,16 +257,28 @@ def rm_accuracy(reward_model, dataset, pad_id: int, batch_size: int, device) -> 
 
 
 @torch.no_grad()
-def preference_accuracy(policy, reference, dataset, pad_id: int, batch_size: int, device) -> float:
+def pair_logprob_sums(model, dataset, pad_id: int, batch_size: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Summed response log-probs (chosen, rejected) of every held-out preference row under `model`,
+    one (B,) pair per batch of `batch_size` rows in dataset order."""
+    sums = []
+    for start in range(0, len(dataset), batch_size):
+        c, r, _ = pair_logprobs(model, collate_pairs(dataset[start:start + batch_size], pad_id), device)
+        sums.append((c, r))
+    return sums
+
+
+@torch.no_grad()
+def preference_accuracy(policy, reference, dataset, pad_id: int, batch_size: int, device,
+                        reference_sums: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> float:
     """Fraction of held-out preference rows where the policy's log-ratio to the reference is
     higher for the chosen answer than for the rejected one, a tie counting 0.5:
-    mean(1[(pi_c - ref_c) > (pi_r - ref_r)] + 0.5 * 1[equal]). The reference itself scores 0.5."""
-    wins = []
-    for start in range(0, len(dataset), batch_size):
-        batch = collate_pairs(dataset[start:start + batch_size], pad_id)
-        pi_c, pi_r, _ = pair_logprobs(policy, batch, device)
-        ref_c, ref_r, _ = pair_logprobs(reference, batch, device)
-        wins.append(win_rate_rows(pi_c - ref_c, pi_r - ref_r))
+    mean(1[(pi_c - ref_c) > (pi_r - ref_r)] + 0.5 * 1[equal]). The reference itself scores 0.5.
+    `reference_sums` (`pair_logprob_sums` of the reference, same batches) spares scoring the
+    reference again for every policy."""
+    if reference_sums is None:
+        reference_sums = pair_logprob_sums(reference, dataset, pad_id, batch_size, device)
+    policy_sums = reference_sums if policy is reference else pair_logprob_sums(policy, dataset, pad_id, batch_size, device)
+    wins = [win_rate_rows(pi_c - ref_c, pi_r - ref_r) for (pi_c, pi_r), (ref_c, ref_r) in zip(policy_sums, reference_sums)]
     return float(torch.cat(wins).mean())
 
 
@@ -381,12 +393,15 @@ def _evaluate_all(policies, reference, ref_model, reward_model, tokenizer, promp
     batch_size = max(1, cfg.batch_size)
     results: dict[str, PolicyEval] = {}
     pref_acc: dict[str, float] = {}
+    # the reference's held-out pair log-probs are the same for every policy: scored once
+    ref_sums = None if pairs is None else pair_logprob_sums(ref_model, pairs, tokenizer.pad_token_id, batch_size, device)
     for name, path in policies.items():
         model = ref_model if name == reference else freeze(load_policy(path, model_cfg), device)
         results[name] = evaluate_policy(model, ref_model, reward_model, tokenizer, prompt_ids, prompts,
                                         cfg, judge, is_reference=name == reference)
         if pairs is not None:
-            pref_acc[name] = preference_accuracy(model, ref_model, pairs, tokenizer.pad_token_id, batch_size, device)
+            pref_acc[name] = preference_accuracy(model, ref_model, pairs, tokenizer.pad_token_id, batch_size, device,
+                                                 ref_sums)
         del model
 
     accuracy = None if pairs is None else rm_accuracy(reward_model, pairs, tokenizer.pad_token_id, batch_size, device)

@@ -252,3 +252,18 @@ def test_bf16_evaluation_runs_under_autocast_and_keeps_the_reference_identities(
     # reward-model scores carry bf16 rounding: the forwards really ran in low precision
     assert bf16["sft"]["rm_score"] != report["sft"]["rm_score"]
     assert bf16["sft"]["rm_score"] == pytest.approx(report["sft"]["rm_score"], abs=0.05)
+
+
+def test_reference_log_probs_scored_once_give_the_same_preference_accuracy(tiny):
+    """The evaluation scores the reference's held-out pairs once for every policy: the same
+    accuracy as scoring them again, per policy, and a different policy really differs from 0.5."""
+    from rlhf_core.evaluation.evaluate import pair_logprob_sums, preference_accuracy
+    from rlhf_core.training.modeling import load_policy
+
+    dirs, _, prefs = tiny
+    sft, dpo = (load_policy(dirs[n], MODEL_CFG).eval() for n in ("sft", "dpo"))
+    table = pair_logprob_sums(sft, prefs, 1, 3, "cpu")
+    assert len(table) == -(-len(prefs) // 3) and sum(len(c) for c, _ in table) == len(prefs)
+    fresh = preference_accuracy(dpo, sft, prefs, 1, 3, "cpu")
+    assert preference_accuracy(dpo, sft, prefs, 1, 3, "cpu", table) == fresh != 0.5
+    assert preference_accuracy(sft, sft, prefs, 1, 3, "cpu", table) == 0.5
