@@ -26,11 +26,11 @@ from rlhf_core.data.encoding import encode_prompt, render_ids
 from rlhf_core.data.formats import Prompt, Turn
 from rlhf_core.data.tokenizer import load_tokenizer
 from rlhf_core.ops.logprobs import gather_last
-from rlhf_core.stages.dpo import pair_logprobs
+from rlhf_core.stages.dpo import precompute_reference
 from rlhf_core.stages.generation import Rollout, decode_responses, sample
 from rlhf_core.stages.ppo import response_logprobs
 from rlhf_core.stages.rm import pair_rewards
-from rlhf_core.training.frozen import freeze
+from rlhf_core.training.frozen import Frozen, freeze
 from rlhf_core.training.modeling import load_policy, load_scalar_model, token_scores
 
 TextScore = Callable[[str, str], float]
@@ -257,29 +257,22 @@ def rm_accuracy(reward_model, dataset, pad_id: int, batch_size: int, device) -> 
 
 
 @torch.no_grad()
-def pair_logprob_sums(model, dataset, pad_id: int, batch_size: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Summed response log-probs (chosen, rejected) of every held-out preference row under `model`,
-    one (B,) pair per batch of `batch_size` rows in dataset order."""
-    sums = []
-    for start in range(0, len(dataset), batch_size):
-        c, r, _ = pair_logprobs(model, collate_pairs(dataset[start:start + batch_size], pad_id), device)
-        sums.append((c, r))
-    return sums
-
-
-@torch.no_grad()
 def preference_accuracy(policy, reference, dataset, pad_id: int, batch_size: int, device,
-                        reference_sums: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> float:
+                        reference_table: torch.Tensor | None = None) -> float:
     """Fraction of held-out preference rows where the policy's log-ratio to the reference is
     higher for the chosen answer than for the rejected one, a tie counting 0.5:
     mean(1[(pi_c - ref_c) > (pi_r - ref_r)] + 0.5 * 1[equal]). The reference itself scores 0.5.
-    `reference_sums` (`pair_logprob_sums` of the reference, same batches) spares scoring the
-    reference again for every policy."""
-    if reference_sums is None:
-        reference_sums = pair_logprob_sums(reference, dataset, pad_id, batch_size, device)
-    policy_sums = reference_sums if policy is reference else pair_logprob_sums(policy, dataset, pad_id, batch_size, device)
-    wins = [win_rate_rows(pi_c - ref_c, pi_r - ref_r) for (pi_c, pi_r), (ref_c, ref_r) in zip(policy_sums, reference_sums)]
-    return float(torch.cat(wins).mean())
+    `reference_table` (`logprob_table` of the reference) spares scoring it again for every policy."""
+    ref = logprob_table(reference, dataset, pad_id, batch_size, device) if reference_table is None else reference_table
+    pi = ref if policy is reference else logprob_table(policy, dataset, pad_id, batch_size, device)
+    ratio = pi - ref  # (N, 2): chosen, rejected
+    return float(win_rate_rows(ratio[:, 0], ratio[:, 1]).mean())
+
+
+def logprob_table(model, dataset, pad_id: int, batch_size: int, device) -> torch.Tensor:
+    """(N, 2) summed response log-probs, chosen then rejected, of every preference row under
+    `model`, in chunks of `batch_size` rows (DPO's reference table, computed the same way)."""
+    return precompute_reference(Frozen(model, device), dataset, pad_id, batch_size, device)
 
 
 def win_rate_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -394,14 +387,14 @@ def _evaluate_all(policies, reference, ref_model, reward_model, tokenizer, promp
     results: dict[str, PolicyEval] = {}
     pref_acc: dict[str, float] = {}
     # the reference's held-out pair log-probs are the same for every policy: scored once
-    ref_sums = None if pairs is None else pair_logprob_sums(ref_model, pairs, tokenizer.pad_token_id, batch_size, device)
+    ref_table = None if pairs is None else logprob_table(ref_model, pairs, tokenizer.pad_token_id, batch_size, device)
     for name, path in policies.items():
         model = ref_model if name == reference else freeze(load_policy(path, model_cfg), device)
         results[name] = evaluate_policy(model, ref_model, reward_model, tokenizer, prompt_ids, prompts,
                                         cfg, judge, is_reference=name == reference)
         if pairs is not None:
             pref_acc[name] = preference_accuracy(model, ref_model, pairs, tokenizer.pad_token_id, batch_size, device,
-                                                 ref_sums)
+                                                 ref_table)
         del model
 
     accuracy = None if pairs is None else rm_accuracy(reward_model, pairs, tokenizer.pad_token_id, batch_size, device)

@@ -257,13 +257,13 @@ def test_bf16_evaluation_runs_under_autocast_and_keeps_the_reference_identities(
 def test_reference_log_probs_scored_once_give_the_same_preference_accuracy(tiny):
     """The evaluation scores the reference's held-out pairs once for every policy: the same
     accuracy as scoring them again, per policy, and a different policy really differs from 0.5."""
-    from rlhf_core.evaluation.evaluate import pair_logprob_sums, preference_accuracy
+    from rlhf_core.evaluation.evaluate import logprob_table, preference_accuracy
     from rlhf_core.training.modeling import load_policy
 
     dirs, _, prefs = tiny
     sft, dpo = (load_policy(dirs[n], MODEL_CFG).eval() for n in ("sft", "dpo"))
-    table = pair_logprob_sums(sft, prefs, 1, 3, "cpu")
-    assert len(table) == -(-len(prefs) // 3) and sum(len(c) for c, _ in table) == len(prefs)
+    table = logprob_table(sft, prefs, 1, 3, "cpu")
+    assert table.shape == (len(prefs), 2) and not table.isnan().any()
     fresh = preference_accuracy(dpo, sft, prefs, 1, 3, "cpu")
     assert preference_accuracy(dpo, sft, prefs, 1, 3, "cpu", table) == fresh != 0.5
     assert preference_accuracy(sft, sft, prefs, 1, 3, "cpu", table) == 0.5
