@@ -274,5 +274,34 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def exit_now(code: int) -> None:
+    """End the process with `code` the way the interpreter would (non-daemon threads joined, atexit
+    handlers run, logs and stdio flushed), minus its teardown of every module: with torch,
+    transformers and mlflow imported that teardown alone takes about 2 s, per stage process and
+    per launched rank, for nothing (the OS frees the memory and closes the files)."""
+    import atexit
+    import logging
+    import threading
+
+    for t in threading.enumerate():
+        if t is not threading.main_thread() and not t.daemon:
+            t.join()
+    atexit._run_exitfuncs()  # what Py_Finalize runs first: MLflow, Prefect, tempfile and logging clean-ups
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing left to say
+            pass
+    os._exit(code)
+
+
+def entry() -> None:
+    """The `rlhf` command (and `python -m flows.cli`): `main`, then `exit_now` with its code. An
+    exception that escapes `main` (a bug) ends the usual way, with its traceback."""
+    code = main()
+    exit_now(0 if code is None else int(code))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
