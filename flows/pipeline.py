@@ -1,7 +1,8 @@
 """The end-to-end Prefect flow. Each stage is a Prefect task that runs `dvc repro` on that stage,
 so DVC alone decides what is stale, `dvc.lock` is current after every flow run, and unchanged
 stages are skipped (the flow compares each stage's dvc.lock entry and run record before and after,
-so it reports ran or skipped without reading DVC's log). The
+so it reports ran or skipped without reading DVC's log). One `dvc status` before the first stage
+spares the leading unchanged stages a `dvc repro` process each (see `unchanged_stages`). The
 stages come from tasks/layout.py, the same list `dvc.yaml` is made from."""
 from __future__ import annotations
 
@@ -61,11 +62,39 @@ def _train_seconds(run: dict) -> float:
     return round(float(seconds or 0.0), 2)
 
 
+def unchanged_stages(root: Path) -> set[str]:
+    """The stages `dvc status` finds up to date, asked once before the first stage runs. Until a
+    stage of this flow runs, nothing a later stage depends on has changed since, so DVC's answer
+    still holds and such a stage is reported skipped without starting `dvc repro` (about a second
+    each: a rerun that changes one late stage's params skips all the stages before it). Once a stage
+    has run, its outputs may have changed, and every later stage goes to `dvc repro` as before.
+    Empty without a dvc.lock (nothing has run yet) or when `dvc status` fails: then `dvc repro`
+    decides, and reports, for every stage."""
+    import json
+
+    if not (root / "dvc.lock").exists():
+        return set()
+    proc = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=root, env=dvc_env(None, root),
+                          capture_output=True, text=True)
+    try:
+        changed = json.loads(proc.stdout) if proc.returncode == 0 else None
+    except json.JSONDecodeError:
+        changed = None
+    if not isinstance(changed, dict):
+        return set()
+    return {s for s in layout.STAGE_NAMES if s not in changed and s in layout.read_lock(root)}
+
+
 @task(task_run_name="{stage}", retries=0)
-def repro_stage(stage: str, project_dir: str, parent_run_id: str | None, force: bool = False) -> dict:
-    """`dvc repro --single-item STAGE`; never retried (training is not I/O)."""
+def repro_stage(stage: str, project_dir: str, parent_run_id: str | None, force: bool = False,
+                unchanged: bool = False) -> dict:
+    """`dvc repro --single-item STAGE`; never retried (training is not I/O). `unchanged`: `dvc status`
+    found the stage up to date and nothing before it in this flow ran (`unchanged_stages`), so
+    `dvc repro` would skip it: it is reported skipped without starting DVC."""
     logger = get_run_logger()
     root = Path(project_dir)
+    if unchanged:
+        return _record(root, stage, "skipped", 0.0, logger)
     before = stage_state(root, stage)
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
     t0 = time.perf_counter()
@@ -85,12 +114,18 @@ def repro_stage(stage: str, project_dir: str, parent_run_id: str | None, force: 
     if proc.returncode != 0:
         tail = "\n".join(lines[-30:])
         raise StageFailed(f"stage '{stage}' failed (exit {proc.returncode}):\n{tail}")
+    return _record(root, stage, "ran" if stage_state(root, stage) != before else "skipped", seconds, logger)
+
+
+def _record(root: Path, stage: str, status: str, seconds: float, logger) -> dict:
+    """What the flow reports of one stage: ran or skipped, its version (from dvc.lock), and its run
+    record's training time and MLflow run."""
     run_path = root / layout.run_record(stage)
     run = yaml.load(run_path.read_text(), Loader=layout.SAFE_LOADER) if run_path.exists() else {}
-    record = {"stage": stage, "status": "ran" if stage_state(root, stage) != before else "skipped",
-              "version": stage_version(layout.read_lock(root).get(stage, {})), "seconds": round(seconds, 2),
-              "train_seconds": _train_seconds(run), "mlflow_run": run.get("mlflow_run_id", "")}
-    logger.info("stage %s %s in %.1fs (version %s)", stage, record["status"], seconds, record["version"])
+    record = {"stage": stage, "status": status, "version": stage_version(layout.read_lock(root).get(stage, {})),
+              "seconds": round(seconds, 2), "train_seconds": _train_seconds(run),
+              "mlflow_run": run.get("mlflow_run_id", "")}
+    logger.info("stage %s %s in %.1fs (version %s)", stage, status, seconds, record["version"])
     return record
 
 
@@ -176,11 +211,13 @@ def pipeline(project_dir: str = ".", stages: list[str] | None = None, force: boo
         names.remove(demo)
     exp_id = tracking.setup(root, p.tracking.experiment)
     parent_id = parent_run.create(root, exp_id, p, "prefect", _flow_run_tags(), flow_run.get_name())
+    unchanged = set() if force else unchanged_stages(root)
     records, status = [], "FAILED"
     try:
         for name in names:
             tagged = repro_stage.with_options(tags=p.resources.stage_tags(name))  # e.g. `gpu`, for tag concurrency limits
-            records.append(tagged(name, str(root), parent_id, force))
+            still = name in unchanged and all(r["status"] == "skipped" for r in records)
+            records.append(tagged(name, str(root), parent_id, force, still))
         status = "FINISHED"
     finally:
         try:

@@ -131,10 +131,20 @@ def test_registry_versions_carry_lineage_back_to_the_data(e2e_project, e2e_flow_
     assert AutoModelForCausalLM.from_pretrained(path).config.hidden_size == TINY["model"]["hidden_size"]
 
 
-def test_second_repro_does_nothing_and_beta_reruns_only_dpo_and_evaluate(e2e_project, e2e_flow_run):
+def test_second_repro_does_nothing_and_beta_reruns_only_dpo_and_evaluate(e2e_project, e2e_flow_run, tmp_path):
+    """Also what the flow's one `dvc status` sees (`unchanged_stages`): after the beta change, every
+    stage but dpo, evaluate included, since evaluate's inputs change only once dpo has run. So the
+    flow may skip a stage on that answer only while no stage before it has run (the second flow
+    run in test_mlflow_compare_e2e.py reruns evaluate after dpo)."""
+    from flows.pipeline import unchanged_stages
+    from tasks.layout import STAGE_NAMES
+
     out = _dvc(e2e_project, "repro")
     assert "Running stage" not in out
+    assert unchanged_stages(e2e_project) == set(STAGE_NAMES)
+    assert unchanged_stages(tmp_path) == set(), "no dvc.lock: nothing has run, DVC decides every stage"
     set_params(e2e_project / "params.yaml", {"dpo": {"beta": 0.2}})
+    assert unchanged_stages(e2e_project) == set(STAGE_NAMES) - {"dpo"}
     out = _dvc(e2e_project, "repro")
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     assert ran == {"dpo", "evaluate"}
