@@ -78,3 +78,25 @@ def test_rlhf_run_ends_on_sigterm_by_an_exception_that_main_turns_into_143():
     with pytest.raises(Stopped) as err:
         stop_run_on_sigterm(signal.SIGTERM, None)
     assert err.value.signum == signal.SIGTERM and "run: stopped by SIGTERM" in str(err.value)
+
+
+def test_exit_now_keeps_what_a_normal_exit_does_before_the_module_teardown(tmp_path):
+    """`rlhf` ends by os._exit (flows.cli.exit_now): the code still comes back, a non-daemon thread
+    still finishes, atexit handlers (Prefect's server stop, MLflow's run end) still run, and output
+    that sat in a pipe's buffer or a log handler is still written."""
+    marker = tmp_path / "atexit"
+    code = f"""
+import atexit, logging, pathlib, sys, threading, time
+from flows.cli import exit_now
+logging.basicConfig(filename={str(tmp_path / 'log')!r}, level=logging.INFO)
+atexit.register(lambda: pathlib.Path({str(marker)!r}).write_text("ran"))
+threading.Thread(target=lambda: (time.sleep(0.5), print("thread done"))).start()
+logging.getLogger("x").info("logged")
+print("buffered", end="")
+exit_now(3)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert "buffered" in proc.stdout and "thread done" in proc.stdout
+    assert marker.read_text() == "ran"
+    assert "logged" in (tmp_path / "log").read_text()
