@@ -149,21 +149,30 @@ def row_lengths(stage: str, cols: dict) -> list[list[int]]:
     return [[len(x)] for x in cols[key]]
 
 
-def padding_stats(stage: str, root: Path, batch_size: int, n_batches: int, seed: int = 0) -> dict:
-    """Real tokens per sample, and the share of padding in the batches our loop draws (the same
-    seeded order; every batch is padded to its longest sequence, as TRL's collators do)."""
-    from datasets import load_from_disk
-
+def drawn_rows(n: int, batch_size: int, n_batches: int, seed: int = 0) -> list[int]:
+    """The rows our loop trains on, in its order: its first `n_batches` micro-batches
+    (`index_batches` with the configs' seed, 0). TRL's trainers get exactly these rows with a
+    sequential sampler, so both sides train the same batches: with varied lengths and a small batch,
+    each side drawing its own random batches would put different numbers of tokens through the model."""
     from rlhf_core.data.batching import index_batches
+
+    order = index_batches(n, batch_size, seed)
+    return [i for _ in range(n_batches) for i in next(order)]
+
+
+def padding_stats(stage: str, root: Path, batch_size: int, n_batches: int, seed: int = 0) -> dict:
+    """Real tokens per sample, and the share of padding, in the batches our loop draws (and TRL
+    gets: `drawn_rows`); every batch is padded to its longest sequence, as TRL's collators do."""
+    from datasets import load_from_disk
 
     ds = load_from_disk(str(root / "tok" / DATA_KIND[stage] / "train"))
     lengths = row_lengths(stage, ds[:])
-    order = index_batches(len(lengths), batch_size, seed)
+    rows = drawn_rows(len(lengths), batch_size, n_batches, seed)
     real = padded = 0
-    for _ in range(n_batches):
-        seqs = [n for i in next(order) for n in lengths[i]]
+    for j in range(0, len(rows), batch_size):
+        seqs = [n for i in rows[j:j + batch_size] for n in lengths[i]]
         real, padded = real + sum(seqs), padded + len(seqs) * max(seqs)
-    return {"tokens_per_sample": sum(map(sum, lengths)) / len(lengths), "padding_fraction": 1 - real / padded}
+    return {"tokens_per_sample": real / len(rows), "padding_fraction": 1 - real / padded}
 
 
 # --- one measurement (a child process) -------------------------------------------------------
@@ -214,32 +223,37 @@ def run_ours(spec: dict, clock: StepClock) -> int:
     return cfg.rollout_batch_size if stage == "ppo" else spec["batch_size"]
 
 
-def trl_sft_rows(root: Path):
-    """Our tokenised SFT split as TRL's processed form: input_ids and labels (-100 off the reply)."""
+def trl_sft_rows(root: Path, rows: list[int]):
+    """Our tokenised SFT split's `rows` (`drawn_rows`) as TRL's processed form: input_ids and labels
+    (-100 off the reply)."""
     from datasets import Dataset, load_from_disk
 
-    ds = load_from_disk(str(root / "tok" / "sft" / "train"))
+    ds = load_from_disk(str(root / "tok" / "sft" / "train")).select(rows)
     return Dataset.from_dict({"input_ids": ds["input_ids"], "labels": ds["labels"]})
 
 
-def trl_rm_rows(root: Path):
-    """Our tokenised pairs as TRL's processed reward form: chosen_ids / rejected_ids, prompt included."""
+def trl_rm_rows(root: Path, rows: list[int]):
+    """Our tokenised pairs' `rows` as TRL's processed reward form: chosen_ids / rejected_ids, prompt included."""
     from datasets import Dataset, load_from_disk
 
-    ds = load_from_disk(str(root / "tok" / "preference" / "train"))
+    ds = load_from_disk(str(root / "tok" / "preference" / "train")).select(rows)
     return Dataset.from_dict({"chosen_ids": [p + c for p, c in zip(ds["prompt_ids"], ds["chosen_ids"])],
                               "rejected_ids": [p + r for p, r in zip(ds["prompt_ids"], ds["rejected_ids"])]})
 
 
-def trl_dpo_rows(root: Path):
-    """The same pairs as conversations; TRL 1.16's DPOTrainer takes no pre-tokenised data, so its
-    template renders them (the row's tokens_per_sample shows whether the ids came out the same)."""
-    from datasets import Dataset
+def trl_dpo_rows(root: Path, rows: list[int]):
+    """The same pairs' `rows` as conversations; TRL 1.16's DPOTrainer takes no pre-tokenised data,
+    so its template renders them (the row's tokens_per_sample shows whether the ids came out the
+    same). Our split keeps every record in file order (`eval_fraction` 0, nothing dropped), so row i
+    of the split is line i of pref.jsonl."""
+    from datasets import Dataset, load_from_disk
 
-    rows = [json.loads(line) for line in (root / "raw" / "pref.jsonl").read_text().splitlines()]
-    return Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
-                               "chosen": [{"role": "assistant", "content": r["chosen"]}],
-                               "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows])
+    records = [json.loads(line) for line in (root / "raw" / "pref.jsonl").read_text().splitlines()]
+    if len(records) != len(load_from_disk(str(root / "tok" / "preference" / "train"))):
+        raise SystemExit("bench: the tokenised preference split dropped records, so its rows are not pref.jsonl's")
+    return Dataset.from_list([{"prompt": [{"role": "user", "content": records[i]["prompt"]}],
+                               "chosen": [{"role": "assistant", "content": records[i]["chosen"]}],
+                               "rejected": [{"role": "assistant", "content": records[i]["rejected"]}]} for i in rows])
 
 
 def trl_config_kwargs(spec: dict) -> dict:
@@ -254,7 +268,8 @@ def trl_config_kwargs(spec: dict) -> dict:
               max_grad_norm=1.0, optim="adamw_torch_fused", bf16=spec["bf16"], fp16=False,
               gradient_checkpointing=spec["gradient_checkpointing"], max_length=spec["max_length"],
               pad_to_multiple_of=None, logging_steps=10_000, save_strategy="no", report_to=[], disable_tqdm=True,
-              dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), seed=0)
+              dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), seed=0,
+              train_sampling_strategy="sequential")  # the rows come in our loop's order (drawn_rows)
     if spec["gradient_checkpointing"]:
         kw["gradient_checkpointing_kwargs"] = {"use_reentrant": False}  # as ours
     if stage in ("sft", "dpo"):
@@ -295,7 +310,7 @@ def run_trl(spec: dict, clock: StepClock) -> tuple[int, float]:
         from trl import SFTConfig, SFTTrainer
 
         trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), processing_class=tok,
-                             args=SFTConfig(**kw), callbacks=[Clock()], train_dataset=trl_sft_rows(root),
+                             args=SFTConfig(**kw), callbacks=[Clock()], train_dataset=trl_sft_rows(root, spec["rows"]),
                              peft_config=trl_peft_config(spec, "CAUSAL_LM"))
     elif stage == "rm":
         from trl import RewardConfig, RewardTrainer
@@ -303,14 +318,17 @@ def run_trl(spec: dict, clock: StepClock) -> tuple[int, float]:
         model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=torch.float32)
         model.config.pad_token_id = tok.pad_token_id
         trainer = RewardTrainer(model=model, processing_class=tok, args=RewardConfig(**kw), callbacks=[Clock()],
-                                train_dataset=trl_rm_rows(root), peft_config=trl_peft_config(spec, "SEQ_CLS"))
+                                train_dataset=trl_rm_rows(root, spec["rows"]), peft_config=trl_peft_config(spec, "SEQ_CLS"))
     else:
         from trl import DPOConfig, DPOTrainer
 
         ref = None if spec["variant"] == "lora" else AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
         trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), ref_model=ref,
                              processing_class=tok, args=DPOConfig(**kw), callbacks=[Clock()],
-                             train_dataset=trl_dpo_rows(root), peft_config=trl_peft_config(spec, "CAUSAL_LM"))
+                             train_dataset=trl_dpo_rows(root, spec["rows"]), peft_config=trl_peft_config(spec, "CAUSAL_LM"))
+    if len(trainer.train_dataset) != len(spec["rows"]):  # TRL filtered some: its batches would not be ours
+        raise SystemExit(f"bench: TRL's {stage} trainer kept {len(trainer.train_dataset)} of our {len(spec['rows'])} "
+                         "drawn rows, so its batches would differ from ours")
     trainer.train()
     return spec["batch_size"], trl_tokens_per_sample(stage, trainer.train_dataset)
 
@@ -478,7 +496,8 @@ def header_lines(args, info: dict) -> list[str]:
         f"# model: {args.model} ({args.model_path or 'tiny Llama: 4 layers, width 128, 512-token BPE'})",
         f"# identical on both sides: precision {'bf16 autocast' if args.bf16 else 'fp32'} (TRL bf16={args.bf16}), "
         f"gradient checkpointing {args.gradient_checkpointing} (TRL gradient_checkpointing={args.gradient_checkpointing}), "
-        f"max length {args.max_length}, batch {args.batch_size}, "
+        f"max length {args.max_length}, batch {args.batch_size}, the same batches in the same order (TRL gets the "
+        "rows our loop draws, sequential sampler), "
         + ("SFT padding-free (rows end to end, positions restarting; TRL padding_free=True)"
            if args.padding_free else "SFT right padding to the batch's longest")
         + (", RM/DPO right padding" if not args.pairs_padding_free else
@@ -634,7 +653,7 @@ def main(argv=None) -> None:
         base = build_workdir(root, args.model, args.model_path, args.records, args.max_length)
         prompts_file = root / "prompts.json"
         for stage, variant, impl in jobs_for(args):
-            n_batches = args.warmup + args.steps + 1
+            n_batches = args.warmup + args.steps  # every micro-batch our loop and TRL's trainer train on
             stats = padding_stats(stage, root, 2 * args.batch_size if stage == "ppo" else args.batch_size, n_batches)
             if (stage == "sft" and args.padding_free) or (stage in ("rm", "dpo") and args.pairs_padding_free
                                                           and impl == "ours"):
@@ -647,6 +666,11 @@ def main(argv=None) -> None:
                     "ppo_new_tokens": args.ppo_new_tokens,
                     "tokens_per_sample": None if stage == "ppo" else stats["tokens_per_sample"],
                     "padding_fraction": stats["padding_fraction"], "prompts_file": str(prompts_file)}
+            if impl == "trl":
+                from datasets import load_from_disk
+
+                n = len(load_from_disk(str(root / "tok" / DATA_KIND[stage] / "train")))
+                spec["rows"] = drawn_rows(n, args.batch_size, n_batches)
             python = Path(sys.executable)
             if impl == "anchor":
                 python = anchor_python()

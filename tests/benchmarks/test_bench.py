@@ -39,6 +39,7 @@ def test_trl_configs_carry_our_precision_checkpointing_length_and_padding_not_th
     assert getattr(ours, "activation_checkpointing", False) is False  # transformers 5's name for the same switch
     assert ours.max_steps == 3 and ours.learning_rate == bench.LEARNING_RATE and ours.pad_to_multiple_of is None
     assert (ours.adam_beta1, ours.adam_beta2, ours.max_grad_norm, ours.gradient_accumulation_steps) == (0.9, 0.95, 1.0, 1)
+    assert default.train_sampling_strategy == "random" and ours.train_sampling_strategy == "sequential"  # our order
     if stage in ("sft", "dpo"):
         assert ours.padding_free is False
     on = cls(**bench.trl_config_kwargs(spec_for(stage, tmp_path, checkpointing=True)))
@@ -146,3 +147,29 @@ def test_ppo_anchor_runs_the_same_rollout_as_ours(tmp_path):
     assert [r["impl"] for r in rows] == ["ours", "anchor"]
     assert all(r["samples_per_step"] == 16 and r["steps"] == 2 for r in rows)
     assert "ours/anchor" in proc.stdout
+
+
+def test_trl_gets_the_batches_our_loop_draws_in_its_order(tmp_path):
+    """Both sides train the same micro-batches: TRL's rows are our loop's draw (index_batches, seed 0)
+    and its sampler is sequential, so batch k of TRL's dataloader is our batch k."""
+    from datasets import Dataset
+
+    from rlhf_core.data.batching import index_batches
+
+    prompts = [[i] for i in range(10)]
+    Dataset.from_dict({"prompt_ids": prompts, "chosen_ids": [[100 + i] for i in range(10)],
+                       "rejected_ids": [[200 + i] * (1 + i % 3) for i in range(10)]}).save_to_disk(
+        str(tmp_path / "tok" / "preference" / "train"))
+    rows = bench.drawn_rows(10, 4, n_batches=5)  # past one epoch (2 batches of 4, the tail dropped)
+    draw = index_batches(10, 4, 0)
+    assert rows == [i for _ in range(5) for i in next(draw)]
+    assert rows[:8] != sorted(rows[:8]), "a seeded permutation, not the file order"
+    trl_rows = bench.trl_rm_rows(tmp_path, rows)
+    assert trl_rows["chosen_ids"] == [[i, 100 + i] for i in rows]
+    assert trl_rows["rejected_ids"] == [[i] + [200 + i] * (1 + i % 3) for i in rows]
+    # the padding statistics describe exactly these batches
+    stats = bench.padding_stats("rm", tmp_path, batch_size=4, n_batches=5)
+    lengths = [[2, 1 + 1 + i % 3] for i in range(10)]
+    real = sum(sum(lengths[i]) for i in rows)
+    slots = sum(8 * max(n for i in rows[j:j + 4] for n in lengths[i]) for j in range(0, 20, 4))
+    assert stats == {"tokens_per_sample": real / 20, "padding_fraction": 1 - real / slots}
