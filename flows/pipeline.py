@@ -82,7 +82,8 @@ def unchanged_stages(root: Path) -> set[str]:
         changed = None
     if not isinstance(changed, dict):
         return set()
-    return {s for s in layout.STAGE_NAMES if s not in changed and s in layout.read_lock(root)}
+    locked = layout.read_lock(root)
+    return {s for s in layout.STAGE_NAMES if s not in changed and s in locked}
 
 
 @task(task_run_name="{stage}", retries=0)
