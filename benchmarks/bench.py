@@ -161,8 +161,9 @@ def drawn_rows(n: int, batch_size: int, n_batches: int, seed: int = 0) -> list[i
 
 
 def padding_stats(stage: str, root: Path, batch_size: int, n_batches: int, seed: int = 0) -> dict:
-    """Real tokens per sample, and the share of padding, in the batches our loop draws (and TRL
-    gets: `drawn_rows`); every batch is padded to its longest sequence, as TRL's collators do."""
+    """Real tokens per sample, and the share of padding, in the batches our loop draws, and those
+    rows (`drawn_rows`, what TRL gets); every batch is padded to its longest sequence, as TRL's
+    collators do."""
     from datasets import load_from_disk
 
     ds = load_from_disk(str(root / "tok" / DATA_KIND[stage] / "train"))
@@ -172,7 +173,7 @@ def padding_stats(stage: str, root: Path, batch_size: int, n_batches: int, seed:
     for j in range(0, len(rows), batch_size):
         seqs = [n for i in rows[j:j + batch_size] for n in lengths[i]]
         real, padded = real + sum(seqs), padded + len(seqs) * max(seqs)
-    return {"tokens_per_sample": real / len(rows), "padding_fraction": 1 - real / padded}
+    return {"tokens_per_sample": real / len(rows), "padding_fraction": 1 - real / padded, "rows": rows}
 
 
 # --- one measurement (a child process) -------------------------------------------------------
@@ -667,10 +668,7 @@ def main(argv=None) -> None:
                     "tokens_per_sample": None if stage == "ppo" else stats["tokens_per_sample"],
                     "padding_fraction": stats["padding_fraction"], "prompts_file": str(prompts_file)}
             if impl == "trl":
-                from datasets import load_from_disk
-
-                n = len(load_from_disk(str(root / "tok" / DATA_KIND[stage] / "train")))
-                spec["rows"] = drawn_rows(n, args.batch_size, n_batches)
+                spec["rows"] = stats["rows"]
             python = Path(sys.executable)
             if impl == "anchor":
                 python = anchor_python()

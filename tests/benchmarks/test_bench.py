@@ -69,12 +69,14 @@ def test_padding_stats_by_hand(tmp_path):
     Dataset.from_dict({"input_ids": [[1] * 2, [1] * 4, [1] * 6, [1] * 8],
                        "labels": [[1] * 2, [1] * 4, [1] * 6, [1] * 8]}).save_to_disk(str(tmp_path / "tok" / "sft" / "train"))
     # one batch of all four rows: 20 real tokens in 4 x 8 slots
-    assert bench.padding_stats("sft", tmp_path, batch_size=4, n_batches=1) == {"tokens_per_sample": 5.0,
-                                                                              "padding_fraction": 1 - 20 / 32}
+    stats = bench.padding_stats("sft", tmp_path, batch_size=4, n_batches=1)
+    assert sorted(stats.pop("rows")) == [0, 1, 2, 3]
+    assert stats == {"tokens_per_sample": 5.0, "padding_fraction": 1 - 20 / 32}
     Dataset.from_dict({"prompt_ids": [[1], [1, 1]], "chosen_ids": [[2], [2, 2, 2]],
                        "rejected_ids": [[3, 3], [3]]}).save_to_disk(str(tmp_path / "tok" / "preference" / "train"))
     # sequences (prompt + response): 2, 3 | 5, 3 -> 13 real tokens in 4 x 5 slots; a pair counts both
     stats = bench.padding_stats("dpo", tmp_path, batch_size=2, n_batches=1)
+    assert sorted(stats.pop("rows")) == [0, 1]
     assert stats == {"tokens_per_sample": 6.5, "padding_fraction": 1 - 13 / 20}
 
 
@@ -169,6 +171,7 @@ def test_trl_gets_the_batches_our_loop_draws_in_its_order(tmp_path):
     assert trl_rows["rejected_ids"] == [[i] + [200 + i] * (1 + i % 3) for i in rows]
     # the padding statistics describe exactly these batches
     stats = bench.padding_stats("rm", tmp_path, batch_size=4, n_batches=5)
+    assert stats.pop("rows") == rows  # what main hands TRL
     lengths = [[2, 1 + 1 + i % 3] for i in range(10)]
     real = sum(sum(lengths[i]) for i in rows)
     slots = sum(8 * max(n for i in rows[j:j + 4] for n in lengths[i]) for j in range(0, 20, 4))
