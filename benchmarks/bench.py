@@ -176,6 +176,22 @@ def padding_stats(stage: str, root: Path, batch_size: int, n_batches: int, seed:
     return {"tokens_per_sample": real / len(rows), "padding_fraction": 1 - real / padded, "rows": rows}
 
 
+def shared_prompt_padding(root: Path, batch_size: int, n_batches: int, one_row: bool, seed: int = 0) -> float:
+    """The share of padding in the batches our RM trains with `rm.share_prompt` (its own layout:
+    one row per pair, or all pairs in one row)."""
+    from datasets import load_from_disk
+
+    from rlhf_core.data.batching import collate_pairs_shared
+
+    ds = load_from_disk(str(root / "tok" / "preference" / "train"))
+    rows = drawn_rows(len(ds), batch_size, n_batches, seed)
+    real = slots = 0
+    for j in range(0, len(rows), batch_size):
+        b = collate_pairs_shared(ds[rows[j:j + batch_size]], 0, one_row)
+        real, slots = real + b.tokens, slots + b.input_ids.numel()
+    return 1 - real / slots
+
+
 # --- one measurement (a child process) -------------------------------------------------------
 
 class StepClock:
@@ -215,7 +231,7 @@ def run_ours(spec: dict, clock: StepClock) -> int:
     else:  # DPO: a reference forward at every step, as TRL's DPOTrainer does by default
         pairs_free = spec.get("pairs_padding_free", False)
         cfg = {"pt": PTConfig(**common), "sft": SFTConfig(**common, padding_free=spec["padding_free"]),
-               "rm": RMConfig(**common, padding_free=pairs_free),
+               "rm": RMConfig(**common, padding_free=pairs_free, share_prompt=spec.get("rm_share_prompt", False)),
                "dpo": DPOConfig(**common, precompute_ref=False, padding_free=pairs_free)}[stage]
     loop = {"pt": lm.run_pt, "sft": lm.run_sft, "rm": rm.run_rm, "dpo": dpo.run_dpo, "ppo": ppo.run_ppo}[stage]
     inputs = {"data": root / "tok", "tokenizer": base, "init": base, "reward": base}
@@ -505,6 +521,11 @@ def header_lines(args, info: dict) -> list[str]:
            ", RM/DPO: NOT identical, ours padding-free (rm/dpo.padding_free), TRL 1.16 right-padded (RewardTrainer "
            "has no padding-free mode and DPOTrainer disables its padding_free), so these ratios show the lever "
            "against TRL's best available setting")
+        + ("; RM: NOT identical, ours computes each pair's prompt once (rm.share_prompt: the rejected response "
+           "continues the prompt beside the chosen one under a mask that hides it; the same rewards and gradients "
+           "with fewer tokens through the model), TRL 1.16 runs the prompt with each response; tokens/s counts each "
+           "pair's prompt twice on both sides"
+           if args.rm_share_prompt else "")
         + f" (no packing, pad_to_multiple_of=None), LoRA {lora}, fused AdamW(0.9, 0.95) (TRL and the anchor: "
         f"optim=adamw_torch_fused) lr {LEARNING_RATE} "
         f"constant, clip 1.0, {args.warmup} warm-up + {args.steps} timed steps, one process per row",
@@ -617,6 +638,9 @@ def parse_args(argv):
     ap.add_argument("--pairs-padding-free", action="store_true",
                     help="RM and DPO pairs end to end on our side only (rm/dpo.padding_free); TRL 1.16 has no such "
                          "mode, so those rows are not identical work (the header says so)")
+    ap.add_argument("--rm-share-prompt", action="store_true",
+                    help="our RM computes each pair's prompt once (rm.share_prompt; one padded row per pair, or all "
+                         "pairs in one row with --pairs-padding-free); TRL has no such mode (the header says so)")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args(argv)
     for k, v in PRESETS[args.model].items():
@@ -659,11 +683,14 @@ def main(argv=None) -> None:
             if (stage == "sft" and args.padding_free) or (stage in ("rm", "dpo") and args.pairs_padding_free
                                                           and impl == "ours"):
                 stats["padding_fraction"] = 0.0  # the rows are laid end to end
+            if stage == "rm" and impl == "ours" and args.rm_share_prompt:
+                stats["padding_fraction"] = shared_prompt_padding(root, args.batch_size, n_batches,
+                                                                  args.pairs_padding_free)
             spec = {"model": args.model, "stage": stage, "variant": variant, "impl": impl, "root": tmp,
                     "base": str(base), "steps": args.steps, "warmup": args.warmup, "batch_size": args.batch_size,
                     "max_length": args.max_length, "threads": args.threads, "bf16": args.bf16,
                     "gradient_checkpointing": args.gradient_checkpointing, "padding_free": args.padding_free,
-                    "pairs_padding_free": args.pairs_padding_free,
+                    "pairs_padding_free": args.pairs_padding_free, "rm_share_prompt": args.rm_share_prompt,
                     "ppo_new_tokens": args.ppo_new_tokens,
                     "tokens_per_sample": None if stage == "ppo" else stats["tokens_per_sample"],
                     "padding_fraction": stats["padding_fraction"], "prompts_file": str(prompts_file)}

@@ -231,6 +231,13 @@ class RMConfig(TrainConfig):
     padding_free: bool = False
     """As `sft.padding_free`, for the pairs: a micro-batch's chosen and rejected rows end to end in
     one row, each reward read at its row's last token."""
+    share_prompt: bool = False
+    """Put each pair's prompt through the model once: the rejected response continues the prompt
+    beside the chosen one, under a custom attention mask that hides the chosen tokens from it
+    (`SharedPromptPairBatch`). The same rewards and gradients up to float rounding, with the
+    prompt's tokens computed once instead of twice. With `padding_free` all pairs share one row,
+    otherwise one right-padded row per pair. The (R, T, T) mask replaces the causal fast path and
+    grows with the square of a row's length; held-out evaluation stays padded."""
     margin: float = 0.0
     """Required reward gap: loss = -logsigmoid(r_c - r_r - margin)."""
     center_coef: float = 0.0

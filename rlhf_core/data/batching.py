@@ -50,6 +50,26 @@ class PackedPairBatch(NamedTuple):
         return self.input_ids.shape[1]
 
 
+class SharedPromptPairBatch(NamedTuple):
+    """Pairs whose prompt goes through the model once: each pair is laid out as prompt, chosen,
+    rejected, and the rejected tokens take the chosen tokens' positions (they continue the
+    prompt) and attend to the prompt and to themselves, never to the chosen response. A prompt's
+    hidden states do not depend on what follows it, so every reward equals the one of its row run
+    alone, with fewer tokens through the model. One row per pair, right-padded (`one_row` False),
+    or every pair end to end in one row; the custom mask is (R, 1, T, T), True where a query
+    attends to a key (a padding query attends only to itself, so no softmax row is empty)."""
+    input_ids: torch.Tensor       # (R, T)
+    position_ids: torch.Tensor    # (R, T)
+    attention_mask: torch.Tensor  # (R, 1, T, T) bool
+    ends: torch.Tensor            # (2B,) flat index into input_ids.view(-1): chosen ends, then rejected ends
+    weights: torch.Tensor         # (B,)
+    real_tokens: int
+
+    @property
+    def tokens(self) -> int:
+        return self.real_tokens
+
+
 class PromptBatch(NamedTuple):
     input_ids: torch.Tensor       # (B, P) left-padded, ready for generate
     attention_mask: torch.Tensor  # (B, P)
@@ -110,7 +130,42 @@ def collate_pairs_packed(rows: dict) -> PackedPairBatch:
     return PackedPairBatch(*_end_to_end(seqs, labels), ends, weights)
 
 
-def collate_pair_batch(rows: dict, pad_id: int, padding_free: bool) -> PairBatch | PackedPairBatch:
+PROMPT, CHOSEN, REJECTED = 0, 1, 2
+
+
+def collate_pairs_shared(rows: dict, pad_id: int, one_row: bool) -> SharedPromptPairBatch:
+    """`collate_pairs` with each prompt computed once (see `SharedPromptPairBatch`)."""
+    pairs = list(zip(rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"]))
+    groups = [list(range(len(pairs)))] if one_row else [[k] for k in range(len(pairs))]
+    ids, pos, pair, part, c_ends, r_ends = [], [], [], [], [], []
+    for g in groups:
+        row_ids, row_pos, row_pair, row_part = [], [], [], []
+        for k in g:
+            p, c, r = pairs[k]
+            row_ids += p + c + r
+            row_pos += [*range(len(p) + len(c)), *range(len(p), len(p) + len(r))]
+            row_pair += [k] * (len(p) + len(c) + len(r))
+            row_part += [PROMPT] * len(p) + [CHOSEN] * len(c) + [REJECTED] * len(r)
+            c_ends.append((len(ids), len(row_ids) - len(r) - 1))
+            r_ends.append((len(ids), len(row_ids) - 1))
+        for out, row in ((ids, row_ids), (pos, row_pos), (pair, row_pair), (part, row_part)):
+            out.append(row)
+    width = max(map(len, ids))
+    pair_t, part_t = _pad(pair, -1), _pad(part, -1)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    same_pair = (pair_t[:, :, None] == pair_t[:, None, :]) & (pair_t[:, None, :] >= 0)
+    visible = (part_t[:, None, :] == PROMPT) | (part_t[:, :, None] == part_t[:, None, :])
+    pad_self = (pair_t < 0)[:, :, None] & torch.eye(width, dtype=torch.bool)
+    mask = ((causal & same_pair & visible) | pad_self)[:, None]
+    ends = torch.tensor([r * width + t for r, t in c_ends + r_ends])
+    weights = torch.tensor(rows.get("weight") or [1.0] * len(pairs))
+    return SharedPromptPairBatch(_pad(ids, pad_id), _pad(pos, 0), mask, ends, weights, sum(map(len, ids)))
+
+
+def collate_pair_batch(rows: dict, pad_id: int, padding_free: bool,
+                       share_prompt: bool = False) -> PairBatch | PackedPairBatch | SharedPromptPairBatch:
+    if share_prompt:
+        return collate_pairs_shared(rows, pad_id, one_row=padding_free)
     return collate_pairs_packed(rows) if padding_free else collate_pairs(rows, pad_id)
 
 

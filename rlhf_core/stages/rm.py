@@ -1,7 +1,8 @@
 """Reward model: a one-output sequence classifier initialised from SFT, trained on pairs with
 loss -logsigmoid(r_chosen - r_rejected - margin) (+ optional centering). The score is read at
 the last non-pad token, found from the attention mask, so left and right padding both work;
-with `padding_free` the pair rows are laid end to end and each score is read at its row's end."""
+with `padding_free` the pair rows are laid end to end and each score is read at its row's end;
+with `share_prompt` each pair's prompt goes through the model once (`SharedPromptPairBatch`)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -9,7 +10,8 @@ from collections.abc import Callable
 import torch
 
 from rlhf_core.config import ModelConfig, RMConfig
-from rlhf_core.data.batching import PackedPairBatch, PairBatch, collate_pair_batch, collate_pairs
+from rlhf_core.data.batching import (PackedPairBatch, PairBatch, SharedPromptPairBatch, collate_pair_batch,
+                                    collate_pairs)
 from rlhf_core.data.splits import load_split
 from rlhf_core.data.tokenizer import load_tokenizer
 from rlhf_core.ops.logprobs import gather_last
@@ -20,8 +22,13 @@ from rlhf_core.training.optim import optimizer_step
 from rlhf_core.training.progress import Throughput, progress, scalars
 
 
-def pair_rewards(model, batch: PairBatch | PackedPairBatch, device) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_rewards(model, batch: PairBatch | PackedPairBatch | SharedPromptPairBatch,
+                 device) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards of the chosen and rejected rows, each (B,), from one forward over 2B rows."""
+    if isinstance(batch, SharedPromptPairBatch):
+        scores = token_scores(model, batch.input_ids.to(device), batch.attention_mask.to(device),
+                              batch.position_ids.to(device))
+        return scores.reshape(-1)[batch.ends.to(device)].chunk(2)
     if isinstance(batch, PackedPairBatch):
         scores = token_scores(model, batch.input_ids.to(device), None, batch.position_ids.to(device))
         return scores[0, batch.ends.to(device)].chunk(2)
@@ -81,7 +88,8 @@ def run_rm(ctx: RunContext, cfg: RMConfig, model_cfg: ModelConfig) -> StageResul
     speed, bar, metrics = Throughput(), progress(stage, cfg.max_steps, start, not ctx.is_main_process), {}
     model.train()
     for step in range(start, cfg.max_steps):
-        micro = [collate_pair_batch(train_ds[next(batches)], pad, cfg.padding_free) for _ in range(cfg.grad_accum)]
+        micro = [collate_pair_batch(train_ds[next(batches)], pad, cfg.padding_free, cfg.share_prompt)
+                 for _ in range(cfg.grad_accum)]
         step_loss, parts = torch.zeros(()), []
         for b in micro:
             with ctx.autocast():

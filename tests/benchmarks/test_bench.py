@@ -78,6 +78,10 @@ def test_padding_stats_by_hand(tmp_path):
     stats = bench.padding_stats("dpo", tmp_path, batch_size=2, n_batches=1)
     assert sorted(stats.pop("rows")) == [0, 1]
     assert stats == {"tokens_per_sample": 6.5, "padding_fraction": 1 - 13 / 20}
+    # rm.share_prompt, one row per pair: prompt + chosen + rejected = 4 | 6 real tokens in 2 x 6 slots;
+    # all pairs in one row: no padding
+    assert bench.shared_prompt_padding(tmp_path, batch_size=2, n_batches=1, one_row=False) == 1 - 10 / 12
+    assert bench.shared_prompt_padding(tmp_path, batch_size=2, n_batches=1, one_row=True) == 0.0
 
 
 def test_ratio_lines_compare_the_same_stage_and_variant():

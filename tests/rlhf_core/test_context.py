@@ -276,6 +276,33 @@ def test_padding_free_rm_and_dpo_train_to_the_padded_runs_metrics_and_weights(tm
     assert any((w_pad[n] - base[n]).abs().max() > 1e-3 for n in w_pad if n in base)
 
 
+def test_shared_prompt_rm_trains_to_the_padded_runs_metrics_and_weights(tmp_path_factory):
+    """`rm.share_prompt`, one row per pair and all pairs in one row (with `padding_free`): three
+    steps of the loop give the padded run's metrics and weights up to float rounding."""
+    from safetensors.torch import load_file
+
+    from rlhf_core.config import RMConfig
+    from rlhf_core.stages import rm
+
+    tiny = build_tiny_sft_project(tmp_path_factory.mktemp("shared-rm"), TINY, pairs=48)
+    out = {}
+    for name, kw in {"padded": {}, "rows": {"share_prompt": True},
+                     "one-row": {"share_prompt": True, "padding_free": True}}.items():
+        cfg = RMConfig(max_steps=3, batch_size=8, save_every=0, eval_every=0, log_every=1, warmup_steps=1, **kw)
+        ctx = context("rm", cfg, tiny / name / "out", tiny / name / "ckpt", data=tiny / "tok", init=tiny / "base")
+        out[name] = (rm.run_rm(ctx, cfg, TINY).metrics, load_file(tiny / name / "out" / "model.safetensors"))
+    m_pad, w_pad = out["padded"]
+    for name in ("rows", "one-row"):
+        m, w = out[name]
+        assert m.keys() == m_pad.keys() and "train/grad_norm" in m
+        for k in m_pad:
+            assert m[k] == pytest.approx(m_pad[k], abs=1e-4, rel=1e-4), (name, k)
+        for n, t in w_pad.items():
+            torch.testing.assert_close(w[n], t, atol=5e-5, rtol=1e-4, msg=f"{name} {n}")
+    base = load_file(tiny / "base" / "model.safetensors")
+    assert any((w_pad[n] - base[n]).abs().max() > 1e-3 for n in w_pad if n in base)
+
+
 @pytest.mark.parametrize("precision, dtype", [("no", torch.float32), ("bf16", torch.bfloat16)])
 def test_the_accelerator_and_dtype_come_from_the_stage_config(tmp_path, precision, dtype):
     ctx = RunContext.create("dpo", SFTConfig(mixed_precision=precision, save_every=7), {"data": tmp_path, "init": None},

@@ -10,6 +10,9 @@ computation: each sequence run alone, unpadded, through the full (B, T, V) log-s
   that row run alone, and the padded batch's loss and gradients;
 - padding-free RM and DPO pairs give each row's reward and response log-prob sum as the row run
   alone, and the padded pairs' losses and gradients;
+- RM pairs with each prompt computed once (`rm.share_prompt`: the rejected response continues
+  the prompt under a mask that hides the chosen one) give each reward as its row run alone, and
+  the padded pairs' loss and gradients;
 - logits projected only at the positions that predict a trained token (`scored_mask` as
   `logits_to_keep`) give the full-logits SFT loss, DPO sequence log-probs and their gradients;
 - the fused AdamW kernel gives the per-tensor loop's weights and moments.
@@ -353,6 +356,68 @@ def test_rm_rewards_and_gradients_of_packed_pairs_equal_the_padded_pairs(tok, lo
                 seq = rows["prompt_ids"][i] + rows[key][i]
                 alone = m(input_ids=torch.tensor([seq])).logits[0, 0]
                 assert abs(float((c_packed, r_packed)[k][i]) - float(alone)) < 1e-5
+
+
+def test_shared_prompt_pairs_are_laid_out_prompt_chosen_rejected_with_their_mask():
+    from rlhf_core.data.batching import collate_pairs_shared
+
+    rows = {"prompt_ids": [[5, 6], [7]], "chosen_ids": [[8], [9, 10]], "rejected_ids": [[11, 12], [13]],
+            "weight": [1.0, 0.5]}
+    b = collate_pairs_shared(rows, pad_id=0, one_row=False)
+    assert b.input_ids.tolist() == [[5, 6, 8, 11, 12], [7, 9, 10, 13, 0]]
+    assert b.position_ids.tolist() == [[0, 1, 2, 2, 3], [0, 1, 2, 1, 0]]
+    assert b.ends.tolist() == [2, 7, 4, 8] and b.weights.tolist() == [1.0, 0.5] and b.tokens == 9
+    # pair 0: prompt 5 6 | chosen 8 | rejected 11 12; the rejected tokens see the prompt, not 8
+    assert b.attention_mask[0, 0].int().tolist() == [[1, 0, 0, 0, 0],
+                                                     [1, 1, 0, 0, 0],
+                                                     [1, 1, 1, 0, 0],
+                                                     [1, 1, 0, 1, 0],
+                                                     [1, 1, 0, 1, 1]]
+    assert b.attention_mask[1, 0, 4].int().tolist() == [0, 0, 0, 0, 1], "a padding query attends only to itself"
+    one = collate_pairs_shared(rows, pad_id=0, one_row=True)
+    assert one.input_ids.tolist() == [[5, 6, 8, 11, 12, 7, 9, 10, 13]]
+    assert one.position_ids.tolist() == [[0, 1, 2, 2, 3, 0, 1, 2, 1]]
+    assert one.ends.tolist() == [2, 7, 4, 8] and one.tokens == 9
+    assert not one.attention_mask[0, 0, 5:, :5].any(), "the second pair sees nothing of the first"
+    assert one.attention_mask[0, 0, 8].int().tolist() == [0, 0, 0, 0, 0, 1, 0, 0, 1]
+
+
+@pytest.mark.parametrize("one_row", [False, True])
+@pytest.mark.parametrize("lora", [False, True])
+def test_rm_rewards_and_gradients_of_shared_prompt_pairs_equal_the_padded_pairs(tok, lora, one_row):
+    """Each reward equals the score of its row (prompt + response) run alone; the pairwise loss
+    and every trainable gradient equal the padded batch's. Letting the rejected tokens also see
+    the chosen ones (a plain causal mask over the row) changes the rejected rewards, so the
+    mask is what keeps them right."""
+    from rlhf_core.data.batching import collate_pairs_shared
+    from rlhf_core.ops.losses import reward_pair_loss
+    from rlhf_core.stages.rm import pair_rewards
+
+    rows = pair_rows(tok, 3, seed=8)[:3]
+
+    def run(collate):
+        m = tiny_scorer(tok, lora)
+        c, r = pair_rewards(m, collate(rows), "cpu")
+        loss = reward_pair_loss(c, r, torch.zeros_like(c), 0.0)[0]
+        loss.backward()
+        return c.detach(), r.detach(), float(loss.detach()), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+    c_pad, r_pad, loss_pad, g_pad = run(lambda x: collate_pairs(x, pad_id=0))
+    c_sh, r_sh, loss_sh, g_sh = run(lambda x: collate_pairs_shared(x, 0, one_row))
+    torch.testing.assert_close(torch.stack([c_sh, r_sh]), torch.stack([c_pad, r_pad]), atol=1e-5, rtol=1e-5)
+    assert abs(loss_pad - loss_sh) < 1e-6
+    assert g_pad.keys() == g_sh.keys() and len(g_pad) > 0
+    for name in g_pad:
+        torch.testing.assert_close(g_sh[name], g_pad[name], atol=1e-6, rtol=1e-4, msg=name)
+    m = tiny_scorer(tok, lora).eval()
+    with torch.no_grad():
+        for k, key in enumerate(("chosen_ids", "rejected_ids")):
+            for i in range(3):
+                alone = m(input_ids=torch.tensor([rows["prompt_ids"][i] + rows[key][i]])).logits[0, 0]
+                assert abs(float((c_sh, r_sh)[k][i]) - float(alone)) < 1e-5
+        b = collate_pairs_shared(rows, 0, one_row)
+        leaky = b._replace(attention_mask=b.attention_mask | torch.ones_like(b.attention_mask).tril())
+        _, r_leak = pair_rewards(m, leaky, "cpu")
+        assert (r_leak - r_pad).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("lora", [False, True])
