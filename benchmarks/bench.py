@@ -160,36 +160,44 @@ def drawn_rows(n: int, batch_size: int, n_batches: int, seed: int = 0) -> list[i
     return [i for _ in range(n_batches) for i in next(order)]
 
 
-def padding_stats(stage: str, root: Path, batch_size: int, n_batches: int, seed: int = 0) -> dict:
-    """Real tokens per sample, and the share of padding, in the batches our loop draws, and those
-    rows (`drawn_rows`, what TRL gets); every batch is padded to its longest sequence, as TRL's
-    collators do."""
+LAYOUTS = ("padded", "end_to_end", "shared_prompt", "shared_prompt_one_row")
+"""How our side lays a batch out: right-padded to the longest row; rows end to end (`padding_free`);
+each pair's prompt once, one padded row per pair or all pairs in one row (`rm.share_prompt`)."""
+
+
+def padding_stats(stage: str, root: Path, batch_size: int, n_batches: int, seed: int = 0,
+                  layout: str = "padded") -> dict:
+    """Real tokens per sample (a pair counts its prompt twice, whatever the layout), the share of
+    padding in the batches our loop draws as `layout` lays them out, and those rows (`drawn_rows`,
+    what TRL gets). Padded batches are padded to their longest row, as TRL's collators do."""
     from datasets import load_from_disk
 
     ds = load_from_disk(str(root / "tok" / DATA_KIND[stage] / "train"))
-    lengths = row_lengths(stage, ds[:])
+    cols = ds[:]
+    lengths = row_lengths(stage, cols)
+    through = lengths  # the rows the model sees
+    if layout.startswith("shared_prompt"):
+        through = [[len(p) + len(c) + len(r)] for p, c, r in zip(cols["prompt_ids"], cols["chosen_ids"], cols["rejected_ids"])]
     rows = drawn_rows(len(lengths), batch_size, n_batches, seed)
-    real = padded = 0
+    real = seen = slots = 0
     for j in range(0, len(rows), batch_size):
-        seqs = [n for i in rows[j:j + batch_size] for n in lengths[i]]
-        real, padded = real + sum(seqs), padded + len(seqs) * max(seqs)
-    return {"tokens_per_sample": real / len(rows), "padding_fraction": 1 - real / padded, "rows": rows}
+        batch = rows[j:j + batch_size]
+        seqs = [n for i in batch for n in through[i]]
+        real += sum(n for i in batch for n in lengths[i])
+        seen += sum(seqs)
+        slots += sum(seqs) if layout in ("end_to_end", "shared_prompt_one_row") else len(seqs) * max(seqs)
+    return {"tokens_per_sample": real / len(rows), "padding_fraction": 1 - seen / slots, "rows": rows}
 
 
-def shared_prompt_padding(root: Path, batch_size: int, n_batches: int, one_row: bool, seed: int = 0) -> float:
-    """The share of padding in the batches our RM trains with `rm.share_prompt` (its own layout:
-    one row per pair, or all pairs in one row)."""
-    from datasets import load_from_disk
-
-    from rlhf_core.data.batching import collate_pairs_shared
-
-    ds = load_from_disk(str(root / "tok" / "preference" / "train"))
-    rows = drawn_rows(len(ds), batch_size, n_batches, seed)
-    real = slots = 0
-    for j in range(0, len(rows), batch_size):
-        b = collate_pairs_shared(ds[rows[j:j + batch_size]], 0, one_row)
-        real, slots = real + b.tokens, slots + b.input_ids.numel()
-    return 1 - real / slots
+def our_layout(stage: str, impl: str, args) -> str:
+    """The `LAYOUTS` entry a row's batches take (TRL pads its pairs; SFT padding-free is on both sides)."""
+    if stage == "sft" and args.padding_free:
+        return "end_to_end"
+    if stage not in ("rm", "dpo") or impl != "ours":
+        return "padded"
+    if stage == "rm" and args.rm_share_prompt:
+        return "shared_prompt_one_row" if args.pairs_padding_free else "shared_prompt"
+    return "end_to_end" if args.pairs_padding_free else "padded"
 
 
 # --- one measurement (a child process) -------------------------------------------------------
@@ -679,13 +687,8 @@ def main(argv=None) -> None:
         prompts_file = root / "prompts.json"
         for stage, variant, impl in jobs_for(args):
             n_batches = args.warmup + args.steps  # every micro-batch our loop and TRL's trainer train on
-            stats = padding_stats(stage, root, 2 * args.batch_size if stage == "ppo" else args.batch_size, n_batches)
-            if (stage == "sft" and args.padding_free) or (stage in ("rm", "dpo") and args.pairs_padding_free
-                                                          and impl == "ours"):
-                stats["padding_fraction"] = 0.0  # the rows are laid end to end
-            if stage == "rm" and impl == "ours" and args.rm_share_prompt:
-                stats["padding_fraction"] = shared_prompt_padding(root, args.batch_size, n_batches,
-                                                                  args.pairs_padding_free)
+            stats = padding_stats(stage, root, 2 * args.batch_size if stage == "ppo" else args.batch_size, n_batches,
+                                  layout=our_layout(stage, impl, args))
             spec = {"model": args.model, "stage": stage, "variant": variant, "impl": impl, "root": tmp,
                     "base": str(base), "steps": args.steps, "warmup": args.warmup, "batch_size": args.batch_size,
                     "max_length": args.max_length, "threads": args.threads, "bf16": args.bf16,

@@ -80,8 +80,11 @@ def test_padding_stats_by_hand(tmp_path):
     assert stats == {"tokens_per_sample": 6.5, "padding_fraction": 1 - 13 / 20}
     # rm.share_prompt, one row per pair: prompt + chosen + rejected = 4 | 6 real tokens in 2 x 6 slots;
     # all pairs in one row: no padding
-    assert bench.shared_prompt_padding(tmp_path, batch_size=2, n_batches=1, one_row=False) == 1 - 10 / 12
-    assert bench.shared_prompt_padding(tmp_path, batch_size=2, n_batches=1, one_row=True) == 0.0
+    shared = bench.padding_stats("rm", tmp_path, batch_size=2, n_batches=1, layout="shared_prompt")
+    assert shared["tokens_per_sample"] == 6.5 and shared["padding_fraction"] == 1 - 10 / 12
+    one_row = bench.padding_stats("rm", tmp_path, batch_size=2, n_batches=1, layout="shared_prompt_one_row")
+    assert one_row["padding_fraction"] == 0.0
+    assert bench.padding_stats("dpo", tmp_path, batch_size=2, n_batches=1, layout="end_to_end")["padding_fraction"] == 0.0
 
 
 def test_ratio_lines_compare_the_same_stage_and_variant():

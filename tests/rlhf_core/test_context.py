@@ -237,15 +237,20 @@ def test_padding_free_sft_trains_to_the_padded_runs_metrics_and_weights(tmp_path
     assert any((w_pad[n] - load_file(tiny / "base" / "model.safetensors")[n]).abs().max() > 1e-3 for n in w_pad)
 
 
-PAIR_LOOPS = {"rm": {}, "dpo": {"precompute_ref": True},
-              "dpo-rpo-per-step-reference": {"precompute_ref": False, "rpo_alpha": 0.5}}
+END_TO_END = {"padding_free": True}
+PAIR_LOOPS = {  # case: (the settings of both runs, the lever the second run adds)
+    "rm": ({}, END_TO_END), "dpo": ({"precompute_ref": True}, END_TO_END),
+    "dpo-rpo-per-step-reference": ({"precompute_ref": False, "rpo_alpha": 0.5}, END_TO_END),
+    "rm-shared-prompt": ({}, {"share_prompt": True}),
+    "rm-shared-prompt-one-row": ({}, {"share_prompt": True, "padding_free": True})}
 
 
 @pytest.mark.parametrize("case", list(PAIR_LOOPS))
-def test_padding_free_rm_and_dpo_train_to_the_padded_runs_metrics_and_weights(tmp_path_factory, case):
+def test_padding_free_and_shared_prompt_pairs_train_to_the_padded_runs_metrics_and_weights(tmp_path_factory, case):
     """`rm.padding_free` and `dpo.padding_free` (with the reference precomputed or run at each step,
-    and with RPO's per-token NLL): three steps of the loop give the padded run's metrics and weights
-    up to float rounding, on batches that do hold padding."""
+    and with RPO's per-token NLL), and `rm.share_prompt` (one row per pair, or all pairs in one row
+    with `padding_free`): three steps of the loop give the padded run's metrics and weights up to
+    float rounding, on batches that do hold padding."""
     from safetensors.torch import load_file
 
     from rlhf_core.config import DPOConfig, RMConfig
@@ -257,10 +262,11 @@ def test_padding_free_rm_and_dpo_train_to_the_padded_runs_metrics_and_weights(tm
     tiny = build_tiny_sft_project(tmp_path_factory.mktemp(f"packed-{case}"), TINY, pairs=48)
     train = load_split(tiny / "tok", "preference", "train")
     assert not collate_pairs(train[:8], 0).attention_mask.bool().all(), "the pairs vary in length"
+    both, lever = PAIR_LOOPS[case]
     out = {}
     for packed in (False, True):
         common = dict(max_steps=3, batch_size=8, save_every=0, eval_every=0, log_every=1, warmup_steps=1,
-                      padding_free=packed, **PAIR_LOOPS[case])
+                      **both, **(lever if packed else {}))
         cfg = RMConfig(**common) if stage == "rm" else DPOConfig(**common)
         name = "packed" if packed else "padded"
         ctx = context(stage, cfg, tiny / name / "out", tiny / name / "ckpt", data=tiny / "tok", init=tiny / "base")
@@ -272,33 +278,6 @@ def test_padding_free_rm_and_dpo_train_to_the_padded_runs_metrics_and_weights(tm
         assert m_packed[k] == pytest.approx(m_pad[k], abs=1e-4, rel=1e-4), k
     for name, w in w_pad.items():  # Adam turns rounding in near-zero gradients into up to ~1% of a step (lr 1e-3)
         torch.testing.assert_close(w_packed[name], w, atol=5e-5, rtol=1e-4, msg=name)
-    base = load_file(tiny / "base" / "model.safetensors")
-    assert any((w_pad[n] - base[n]).abs().max() > 1e-3 for n in w_pad if n in base)
-
-
-def test_shared_prompt_rm_trains_to_the_padded_runs_metrics_and_weights(tmp_path_factory):
-    """`rm.share_prompt`, one row per pair and all pairs in one row (with `padding_free`): three
-    steps of the loop give the padded run's metrics and weights up to float rounding."""
-    from safetensors.torch import load_file
-
-    from rlhf_core.config import RMConfig
-    from rlhf_core.stages import rm
-
-    tiny = build_tiny_sft_project(tmp_path_factory.mktemp("shared-rm"), TINY, pairs=48)
-    out = {}
-    for name, kw in {"padded": {}, "rows": {"share_prompt": True},
-                     "one-row": {"share_prompt": True, "padding_free": True}}.items():
-        cfg = RMConfig(max_steps=3, batch_size=8, save_every=0, eval_every=0, log_every=1, warmup_steps=1, **kw)
-        ctx = context("rm", cfg, tiny / name / "out", tiny / name / "ckpt", data=tiny / "tok", init=tiny / "base")
-        out[name] = (rm.run_rm(ctx, cfg, TINY).metrics, load_file(tiny / name / "out" / "model.safetensors"))
-    m_pad, w_pad = out["padded"]
-    for name in ("rows", "one-row"):
-        m, w = out[name]
-        assert m.keys() == m_pad.keys() and "train/grad_norm" in m
-        for k in m_pad:
-            assert m[k] == pytest.approx(m_pad[k], abs=1e-4, rel=1e-4), (name, k)
-        for n, t in w_pad.items():
-            torch.testing.assert_close(w[n], t, atol=5e-5, rtol=1e-4, msg=f"{name} {n}")
     base = load_file(tiny / "base" / "model.safetensors")
     assert any((w_pad[n] - base[n]).abs().max() > 1e-3 for n in w_pad if n in base)
 

@@ -26,7 +26,8 @@ import torch
 
 from rlhf_core import IGNORE_INDEX
 from rlhf_core.config import LoraConfig, ModelConfig
-from rlhf_core.data.batching import collate_lm, collate_lm_packed, collate_pairs, collate_pairs_packed
+from rlhf_core.data.batching import (collate_lm, collate_lm_packed, collate_pairs, collate_pairs_packed,
+                                    collate_pairs_shared)
 from rlhf_core.data.tokenizer import train_tokenizer
 from rlhf_core.ops.logprobs import scored_mask, sequence_logprobs
 from rlhf_core.ops.losses import lm_loss
@@ -321,46 +322,20 @@ def tiny_scorer(tok, lora: bool):
     return apply_lora(m, LoraConfig(enabled=True, r=4, alpha=8, target_modules=("q_proj", "v_proj")), "SEQ_CLS")
 
 
-def pair_grads(make_model, rows, packed: bool, loss_of):
-    """`loss_of(model, batch)`'s outputs (the loss first, backpropagated) and the trainable gradients."""
+def padded(rows):
+    return collate_pairs(rows, pad_id=0)
+
+
+def pair_grads(make_model, rows, collate, loss_of):
+    """`loss_of(model, collate(rows))`'s outputs (the loss first, backpropagated) and the trainable gradients."""
     m = make_model()
-    b = collate_pairs_packed(rows) if packed else collate_pairs(rows, pad_id=0)
+    b = collate(rows)
     out = loss_of(m, b)
     out[0].backward()
     return [t.detach() for t in out], {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_rm_rewards_and_gradients_of_packed_pairs_equal_the_padded_pairs(tok, lora):
-    """Pairs of different lengths: each reward equals the score of its row run alone at its last
-    token, and the pairwise loss and every trainable gradient equal the padded batch's."""
-    from rlhf_core.ops.losses import reward_pair_loss
-    from rlhf_core.stages.rm import pair_rewards
-
-    rows = pair_rows(tok, 3, seed=8)[:3]
-
-    def loss_of(m, b):
-        c, r = pair_rewards(m, b, "cpu")
-        return reward_pair_loss(c, r, torch.zeros_like(c), 0.0)[0], c, r
-    (loss_pad, c_pad, r_pad), g_pad = pair_grads(lambda: tiny_scorer(tok, lora), rows, False, loss_of)
-    (loss_packed, c_packed, r_packed), g_packed = pair_grads(lambda: tiny_scorer(tok, lora), rows, True, loss_of)
-    torch.testing.assert_close(torch.stack([c_packed, r_packed]), torch.stack([c_pad, r_pad]), atol=1e-5, rtol=1e-5)
-    assert abs(float(loss_pad) - float(loss_packed)) < 1e-6
-    assert g_pad.keys() == g_packed.keys() and len(g_pad) > 0
-    for name in g_pad:
-        torch.testing.assert_close(g_packed[name], g_pad[name], atol=1e-6, rtol=1e-4, msg=name)
-    m = tiny_scorer(tok, lora).eval()
-    with torch.no_grad():
-        for k, key in enumerate(("chosen_ids", "rejected_ids")):
-            for i in range(3):
-                seq = rows["prompt_ids"][i] + rows[key][i]
-                alone = m(input_ids=torch.tensor([seq])).logits[0, 0]
-                assert abs(float((c_packed, r_packed)[k][i]) - float(alone)) < 1e-5
-
-
 def test_shared_prompt_pairs_are_laid_out_prompt_chosen_rejected_with_their_mask():
-    from rlhf_core.data.batching import collate_pairs_shared
-
     rows = {"prompt_ids": [[5, 6], [7]], "chosen_ids": [[8], [9, 10]], "rejected_ids": [[11, 12], [13]],
             "weight": [1.0, 0.5]}
     b = collate_pairs_shared(rows, pad_id=0, one_row=False)
@@ -382,42 +357,46 @@ def test_shared_prompt_pairs_are_laid_out_prompt_chosen_rejected_with_their_mask
     assert one.attention_mask[0, 0, 8].int().tolist() == [0, 0, 0, 0, 0, 1, 0, 0, 1]
 
 
-@pytest.mark.parametrize("one_row", [False, True])
+RM_LAYOUTS = {"packed": collate_pairs_packed, "shared-prompt": lambda rows: collate_pairs_shared(rows, 0, False),
+              "shared-prompt-one-row": lambda rows: collate_pairs_shared(rows, 0, True)}
+
+
+@pytest.mark.parametrize("layout", list(RM_LAYOUTS))
 @pytest.mark.parametrize("lora", [False, True])
-def test_rm_rewards_and_gradients_of_shared_prompt_pairs_equal_the_padded_pairs(tok, lora, one_row):
-    """Each reward equals the score of its row (prompt + response) run alone; the pairwise loss
-    and every trainable gradient equal the padded batch's. Letting the rejected tokens also see
-    the chosen ones (a plain causal mask over the row) changes the rejected rewards, so the
-    mask is what keeps them right."""
-    from rlhf_core.data.batching import collate_pairs_shared
+def test_rm_rewards_and_gradients_of_packed_and_shared_prompt_pairs_equal_the_padded_pairs(tok, lora, layout):
+    """Pairs of different lengths, end to end (`rm.padding_free`) or with each prompt computed once
+    (`rm.share_prompt`, one row per pair or all in one row): each reward equals the score of its
+    row run alone at its last token, and the pairwise loss and every trainable gradient equal the
+    padded batch's. With the prompt shared, letting the rejected tokens also see the chosen ones
+    (a plain causal mask over the row) changes the rejected rewards, so the mask is what keeps
+    them right."""
     from rlhf_core.ops.losses import reward_pair_loss
     from rlhf_core.stages.rm import pair_rewards
 
     rows = pair_rows(tok, 3, seed=8)[:3]
 
-    def run(collate):
-        m = tiny_scorer(tok, lora)
-        c, r = pair_rewards(m, collate(rows), "cpu")
-        loss = reward_pair_loss(c, r, torch.zeros_like(c), 0.0)[0]
-        loss.backward()
-        return c.detach(), r.detach(), float(loss.detach()), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
-    c_pad, r_pad, loss_pad, g_pad = run(lambda x: collate_pairs(x, pad_id=0))
-    c_sh, r_sh, loss_sh, g_sh = run(lambda x: collate_pairs_shared(x, 0, one_row))
-    torch.testing.assert_close(torch.stack([c_sh, r_sh]), torch.stack([c_pad, r_pad]), atol=1e-5, rtol=1e-5)
-    assert abs(loss_pad - loss_sh) < 1e-6
-    assert g_pad.keys() == g_sh.keys() and len(g_pad) > 0
+    def loss_of(m, b):
+        c, r = pair_rewards(m, b, "cpu")
+        return reward_pair_loss(c, r, torch.zeros_like(c), 0.0)[0], c, r
+    (loss_pad, c_pad, r_pad), g_pad = pair_grads(lambda: tiny_scorer(tok, lora), rows, padded, loss_of)
+    (loss_new, c_new, r_new), g_new = pair_grads(lambda: tiny_scorer(tok, lora), rows, RM_LAYOUTS[layout], loss_of)
+    torch.testing.assert_close(torch.stack([c_new, r_new]), torch.stack([c_pad, r_pad]), atol=1e-5, rtol=1e-5)
+    assert abs(float(loss_pad) - float(loss_new)) < 1e-6
+    assert g_pad.keys() == g_new.keys() and len(g_pad) > 0
     for name in g_pad:
-        torch.testing.assert_close(g_sh[name], g_pad[name], atol=1e-6, rtol=1e-4, msg=name)
+        torch.testing.assert_close(g_new[name], g_pad[name], atol=1e-6, rtol=1e-4, msg=name)
     m = tiny_scorer(tok, lora).eval()
     with torch.no_grad():
         for k, key in enumerate(("chosen_ids", "rejected_ids")):
             for i in range(3):
-                alone = m(input_ids=torch.tensor([rows["prompt_ids"][i] + rows[key][i]])).logits[0, 0]
-                assert abs(float((c_sh, r_sh)[k][i]) - float(alone)) < 1e-5
-        b = collate_pairs_shared(rows, 0, one_row)
-        leaky = b._replace(attention_mask=b.attention_mask | torch.ones_like(b.attention_mask).tril())
-        _, r_leak = pair_rewards(m, leaky, "cpu")
-        assert (r_leak - r_pad).abs().max() > 1e-3
+                seq = rows["prompt_ids"][i] + rows[key][i]
+                alone = m(input_ids=torch.tensor([seq])).logits[0, 0]
+                assert abs(float((c_new, r_new)[k][i]) - float(alone)) < 1e-5
+        if layout.startswith("shared-prompt"):
+            b = RM_LAYOUTS[layout](rows)
+            leaky = b._replace(attention_mask=b.attention_mask | torch.ones_like(b.attention_mask).tril())
+            _, r_leak = pair_rewards(m, leaky, "cpu")
+            assert (r_leak - r_pad).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -435,8 +414,8 @@ def test_dpo_logprobs_token_counts_and_gradients_of_packed_pairs_equal_the_padde
         return loss, c, r, n
     def policy():
         return fresh_model(tok, lora)
-    (loss_pad, c_pad, r_pad, n_pad), g_pad = pair_grads(policy, rows, False, loss_of)
-    (loss_packed, c_packed, r_packed, n_packed), g_packed = pair_grads(policy, rows, True, loss_of)
+    (loss_pad, c_pad, r_pad, n_pad), g_pad = pair_grads(policy, rows, padded, loss_of)
+    (loss_packed, c_packed, r_packed, n_packed), g_packed = pair_grads(policy, rows, collate_pairs_packed, loss_of)
     assert n_packed.tolist() == n_pad.tolist() == [len(c) for c in rows["chosen_ids"]]
     torch.testing.assert_close(torch.stack([c_packed, r_packed]), torch.stack([c_pad, r_pad]), atol=1e-5, rtol=1e-5)
     assert abs(float(loss_pad) - float(loss_packed)) < 1e-6
