@@ -94,9 +94,11 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def build_workdir(root: Path, model: str, model_path: Path | None, n: int, max_length: int, seed: int = 0) -> Path:
-    """Raw JSONL data, the base model (built for tiny; the given folder for smollm2) and the
-    tokenised splits; returns the base model's folder."""
+def build_workdir(root: Path, model: str, model_path: Path | None, n: int, max_length: int, seed: int = 0,
+                  random_init: bool = False) -> Path:
+    """Raw JSONL data, the base model (built for tiny; the given folder for smollm2, or with
+    `random_init` its architecture from config.json with seeded random weights) and the tokenised
+    splits; returns the base model's folder."""
     import torch
 
     from rlhf_core.config import TokenizeConfig
@@ -117,6 +119,9 @@ def build_workdir(root: Path, model: str, model_path: Path | None, n: int, max_l
         torch.manual_seed(seed)
         base = root / "base"
         save_model(build_tiny_causal_lm(model_config("tiny", None), tok, seed), tok, base)
+    elif random_init:
+        base, tok = root / "base", load_tokenizer(model_path)
+        save_model(random_causal_lm(model_path, seed), tok, base)
     else:
         base, tok = model_path, load_tokenizer(model_path)
     half = max_length // 2
@@ -127,6 +132,17 @@ def build_workdir(root: Path, model: str, model_path: Path | None, n: int, max_l
                       preferences=formats.read_preferences(raw / "pref.jsonl"),
                       prompts=formats.read_prompts(raw / "prompts.jsonl"))
     return base
+
+
+def random_causal_lm(model_path: Path, seed: int):
+    """The architecture of `model_path/config.json` with seeded random fp32 weights: for a host that
+    has the config and tokenizer but not the weights (a GPU worker with no hub access). Steps cost
+    the same whatever the weights' values: the token ids, lengths and batches are the same."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path), dtype=torch.float32)
 
 
 def model_config(model: str, model_path: str | None):
@@ -200,16 +216,129 @@ def our_layout(stage: str, impl: str, args) -> str:
     return "end_to_end" if args.pairs_padding_free else "padded"
 
 
+# --- model FLOPs of a step, for MFU on a GPU --------------------------------------------------
+
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "A800": 312.0, "L40S": 362.1}
+"""Dense bf16 tensor-core peaks (no sparsity) from the vendor's datasheets, by device-name substring
+(SXM parts; a PCIe H100 is lower: pass --peak-tflops)."""
+
+
+def arch_of(model_dir: Path) -> dict:
+    """The sizes the FLOPs depend on, from a Llama-style config.json."""
+    c = json.loads((Path(model_dir) / "config.json").read_text())
+    heads = c["num_attention_heads"]
+    return {"d": c["hidden_size"], "layers": c["num_hidden_layers"], "heads": heads,
+            "kv_heads": c.get("num_key_value_heads") or heads, "head_dim": c.get("head_dim") or c["hidden_size"] // heads,
+            "ffn": c["intermediate_size"], "vocab": c["vocab_size"]}
+
+
+def sequence_shapes(stage: str, cols: dict) -> list[list[tuple[int, int]]]:
+    """Per training sample, (tokens, scored positions) of each sequence it puts through the model:
+    SFT scores the positions that predict a trained label; a pair's sequences are prompt + response,
+    DPO scoring the response's positions, RM none (one score at the end)."""
+    if DATA_KIND[stage] == "preference":
+        scored = stage == "dpo"
+        return [[(len(p) + len(c), len(c) * scored), (len(p) + len(r), len(r) * scored)]
+                for p, c, r in zip(cols["prompt_ids"], cols["chosen_ids"], cols["rejected_ids"])]
+    return [[(len(ids), sum(1 for y in labels[1:] if y != -100))] for ids, labels in zip(cols["input_ids"], cols["labels"])]
+
+
+def sample_flops(stage: str, lora: bool, a: dict, shapes: list[tuple[int, int]]) -> float:
+    """Model FLOPs one training sample needs (matrix products; what the task needs, not what an
+    implementation spends: no padding, no projection to the vocabulary at unscored positions).
+
+    Forward of a sequence of T tokens with S scored positions: 2 * (trunk weights) * T in the linear
+    layers, 2 * layers * heads * head_dim * T * (T + 1) in causal attention (QK^T and AV over the
+    T(T+1)/2 visible pairs), 2 * d * vocab * S in the LM head (RM: 2 * d for its one score).
+    Training: forward + backward = 3x forward for a full fine-tune. With LoRA the frozen weights get
+    no gradient, so the linear layers and the head cost 2x forward, attention (no weights) still 3x,
+    plus the adapters' own 6 * r * (in + out) per token, less the input gradients of the first
+    layer's q, k and v projections (base and adapter), which nothing needs. DPO adds the reference's
+    forward (1x). rm.share_prompt's rows still count each prompt twice (the task as padded pairs)."""
+    d, L, h, kv, hd = a["d"], a["layers"], a["heads"], a["kv_heads"], a["head_dim"]
+    trunk = L * (d * h * hd + 2 * d * kv * hd + h * hd * d + 3 * d * a["ffn"])
+    adapter = L * (d + h * hd + 2 * (d + kv * hd) + h * hd + d)  # q, k, v, o: (in + out) each
+    first_qkv = d * (h * hd + 2 * kv * hd) + 3 * LORA["r"] * d  # layer 0's q, k, v input gradients
+    assert LORA["target_modules"] == ("q_proj", "k_proj", "v_proj", "o_proj"), "adapter FLOPs count these four"
+    total = 0.0
+    for T, S in shapes:
+        linear, attention = 2 * trunk * T, 2 * L * h * hd * T * (T + 1)
+        head = 2 * d if stage == "rm" else 2 * d * a["vocab"] * S
+        if lora:
+            total += 2 * (linear + head) + 3 * attention + 6 * LORA["r"] * adapter * T - 2 * first_qkv * T
+        else:
+            total += 3 * (linear + attention + head)
+        if stage == "dpo":
+            total += linear + attention + head
+    return total
+
+
+def timed_step_flops(stage: str, variant: str, root: Path, base: Path, rows: list[int], batch_size: int,
+                     warmup: int, steps: int) -> float | None:
+    """Mean model FLOPs of the timed steps (micro-batches warmup .. warmup + steps - 1 of `rows`,
+    `drawn_rows`' order); None for PT and PPO (generation), which it does not count."""
+    if stage not in ("sft", "rm", "dpo"):
+        return None
+    from datasets import load_from_disk
+
+    ds = load_from_disk(str(root / "tok" / DATA_KIND[stage] / "train"))
+    shapes = sequence_shapes(stage, ds[:])
+    a = arch_of(base)
+    timed = rows[warmup * batch_size:(warmup + steps) * batch_size]
+    return sum(sample_flops(stage, variant == "lora", a, shapes[i]) for i in timed) / steps
+
+
+def add_mfu(row: dict, flops_per_step: float | None, peak_tflops: float | None) -> dict:
+    """Achieved model TFLOP/s and MFU (against `peak_tflops`) of a measured row."""
+    if flops_per_step is None:
+        return row
+    row["model_tflops"] = flops_per_step / (row["ms_per_step"] / 1000) / 1e12
+    if peak_tflops:
+        row["mfu"] = row["model_tflops"] / peak_tflops
+    return row
+
+
+def peak_tflops_for(args) -> float | None:
+    """--peak-tflops, else the bf16 datasheet peak of the CUDA device when --bf16; None on a CPU."""
+    import torch
+
+    if args.peak_tflops:
+        return args.peak_tflops
+    if not (args.bf16 and torch.cuda.is_available()):
+        return None
+    name = torch.cuda.get_device_name(0)
+    return next((v for k, v in sorted(PEAK_BF16_TFLOPS.items(), key=lambda kv: -len(kv[0])) if k in name), None)
+
+
 # --- one measurement (a child process) -------------------------------------------------------
 
 class StepClock:
-    """Called once per finished step (by our log hook or a TRL callback): keeps the first time per step."""
+    """Called once per finished step (by our log hook or a TRL callback): keeps the first time per
+    step. With `profile` = (file, first, last) it runs torch's profiler from the end of step `first`
+    to the end of step `last` (the timed steps) and writes its per-op table to the file."""
 
-    def __init__(self):
+    def __init__(self, profile: tuple[Path, int, int] | None = None):
         self.times: dict[int, float] = {}
+        self.profile, self.profiler = profile, None
 
     def __call__(self, metrics: dict, step: int) -> None:
+        import torch
+
+        if torch.cuda.is_available():  # the step's kernels have finished, not just been queued
+            torch.cuda.synchronize()
         self.times.setdefault(step, time.perf_counter())
+        if self.profile and step == self.profile[1] and self.profiler is None:
+            from torch.profiler import ProfilerActivity, profile
+
+            gpu = [ProfilerActivity.CUDA] if torch.cuda.is_available() else []
+            self.profiler = profile(activities=[ProfilerActivity.CPU, *gpu], profile_memory=True)
+            self.profiler.__enter__()
+        elif self.profiler is not None and step == self.profile[2]:
+            self.profiler.__exit__(None, None, None)
+            by = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+            table = self.profiler.key_averages().table(sort_by=by, row_limit=60, max_name_column_width=60)
+            Path(self.profile[0]).write_text(f"# {self.profile[2] - self.profile[1]} steps, sorted by {by}\n{table}\n")
+            self.profiler = None
 
     def rate(self, warmup: int) -> tuple[int, float]:
         timed = [s for s in sorted(self.times) if s >= warmup]
@@ -376,7 +505,11 @@ def child(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    clock = StepClock()
+    profile = None
+    if spec.get("profile_dir"):
+        name = f"{spec['stage']}-{spec['variant']}-{spec['impl']}.txt"
+        profile = (Path(spec["profile_dir"]) / name, spec["warmup"], spec["warmup"] + spec["steps"])
+    clock = StepClock(profile)
     before = peak_rss_mb()
     if spec["impl"] == "ours":
         per_step, tokens = run_ours(spec, clock), spec["tokens_per_sample"]
@@ -509,16 +642,19 @@ def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def header_lines(args, info: dict) -> list[str]:
+def header_lines(args, info: dict, peak: float | None = None) -> list[str]:
     import torch
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    if peak:
+        device += f" (MFU against {peak:g} TFLOP/s)"
     lora = (f"r={LORA['r']} alpha={LORA['alpha']} dropout={LORA['dropout']} on {','.join(LORA['target_modules'])}"
             if "lora" in args.variants else "n/a")
     return [
         f"# machine: {info['cpu']}, {info['cores']} cores, native bf16: {info['native_bf16']}; device: {device}; "
         f"torch {torch.__version__}, {args.threads} threads; load average at start: {load_average()}",
-        f"# model: {args.model} ({args.model_path or 'tiny Llama: 4 layers, width 128, 512-token BPE'})",
+        f"# model: {args.model} ({args.model_path or 'tiny Llama: 4 layers, width 128, 512-token BPE'}"
+        f"{', architecture and tokenizer only, seeded random weights' if args.random_init else ''})",
         f"# identical on both sides: precision {'bf16 autocast' if args.bf16 else 'fp32'} (TRL bf16={args.bf16}), "
         f"gradient checkpointing {args.gradient_checkpointing} (TRL gradient_checkpointing={args.gradient_checkpointing}), "
         f"max length {args.max_length}, batch {args.batch_size}, the same batches in the same order (TRL gets the "
@@ -539,16 +675,25 @@ def header_lines(args, info: dict) -> list[str]:
         f"constant, clip 1.0, {args.warmup} warm-up + {args.steps} timed steps, one process per row",
         f"# PPO: rollout {2 * args.batch_size} prompts, {args.ppo_new_tokens} new tokens, {PPO_EPOCHS} epochs, "
         f"minibatch {args.batch_size}, temperature 1.0; DPO: a reference forward every step (no precompute) on both sides",
-    ]
+    ] + ([f"# TFLOP/s and MFU: the model FLOPs the timed steps need (sample_flops: matrix products of the real tokens, "
+          f"LM head at scored positions only, causal attention, LoRA without frozen-weight gradients), the same "
+          f"count for both sides, over the measured time; MFU against {peak:g} TFLOP/s"] if peak else [])
+    + ([f"# PROFILED (--profile {args.profile}): torch's profiler watched the timed steps, so these rates are "
+        "slower than an unprofiled run's"] if args.profile else [])
 
 
 def print_row(r: dict, header: bool) -> None:
+    gpu = "cuda_peak_mb" in r
     if header:
         print(f"{'stage':5} {'variant':7} {'impl':6} {'steps':>5} {'samples/s':>10} {'tokens/s':>9} {'ms/step':>9} "
-              f"{'peak RSS MB':>11} {'pad %':>6}{'  CUDA peak MB' if 'cuda_peak_mb' in r else ''}")
+              f"{'peak RSS MB':>11} {'pad %':>6}{'  CUDA peak MB  TFLOP/s  MFU %' if gpu else ''}")
     tokens = "-" if r["tokens_per_s"] != r["tokens_per_s"] else f"{r['tokens_per_s']:.3g}"
     pad = "-" if r.get("padding_fraction") is None else f"{100 * r['padding_fraction']:.1f}"
-    cuda = f"  {r['cuda_peak_mb']:13.0f}" if "cuda_peak_mb" in r else ""
+    cuda = ""
+    if gpu:
+        tf = f"{r['model_tflops']:.1f}" if "model_tflops" in r else "-"
+        mfu = f"{100 * r['mfu']:.1f}" if "mfu" in r else "-"
+        cuda = f"  {r['cuda_peak_mb']:12.0f}  {tf:>7}  {mfu:>5}"
     print(f"{r['stage']:5} {r['variant']:7} {r['impl']:6} {r['steps']:5d} {r['samples_per_s']:10.3g} {tokens:>9} "
           f"{r['ms_per_step']:9.1f} {r['peak_rss_mb']:11.0f} {pad:>6}{cuda}", flush=True)
 
@@ -649,6 +794,15 @@ def parse_args(argv):
     ap.add_argument("--rm-share-prompt", action="store_true",
                     help="our RM computes each pair's prompt once (rm.share_prompt; one padded row per pair, or all "
                          "pairs in one row with --pairs-padding-free); TRL has no such mode (the header says so)")
+    ap.add_argument("--random-init", action="store_true",
+                    help="smollm2: the model's architecture from --model-path's config.json and tokenizer, with seeded "
+                         "random weights (a host without the weights; the steps cost the same)")
+    ap.add_argument("--peak-tflops", type=float,
+                    help="the device's peak for MFU (default: the datasheet's dense bf16 peak of a known GPU with --bf16)")
+    ap.add_argument("--profile", type=Path, metavar="DIR",
+                    help="write torch.profiler's per-op table of each row's timed steps to DIR/STAGE-VARIANT-IMPL.txt "
+                         "(CPU and CUDA time, memory); the profiler slows the rows it watches, so their rates are not "
+                         "comparable with unprofiled runs")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args(argv)
     for k, v in PRESETS[args.model].items():
@@ -676,14 +830,18 @@ def main(argv=None) -> None:
 
     apply_defaults()
     args.model_path = resolve_model_path(args)
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
     info = cpu_info(read_cpuinfo())
-    for line in header_lines(args, info):
+    peak = peak_tflops_for(args)
+    for line in header_lines(args, info, peak):
         print(line, flush=True)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     rows = []
     with tempfile.TemporaryDirectory(prefix="rlhf-bench-") as tmp:
         root = Path(tmp)
-        base = build_workdir(root, args.model, args.model_path, args.records, args.max_length)
+        base = build_workdir(root, args.model, args.model_path, args.records, args.max_length,
+                             random_init=args.random_init)
         prompts_file = root / "prompts.json"
         for stage, variant, impl in jobs_for(args):
             n_batches = args.warmup + args.steps  # every micro-batch our loop and TRL's trainer train on
@@ -696,7 +854,8 @@ def main(argv=None) -> None:
                     "pairs_padding_free": args.pairs_padding_free, "rm_share_prompt": args.rm_share_prompt,
                     "ppo_new_tokens": args.ppo_new_tokens,
                     "tokens_per_sample": None if stage == "ppo" else stats["tokens_per_sample"],
-                    "padding_fraction": stats["padding_fraction"], "prompts_file": str(prompts_file)}
+                    "padding_fraction": stats["padding_fraction"], "prompts_file": str(prompts_file),
+                    "profile_dir": str(args.profile.resolve()) if args.profile else None}
             if impl == "trl":
                 spec["rows"] = stats["rows"]
             python = Path(sys.executable)
@@ -707,6 +866,8 @@ def main(argv=None) -> None:
                 prompts_file.write_text(json.dumps(load_from_disk(str(root / "tok" / "prompts" / "train"))[:]["prompt_ids"]))
             row = run_job(spec, python)
             if row:
+                add_mfu(row, timed_step_flops(stage, variant, root, base, stats["rows"], args.batch_size, args.warmup,
+                                              args.steps), peak)
                 rows.append(row)
                 print_row(row, header=len(rows) == 1)
     print(f"# load average at end: {load_average()}; started {started}")

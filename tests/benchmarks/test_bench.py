@@ -183,3 +183,117 @@ def test_trl_gets_the_batches_our_loop_draws_in_its_order(tmp_path):
     real = sum(sum(lengths[i]) for i in rows)
     slots = sum(8 * max(n for i in rows[j:j + 4] for n in lengths[i]) for j in range(0, 20, 4))
     assert stats == {"tokens_per_sample": real / 20, "padding_fraction": 1 - real / slots}
+
+
+def tiny_llama(tmp_path, lora: bool):
+    """A 3-layer Llama with grouped-query attention and tied embeddings, eager attention (its
+    matrix products are plain matmuls a FLOP counter sees), its config.json in `tmp_path`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=96, vocab_size=300, tie_word_embeddings=True, attn_implementation="eager")
+    cfg.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=bench.LORA["r"], lora_alpha=bench.LORA["alpha"], lora_dropout=0.0,
+                                                 target_modules=list(bench.LORA["target_modules"]), task_type="CAUSAL_LM"))
+    return model
+
+
+def test_sample_flops_by_hand(tmp_path):
+    tiny_llama(tmp_path, lora=False)
+    a = bench.arch_of(tmp_path)
+    assert a == {"d": 64, "layers": 3, "heads": 4, "kv_heads": 2, "head_dim": 16, "ffn": 96, "vocab": 300}
+    # trunk weights per layer: q 64x64, k and v 64x32 each, o 64x64, MLP 3 x 64x96 = 30720; x3 layers = 92160
+    # forward of 5 tokens, 2 scored: linear 2*92160*5 = 921600; attention 2*3*4*16*5*6 = 11520; head 2*64*300*2 = 76800
+    fwd = 921600 + 11520 + 76800
+    assert bench.sample_flops("sft", False, a, [(5, 2)]) == 3 * fwd
+    assert bench.sample_flops("dpo", False, a, [(5, 2), (5, 2)]) == 2 * 4 * fwd  # + the reference's forward
+    assert bench.sample_flops("rm", False, a, [(5, 0)]) == 3 * (921600 + 11520 + 2 * 64)
+    # LoRA r=8 on q, k, v, o: (in + out) = 128 + 128 + 96 + 96 = 448 per layer; layer 0's q, k and v input
+    # gradients (128 x 64 base, 3 x 8 x 64 adapter) are not computed
+    lora = 2 * (921600 + 76800) + 3 * 11520 + 6 * 8 * 3 * 448 * 5 - 2 * (64 * 128 + 3 * 8 * 64) * 5
+    assert bench.sample_flops("sft", True, a, [(5, 2)]) == lora
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_sample_flops_equal_the_matmuls_torch_counts_in_a_training_step(tmp_path, lora):
+    """torch's FLOP counter over one forward and backward of a real Llama (full fine-tune, or LoRA
+    whose frozen weights get no gradient) counts what sample_flops says, except that eager attention
+    computes the whole T x T square where the count takes the causal half (T(T+1)/2 pairs)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = tiny_llama(tmp_path, lora)
+    a, T = bench.arch_of(tmp_path), 7
+    ids = torch.randint(0, a["vocab"], (1, T))
+    with FlopCounterMode(display=False) as counter:
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+    attention_fwd = lambda square: 2 * a["layers"] * a["heads"] * a["head_dim"] * square  # noqa: E731
+    expected = bench.sample_flops("sft", lora, a, [(T, T)]) - 3 * attention_fwd(T * (T + 1)) + 3 * attention_fwd(2 * T * T)
+    assert counter.get_total_flops() == expected
+
+
+def test_mfu_is_the_counted_flops_over_the_measured_time_and_the_devices_peak(monkeypatch):
+    import torch
+
+    row = bench.add_mfu({"ms_per_step": 250.0}, flops_per_step=5e12, peak_tflops=100.0)
+    assert row == {"ms_per_step": 250.0, "model_tflops": 20.0, "mfu": 0.2}
+    assert bench.add_mfu({"ms_per_step": 250.0}, None, 100.0) == {"ms_per_step": 250.0}  # PPO: not counted
+    args = bench.parse_args(["--model", "smollm2", "--bf16"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA H200")
+    assert bench.peak_tflops_for(args) == 989.4
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "Some New GPU")
+    assert bench.peak_tflops_for(args) is None  # unknown: MFU only with --peak-tflops
+    assert bench.peak_tflops_for(bench.parse_args(["--bf16", "--peak-tflops", "500"])) == 500.0
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA H200")
+    assert bench.peak_tflops_for(bench.parse_args(["--model", "smollm2"])) is None  # fp32: no bf16 peak applies
+
+
+def test_timed_step_flops_count_the_timed_batches_only(tmp_path):
+    from datasets import Dataset
+
+    tiny_llama(tmp_path / "base", lora=False)
+    Dataset.from_dict({"input_ids": [[1] * 4, [1] * 6, [1] * 8, [1] * 10],
+                       "labels": [[-100, 1, 1, 1], [-100] * 6, [1] * 8, [-100] * 5 + [1] * 5]}
+                      ).save_to_disk(str(tmp_path / "tok" / "sft" / "train"))
+    a = bench.arch_of(tmp_path / "base")
+    rows = [3, 0, 2, 1]  # batch 2: batch 0 = rows 3, 0 (warm-up), batch 1 = rows 2, 1 (timed)
+    got = bench.timed_step_flops("sft", "full", tmp_path, tmp_path / "base", rows, batch_size=2, warmup=1, steps=1)
+    # row 2: 8 tokens, 7 scored (labels[1:] trained); row 1: 6 tokens, none scored
+    assert got == bench.sample_flops("sft", False, a, [(8, 7)]) + bench.sample_flops("sft", False, a, [(6, 0)])
+    assert bench.timed_step_flops("ppo", "full", tmp_path, tmp_path / "base", rows, 2, 1, 1) is None
+
+
+def test_random_init_keeps_the_architecture_and_tokenizer_with_seeded_weights(tmp_path):
+    import torch
+
+    tiny_llama(tmp_path, lora=False)
+    a, b = bench.random_causal_lm(tmp_path, seed=3), bench.random_causal_lm(tmp_path, seed=3)
+    c = bench.random_causal_lm(tmp_path, seed=4)
+    assert a.config.num_hidden_layers == 3 and a.config.num_key_value_heads == 2 and a.dtype == torch.float32
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert any(not torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_the_profiler_watches_exactly_the_timed_steps(tmp_path):
+    import torch
+
+    clock = bench.StepClock((tmp_path / "p.txt", 1, 3))
+    x = torch.ones(8, 8)
+    for step in range(1, 5):
+        if step in (2, 3):  # the timed steps: only these matmuls are inside the profile
+            x = x @ x / 8
+        else:
+            x = torch.cat([x, x])[:8]
+        clock({}, step)
+    text = (tmp_path / "p.txt").read_text()
+    assert text.startswith("# 2 steps") and "aten::mm" in text and "aten::cat" not in text
+    assert clock.profiler is None and sorted(clock.times) == [1, 2, 3, 4]
