@@ -331,13 +331,17 @@ class StepClock:
             from torch.profiler import ProfilerActivity, profile
 
             gpu = [ProfilerActivity.CUDA] if torch.cuda.is_available() else []
-            self.profiler = profile(activities=[ProfilerActivity.CPU, *gpu], profile_memory=True)
+            self.profiler = profile(activities=[ProfilerActivity.CPU, *gpu], profile_memory=True, record_shapes=True)
             self.profiler.__enter__()
         elif self.profiler is not None and step == self.profile[2]:
             self.profiler.__exit__(None, None, None)
             by = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
-            table = self.profiler.key_averages().table(sort_by=by, row_limit=60, max_name_column_width=60)
-            Path(self.profile[0]).write_text(f"# {self.profile[2] - self.profile[1]} steps, sorted by {by}\n{table}\n")
+            ops = self.profiler.key_averages()
+            shapes = self.profiler.key_averages(group_by_input_shape=True)
+            Path(self.profile[0]).write_text(
+                f"# {self.profile[2] - self.profile[1]} steps, sorted by {by}\n"
+                f"{ops.table(sort_by=by, row_limit=60, max_name_column_width=60)}\n"
+                f"# by op and input shapes\n{shapes.table(sort_by=by, row_limit=60, max_name_column_width=60)}\n")
             self.profiler = None
 
     def rate(self, warmup: int) -> tuple[int, float]:
