@@ -656,7 +656,8 @@ def header_lines(args, info: dict, peak: float | None = None) -> list[str]:
             if "lora" in args.variants else "n/a")
     return [
         f"# machine: {info['cpu']}, {info['cores']} cores, native bf16: {info['native_bf16']}; device: {device}; "
-        f"torch {torch.__version__}, {args.threads} threads; load average at start: {load_average()}",
+        f"torch {torch.__version__}, {args.threads} threads; GLIBC_TUNABLES (both sides) "
+        f"{os.environ.get('GLIBC_TUNABLES') or 'unset'}; load average at start: {load_average()}",
         f"# model: {args.model} ({args.model_path or 'tiny Llama: 4 layers, width 128, 512-token BPE'}"
         f"{', architecture and tokenizer only, seeded random weights' if args.random_init else ''})",
         f"# identical on both sides: precision {'bf16 autocast' if args.bf16 else 'fp32'} (TRL bf16={args.bf16}), "

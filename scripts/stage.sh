@@ -28,6 +28,10 @@ python_running_dvc() {
     return 1
 }
 
+# huge pages for glibc's large allocations (flows/settings.py FAST_CHILDREN says why), also when
+# DVC was started from a plain shell; a value the user set wins
+export GLIBC_TUNABLES="${GLIBC_TUNABLES-glibc.malloc.hugetlb=1}"
+
 root=${DVC_ROOT:-.}
 for candidate in "${RLHF_PYTHON:-}" "$(python_running_dvc || true)" "$root/.venv/bin/python" \
                  "${VIRTUAL_ENV:+$VIRTUAL_ENV/bin/python}" "$(command -v python3 || true)"; do
