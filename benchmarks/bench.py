@@ -831,9 +831,10 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model here is a local folder
     sys.path.insert(0, str(ROOT))
-    from flows.settings import apply_defaults
+    from flows.settings import apply_defaults, apply_stage_env
 
     apply_defaults()
+    apply_stage_env()  # every row, ours and the references', runs as a pipeline stage would
     args.model_path = resolve_model_path(args)
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)

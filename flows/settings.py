@@ -1,5 +1,5 @@
-"""Environment defaults for running quietly, and for the processes this one starts to run fast;
-a variable the user set wins. `HF_HUB_OFFLINE` is not among them: a user may load a hub model; the
+"""Environment defaults for running quietly, and for the training processes to run fast; a
+variable the user set wins. `HF_HUB_OFFLINE` is not among them: a user may load a hub model; the
 demo (Makefile) and the tests (conftest) set it."""
 from __future__ import annotations
 
@@ -16,20 +16,30 @@ QUIET_OFFLINE = {
     "TOKENIZERS_PARALLELISM": "false",
 }
 
-
-FAST_CHILDREN = {
-    # glibc's malloc serves each allocation over 32 MB (a vocabulary-sized gradient or logits
-    # tensor: SmolLM2's tied embedding gradient is 49152 x 576 fp32, 113 MB) with a fresh mmap,
-    # and the first touch of each 4 KB page faults: on 2 CPU cores an add into such a tensor took
-    # 22-169 ms against 5 ms into touched memory. Asking for transparent huge pages on those
-    # mappings (madvise) faults once per 2 MB: 4-7 ms. SmolLM2 steps, ours, fp32, batch 2: SFT
-    # full -9%, LoRA -10%, RM LoRA -10%, DPO full -4%, at the same peak RSS. glibc reads it when a
-    # process starts, so it applies to the processes started from here (stages, ranks, benchmark
-    # rows); glibc < 2.35 ignores it, and the kernel ignores madvise where THP is off.
+STAGE_ENV = {
+    # glibc's malloc serves each allocation over 32 MB with a fresh mmap and unmaps it on free, so
+    # every step faults in each vocabulary-sized tensor a 4 KB page at a time (SmolLM2's tied
+    # embedding gradient, 49152 x 576 fp32 = 113 MB, is built three times per step: embedding
+    # backward, LM-head backward, their sum): on 2 CPU cores zeroing one took 145-157 ms and the sum
+    # 146-164 ms, against 5 ms for the same add into touched memory; 27,648 faults per such tensor.
+    # Asking for transparent huge pages on those mappings (madvise) faults once per 2 MB: 567 faults.
+    # SmolLM2 steps, ours, fp32, batch 2, 2026-12-04: SFT full 1714 -> 1556 ms, LoRA 944 -> 848 ms,
+    # RM LoRA 1962 -> 1755 ms, DPO full 3830 -> 3692 ms, RM full and DPO LoRA within 2%, at the
+    # same peak RSS. (Keeping the blocks in the heap instead, mmap_max=0, made SFT full 1278 ms but
+    # let the heap grow to seven times a tensor freed and allocated in a loop: not taken.)
+    # Set for the stage processes (scripts/stage.sh, whose default must equal this; `rlhf stage`'s
+    # ranks inherit it; benchmark rows on both sides), not for the flow's servers. glibc (2.35 and
+    # newer; older ones ignore it) reads it when a process starts; without THP the kernel ignores it.
     "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
 }
 
 
 def apply_defaults() -> None:
-    for key, value in {**QUIET_OFFLINE, **FAST_CHILDREN}.items():
+    for key, value in QUIET_OFFLINE.items():
+        os.environ.setdefault(key, value)
+
+
+def apply_stage_env() -> None:
+    """`STAGE_ENV` for the processes started from here on (a value the user set wins)."""
+    for key, value in STAGE_ENV.items():
         os.environ.setdefault(key, value)

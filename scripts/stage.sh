@@ -28,8 +28,8 @@ python_running_dvc() {
     return 1
 }
 
-# huge pages for glibc's large allocations (flows/settings.py FAST_CHILDREN says why), also when
-# DVC was started from a plain shell; a value the user set wins
+# huge pages for glibc's large allocations (flows/settings.py STAGE_ENV says why; the two must
+# agree); a value the user set wins
 export GLIBC_TUNABLES="${GLIBC_TUNABLES-glibc.malloc.hugetlb=1}"
 
 root=${DVC_ROOT:-.}
