@@ -36,6 +36,7 @@ from rlhf_core.training.modeling import (
     forward_logits,
     load_causal_lm,
     load_scalar_model,
+    sparse_tied_embedding_grad,
     token_scores,
 )
 from rlhf_core.training.optim import (
@@ -178,6 +179,7 @@ def run_ppo(ctx: RunContext, cfg: PPOConfig, model_cfg: ModelConfig, reward_fn: 
     sched = make_scheduler(opt, cfg, cfg.max_steps * updates_per_iter)
     actor, critic, opt = acc.prepare(actor, critic, opt)
     ref = reference(acc.unwrap_model(actor), lambda: load_causal_lm(init, model_cfg), ctx.device, ctx.autocast)
+    sparse_tied_embedding_grad(actor)  # after the reference copies the actor: it only shapes the actor's gradient
     kl_ctl = make_kl_controller(cfg.kl_controller, cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
     state = {"models": {"actor": acc.unwrap_model(actor), "critic": acc.unwrap_model(critic)},
              "optimizers": {"ppo": opt}, "schedulers": {"ppo": sched}}

@@ -33,7 +33,7 @@ from rlhf_core.config import TrainConfig
 from rlhf_core.data.batching import index_batches
 from rlhf_core.errors import RLHFError
 from rlhf_core.training.checkpoint import load_checkpoint, rng_state, save_checkpoint
-from rlhf_core.training.modeling import enable_gradient_checkpointing
+from rlhf_core.training.modeling import enable_gradient_checkpointing, sparse_tied_embedding_grad
 from rlhf_core.training.modeling import save_model as save_pretrained
 from rlhf_core.training.optim import (
     make_accelerator,
@@ -215,6 +215,7 @@ class RunContext:
         opt = make_optimizer(model.parameters(), cfg.learning_rate, cfg.weight_decay)
         sched = make_scheduler(opt, cfg)
         model, opt = self.accelerator.prepare(model, opt)
+        sparse_tied_embedding_grad(model)
         state = {"models": {"model": self.accelerator.unwrap_model(model)}, "optimizers": {"opt": opt},
                  "schedulers": {"sched": sched}}
         resumed = self.resume(state)

@@ -214,6 +214,36 @@ def enable_gradient_checkpointing(model) -> None:
     base.config.use_cache = False
 
 
+def sparse_tied_embedding_grad(model) -> bool:
+    """Lever: when the input embedding is tied to the LM head and trained, its lookup's gradient
+    is returned sparse (the rows of the batch's tokens) and autograd adds it into the head's dense
+    gradient, instead of building a dense (V, d) zero tensor, scattering into it and adding two
+    (V, d) tensors: for SmolLM2 (49152 x 576 fp32, 113 MB) that is one such tensor less per step
+    in time and in peak memory. The weight's accumulated gradient is the same dense tensor (a
+    parity test); a post-accumulate hook densifies it in the one case it could stay sparse (a
+    step whose graph skipped the head). Untied or frozen embeddings (scalar models, LoRA) are
+    left as they are. Call it after the accelerator wraps the model: DDP decides which gradients
+    are sparse when it is built, and here none is. Returns whether it applied."""
+    from accelerate.utils import extract_model_from_parallel
+
+    inner = extract_model_from_parallel(model)
+    base = inner.get_base_model() if is_peft(inner) else inner
+    emb = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if (not isinstance(emb, torch.nn.Embedding) or head is None or getattr(head, "weight", None) is not emb.weight
+            or not emb.weight.requires_grad):
+        return False
+    if not emb.sparse:
+        emb.sparse = True
+        emb.weight.register_post_accumulate_grad_hook(_densify_grad)
+    return True
+
+
+def _densify_grad(p: torch.Tensor) -> None:
+    if p.grad is not None and p.grad.is_sparse:
+        p.grad = p.grad.to_dense()
+
+
 def is_peft(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
 

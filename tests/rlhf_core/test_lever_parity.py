@@ -15,7 +15,8 @@ computation: each sequence run alone, unpadded, through the full (B, T, V) log-s
   the padded pairs' loss and gradients;
 - logits projected only at the positions that predict a trained token (`scored_mask` as
   `logits_to_keep`) give the full-logits SFT loss, DPO sequence log-probs and their gradients;
-- the fused AdamW kernel gives the per-tensor loop's weights and moments.
+- the fused AdamW kernel gives the per-tensor loop's weights and moments;
+- a tied embedding's sparse lookup gradient, added into the LM head's, gives the dense gradient.
 (Row-wise fp32 log-probs, entropy without graph and gradient checkpointing have their parity
 tests in test_logprobs.py and test_modeling.py.)
 """
@@ -457,3 +458,53 @@ def test_fused_adamw_gives_the_per_tensor_loops_weights_and_moments(tok):
         for key in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(opt_fused.state[a][key], opt_loop.state[b][key], atol=1e-7, rtol=1e-5)
     assert (p_loop[0] - build_tiny_causal_lm(TINY, tok, seed=3).get_input_embeddings().weight).abs().max() > 1e-2
+
+
+def test_sparse_tied_embedding_gradient_gives_the_dense_gradient_and_optimizer_step():
+    """The tied input embedding's lookup returns a sparse gradient that autograd adds into the LM
+    head's: two micro-batches (accumulated), then a fused AdamW step, end at the same dense
+    gradient and weights as the dense lookup. Untied, frozen (LoRA) and scalar models are left
+    alone, and a step whose graph never reaches the head still leaves a dense gradient."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    from rlhf_core.training.modeling import sparse_tied_embedding_grad
+    from rlhf_core.training.optim import make_optimizer
+
+    tok = train_tokenizer(CORPUS, TINY.vocab_size)
+    batches = [collate_lm(three_chats(tok, seed=s), tok.pad_token_id) for s in (8, 9)]
+    runs = []
+    for sparse in (False, True):
+        m = build_tiny_causal_lm(TINY, tok, seed=3)
+        if sparse:
+            assert sparse_tied_embedding_grad(m) and m.get_input_embeddings().sparse
+        opt = make_optimizer(m.parameters(), 1e-2, 0.1)
+        for b in batches:
+            loss, _ = lm_loss(forward_logits(m, b.input_ids, b.attention_mask), b.labels, num_items=36)
+            loss.backward()
+        w = m.get_input_embeddings().weight
+        assert w.grad.layout == torch.strided and w.grad.is_contiguous()
+        grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+        opt.step()
+        runs.append((grads, {n: p.detach().clone() for n, p in m.named_parameters()}))
+    (g_dense, w_dense), (g_sparse, w_sparse) = runs
+    emb = "model.embed_tokens.weight"
+    assert (g_dense[emb] != 0).any(dim=1).sum() > len(set(batches[0].input_ids.flatten().tolist()))  # head rows too
+    for name in g_dense:
+        torch.testing.assert_close(g_sparse[name], g_dense[name], atol=1e-7, rtol=1e-6, msg=name)
+        torch.testing.assert_close(w_sparse[name], w_dense[name], atol=1e-7, rtol=1e-6, msg=name)
+
+    # only the embedding is touched (no head in the graph): the hook leaves a dense gradient
+    m = build_tiny_causal_lm(TINY, tok, seed=3)
+    assert sparse_tied_embedding_grad(m)
+    m.get_input_embeddings()(torch.tensor([[11, 12, 11]])).sum().backward()
+    g = m.get_input_embeddings().weight.grad
+    assert g.layout == torch.strided and g[11].eq(2).all() and g[12].eq(1).all() and g.abs().sum() == 3 * TINY.hidden_size
+
+    # left alone: untied, LoRA (frozen embedding), a scalar model (no head)
+    cfg = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+               pad_token_id=0)
+    untied = LlamaForCausalLM(LlamaConfig(**cfg, tie_word_embeddings=False))
+    scalar = LlamaForSequenceClassification(LlamaConfig(**cfg, num_labels=1))
+    for other in (untied, fresh_model(tok, lora=True), scalar):
+        assert not sparse_tied_embedding_grad(other)
+        assert not other.get_input_embeddings().sparse
