@@ -29,6 +29,7 @@ import os
 import random
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -677,7 +678,8 @@ def header_lines(args, info: dict, peak: float | None = None) -> list[str]:
            if args.rm_share_prompt else "")
         + f" (no packing, pad_to_multiple_of=None), LoRA {lora}, fused AdamW(0.9, 0.95) (TRL and the anchor: "
         f"optim=adamw_torch_fused) lr {LEARNING_RATE} "
-        f"constant, clip 1.0, {args.warmup} warm-up + {args.steps} timed steps, one process per row",
+        f"constant, clip 1.0, {args.warmup} warm-up + {args.steps} timed steps, one process per row"
+        + (f", {args.repeats} interleaved runs of each row" if getattr(args, "repeats", 1) > 1 else ""),
         f"# PPO: rollout {2 * args.batch_size} prompts, {args.ppo_new_tokens} new tokens, {PPO_EPOCHS} epochs, "
         f"minibatch {args.batch_size}, temperature 1.0; DPO: a reference forward every step (no precompute) on both sides",
     ] + ([f"# TFLOP/s and MFU: the model FLOPs the timed steps need (sample_flops: matrix products of the real tokens, "
@@ -707,7 +709,8 @@ TARGET = 1.3
 
 
 def ratio_lines(rows: list[dict]) -> list[str]:
-    """One line per (stage, variant) that has both ours and a reference: speed ratio and memory."""
+    """One line per (stage, variant) that has both ours and a reference: speed ratio and memory. Rows
+    combined from repeats (`combine_repeats`) also give the range of the per-round ratios."""
     ours = {(r["stage"], r["variant"]): r for r in rows if r["impl"] == "ours"}
     out = []
     for r in rows:
@@ -718,9 +721,35 @@ def ratio_lines(rows: list[dict]) -> list[str]:
         mem_key = "cuda_peak_mb" if "cuda_peak_mb" in o and "cuda_peak_mb" in r else "peak_rss_mb"
         met = ratio >= TARGET and o[mem_key] <= r[mem_key]
         unit = "prompts/s" if r["stage"] == "ppo" else "samples/s"
+        spread = ""
+        if len(o.get("samples_per_s_runs", ())) > 1 and len(o["samples_per_s_runs"]) == len(r.get("samples_per_s_runs", ())):
+            rounds = [a / b for a, b in zip(o["samples_per_s_runs"], r["samples_per_s_runs"])]
+            spread = f", median of {len(rounds)} runs; per round {min(rounds):.2f}-{max(rounds):.2f}x"
         out.append(f"{r['stage']:5} {r['variant']:7} ours/{r['impl']:6} {ratio:5.2f}x {unit} "
-                   f"({o['samples_per_s']:.3g} vs {r['samples_per_s']:.3g}); {mem_key} {o[mem_key]:.0f} vs "
-                   f"{r[mem_key]:.0f} MB; target >= {TARGET}x at <= memory: {'met' if met else 'NOT met'}")
+                   f"({o['samples_per_s']:.3g} vs {r['samples_per_s']:.3g}{spread}); {mem_key} {o[mem_key]:.0f} vs "
+                   f"{r[mem_key]:.0f} MB (highest of its runs); target >= {TARGET}x at <= memory: "
+                   f"{'met' if met else 'NOT met'}")
+    return out
+
+
+def combine_repeats(rows: list[dict]) -> list[dict]:
+    """One row per (stage, variant, impl) from its repeated runs (`--repeats`): the median rate,
+    tokens/s, ms/step, TFLOP/s and MFU, the highest peak memory, and each run's rate in round order
+    (`samples_per_s_runs`), so a ratio's spread over rounds can be read."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["stage"], r["variant"], r["impl"]), []).append(r)
+    out = []
+    for runs in groups.values():
+        row = dict(runs[0])
+        for k in ("samples_per_s", "tokens_per_s", "ms_per_step", "model_tflops", "mfu"):
+            if k in row:
+                row[k] = statistics.median(r[k] for r in runs)
+        for k in ("peak_rss_mb", "cuda_peak_mb"):
+            if k in row:
+                row[k] = max(r[k] for r in runs)
+        row["runs"], row["samples_per_s_runs"] = len(runs), [r["samples_per_s"] for r in runs]
+        out.append(row)
     return out
 
 
@@ -808,6 +837,10 @@ def parse_args(argv):
                     help="write torch.profiler's per-op table of each row's timed steps to DIR/STAGE-VARIANT-IMPL.txt "
                          "(CPU and CUDA time, memory); the profiler slows the rows it watches, so their rates are not "
                          "comparable with unprofiled runs")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="run every row this many times, in interleaved rounds (ours, the reference, ours, ...), "
+                         "and report each row's median rate and highest peak memory, with the ratio's range over "
+                         "rounds (on a shared machine one run of a row moves by 5-10%%)")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args(argv)
     for k, v in PRESETS[args.model].items():
@@ -849,7 +882,7 @@ def main(argv=None) -> None:
         base = build_workdir(root, args.model, args.model_path, args.records, args.max_length,
                              random_init=args.random_init)
         prompts_file = root / "prompts.json"
-        for stage, variant, impl in jobs_for(args):
+        for stage, variant, impl in [job for _ in range(args.repeats) for job in jobs_for(args)]:
             n_batches = args.warmup + args.steps  # every micro-batch our loop and TRL's trainer train on
             stats = padding_stats(stage, root, 2 * args.batch_size if stage == "ppo" else args.batch_size, n_batches,
                                   layout=our_layout(stage, impl, args))
@@ -877,6 +910,12 @@ def main(argv=None) -> None:
                 rows.append(row)
                 print_row(row, header=len(rows) == 1)
     print(f"# load average at end: {load_average()}; started {started}")
+    measured = rows
+    if args.repeats > 1:  # rounds interleave ours and the references, so both see the machine's drift
+        rows = combine_repeats(rows)
+        print(f"# median of {args.repeats} runs per row (peak memory: the highest):")
+        for i, r in enumerate(rows):
+            print_row(r, header=i == 0)
     lines = ratio_lines(rows)
     if lines:
         print("# ratios (ours / reference, samples/s; same run):")
@@ -888,7 +927,8 @@ def main(argv=None) -> None:
     if args.json:
         meta = {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}, "started": started,
                 "load_average_end": load_average()}
-        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+        runs = {"runs": measured} if args.repeats > 1 else {}
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows, **runs}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

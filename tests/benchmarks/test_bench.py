@@ -297,3 +297,24 @@ def test_the_profiler_watches_exactly_the_timed_steps(tmp_path):
     text = (tmp_path / "p.txt").read_text()
     assert text.startswith("# 2 steps") and "aten::mm" in text and "aten::cat" not in text
     assert clock.profiler is None and sorted(clock.times) == [1, 2, 3, 4]
+
+
+def test_repeated_runs_combine_to_medians_the_highest_memory_and_the_ratio_range():
+    """Three interleaved rounds of SFT, ours and TRL (rates by hand): each row becomes its median
+    rate and highest peak RSS, and the ratio line gives the per-round ratios' range."""
+    def run(impl, sps, rss, ms):
+        return {"stage": "sft", "variant": "full", "impl": impl, "samples_per_s": sps, "tokens_per_s": 10 * sps,
+                "ms_per_step": ms, "peak_rss_mb": rss}
+
+    rounds = [(run("ours", 3.0, 900, 667), run("trl", 2.0, 1000, 1000)),
+              (run("ours", 2.6, 950, 769), run("trl", 2.0, 990, 1000)),
+              (run("ours", 2.7, 920, 741), run("trl", 2.5, 980, 800))]
+    combined = bench.combine_repeats([r for pair in rounds for r in pair])
+    ours, trl = combined
+    assert (ours["impl"], trl["impl"]) == ("ours", "trl")
+    assert ours["samples_per_s"] == 2.7 and ours["tokens_per_s"] == 27.0 and ours["ms_per_step"] == 741
+    assert trl["samples_per_s"] == 2.0 and trl["ms_per_step"] == 1000
+    assert ours["peak_rss_mb"] == 950 and trl["peak_rss_mb"] == 1000
+    assert ours["samples_per_s_runs"] == [3.0, 2.6, 2.7] and ours["runs"] == 3
+    (line,) = bench.ratio_lines(combined)
+    assert "1.35x" in line and "median of 3 runs; per round 1.08-1.50x" in line and line.endswith(": met")
