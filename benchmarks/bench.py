@@ -679,7 +679,7 @@ def header_lines(args, info: dict, peak: float | None = None) -> list[str]:
         + f" (no packing, pad_to_multiple_of=None), LoRA {lora}, fused AdamW(0.9, 0.95) (TRL and the anchor: "
         f"optim=adamw_torch_fused) lr {LEARNING_RATE} "
         f"constant, clip 1.0, {args.warmup} warm-up + {args.steps} timed steps, one process per row"
-        + (f", {args.repeats} interleaved runs of each row" if getattr(args, "repeats", 1) > 1 else ""),
+        + (f", {args.repeats} interleaved runs of each row" if args.repeats > 1 else ""),
         f"# PPO: rollout {2 * args.batch_size} prompts, {args.ppo_new_tokens} new tokens, {PPO_EPOCHS} epochs, "
         f"minibatch {args.batch_size}, temperature 1.0; DPO: a reference forward every step (no precompute) on both sides",
     ] + ([f"# TFLOP/s and MFU: the model FLOPs the timed steps need (sample_flops: matrix products of the real tokens, "
@@ -721,14 +721,14 @@ def ratio_lines(rows: list[dict]) -> list[str]:
         mem_key = "cuda_peak_mb" if "cuda_peak_mb" in o and "cuda_peak_mb" in r else "peak_rss_mb"
         met = ratio >= TARGET and o[mem_key] <= r[mem_key]
         unit = "prompts/s" if r["stage"] == "ppo" else "samples/s"
-        spread = ""
+        spread, highest = "", ""
         if len(o.get("samples_per_s_runs", ())) > 1 and len(o["samples_per_s_runs"]) == len(r.get("samples_per_s_runs", ())):
             rounds = [a / b for a, b in zip(o["samples_per_s_runs"], r["samples_per_s_runs"])]
             spread = f", median of {len(rounds)} runs; per round {min(rounds):.2f}-{max(rounds):.2f}x"
+            highest = " (highest of its runs)"
         out.append(f"{r['stage']:5} {r['variant']:7} ours/{r['impl']:6} {ratio:5.2f}x {unit} "
                    f"({o['samples_per_s']:.3g} vs {r['samples_per_s']:.3g}{spread}); {mem_key} {o[mem_key]:.0f} vs "
-                   f"{r[mem_key]:.0f} MB (highest of its runs); target >= {TARGET}x at <= memory: "
-                   f"{'met' if met else 'NOT met'}")
+                   f"{r[mem_key]:.0f} MB{highest}; target >= {TARGET}x at <= memory: {'met' if met else 'NOT met'}")
     return out
 
 

@@ -224,10 +224,7 @@ def sparse_tied_embedding_grad(model) -> bool:
     step whose graph skipped the head). Untied or frozen embeddings (scalar models, LoRA) are
     left as they are. Call it after the accelerator wraps the model: DDP decides which gradients
     are sparse when it is built, and here none is. Returns whether it applied."""
-    from accelerate.utils import extract_model_from_parallel
-
-    inner = extract_model_from_parallel(model)
-    base = inner.get_base_model() if is_peft(inner) else inner
+    base = hf_model(model)
     emb = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if (not isinstance(emb, torch.nn.Embedding) or head is None or getattr(head, "weight", None) is not emb.weight
@@ -276,12 +273,17 @@ def _keep(keep: torch.Tensor | None, device) -> dict:
     return {} if keep is None else {"logits_to_keep": keep.to(device)}
 
 
-def score_head(model):
-    """The `score` head of a sequence classifier, through any DDP/FSDP wrapper and LoRA."""
+def hf_model(model):
+    """The transformers model inside any DDP/FSDP wrapper and LoRA."""
     from accelerate.utils import extract_model_from_parallel
 
     inner = extract_model_from_parallel(model)
-    return (inner.get_base_model() if is_peft(inner) else inner).score
+    return inner.get_base_model() if is_peft(inner) else inner
+
+
+def score_head(model):
+    """The `score` head of a sequence classifier, through any DDP/FSDP wrapper and LoRA."""
+    return hf_model(model).score
 
 
 def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,

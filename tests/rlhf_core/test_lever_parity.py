@@ -460,7 +460,7 @@ def test_fused_adamw_gives_the_per_tensor_loops_weights_and_moments(tok):
     assert (p_loop[0] - build_tiny_causal_lm(TINY, tok, seed=3).get_input_embeddings().weight).abs().max() > 1e-2
 
 
-def test_sparse_tied_embedding_gradient_gives_the_dense_gradient_and_optimizer_step():
+def test_sparse_tied_embedding_gradient_gives_the_dense_gradient_and_optimizer_step(tok):
     """The tied input embedding's lookup returns a sparse gradient that autograd adds into the LM
     head's: two micro-batches (accumulated), then a fused AdamW step, end at the same dense
     gradient and weights as the dense lookup. Untied, frozen (LoRA) and scalar models are left
@@ -470,7 +470,6 @@ def test_sparse_tied_embedding_gradient_gives_the_dense_gradient_and_optimizer_s
     from rlhf_core.training.modeling import sparse_tied_embedding_grad
     from rlhf_core.training.optim import make_optimizer
 
-    tok = train_tokenizer(CORPUS, TINY.vocab_size)
     batches = [collate_lm(three_chats(tok, seed=s), tok.pad_token_id) for s in (8, 9)]
     runs = []
     for sparse in (False, True):
