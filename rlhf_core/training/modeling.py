@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import types
 from pathlib import Path
 
 import torch
@@ -214,31 +215,77 @@ def enable_gradient_checkpointing(model) -> None:
     base.config.use_cache = False
 
 
-def sparse_tied_embedding_grad(model) -> bool:
+def sparse_tied_embedding_grad(model, in_place: bool | None = None) -> bool:
     """Lever: when the input embedding is tied to the LM head and trained, its lookup's gradient
-    is returned sparse (the rows of the batch's tokens) and autograd adds it into the head's dense
-    gradient, instead of building a dense (V, d) zero tensor, scattering into it and adding two
-    (V, d) tensors: for SmolLM2 (49152 x 576 fp32, 113 MB) that is one such tensor less per step
-    in time and in peak memory. The weight's accumulated gradient is the same dense tensor (a
-    parity test); a post-accumulate hook densifies it in the one case it could stay sparse (a
-    step whose graph skipped the head). Untied or frozen embeddings (scalar models, LoRA) are
-    left as they are. Call it after the accelerator wraps the model: DDP decides which gradients
-    are sparse when it is built, and here none is. Returns whether it applied."""
+    never becomes a dense (V, d) tensor of its own (for SmolLM2, 49152 x 576 fp32: 113 MB, zeroed,
+    scattered into and added to the head's every step).
+
+    In one process the lookup's backward adds its rows in place into the weight's gradient, which
+    the head's gradient has become by then (`_LookupGradInPlace`): no (V, d) tensor besides the
+    gradient itself. Under DDP, whose hook reduces a gradient when autograd accumulates it, the
+    lookup instead returns a sparse gradient (the batch's rows) that autograd adds into the head's
+    dense one (out of place), and a post-accumulate hook densifies a gradient whose graph skipped
+    the head. The weight's accumulated gradient is the same dense tensor either way (parity tests).
+    Untied or frozen embeddings (scalar models, LoRA) are left as they are. Call it after the
+    accelerator wraps the model: DDP decides which gradients are sparse when it is built.
+    `in_place` picks a way (default: in place unless `model` is DDP). Returns whether it applied."""
     base = hf_model(model)
     emb = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if (not isinstance(emb, torch.nn.Embedding) or head is None or getattr(head, "weight", None) is not emb.weight
-            or not emb.weight.requires_grad):
+            or not emb.weight.requires_grad or emb.max_norm is not None or emb.scale_grad_by_freq):
         return False
-    if not emb.sparse:
-        emb.sparse = True
-        emb.weight.register_post_accumulate_grad_hook(_densify_grad)
+    if in_place is None:
+        in_place = not isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    if not in_place:
+        if not emb.sparse:
+            emb.sparse = True
+            emb.weight.register_post_accumulate_grad_hook(_densify_grad)
+    elif not hasattr(emb, "_grad_token"):
+        emb._grad_token = torch.zeros((), device=emb.weight.device, requires_grad=True)
+        emb.forward = types.MethodType(_lookup_grad_in_place, emb)
     return True
 
 
 def _densify_grad(p: torch.Tensor) -> None:
     if p.grad is not None and p.grad.is_sparse:
         p.grad = p.grad.to_dense()
+
+
+def _lookup_grad_in_place(emb: torch.nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+    """`emb`'s forward under `sparse_tied_embedding_grad` in one process."""
+    if not (torch.is_grad_enabled() and emb.weight.requires_grad):
+        return torch.nn.functional.embedding(ids, emb.weight, emb.padding_idx)
+    return _LookupGradInPlace.apply(ids, emb._grad_token, emb)
+
+
+class _LookupGradInPlace(torch.autograd.Function):
+    """An embedding lookup with no autograd edge to the weight: its backward adds the output's
+    gradient rows into `weight.grad` in place (the padding row excepted, as `nn.Embedding` does).
+    Autograd accumulates a leaf's gradient as soon as its last producer is done, and the head's
+    product is the first node of the backward pass, the lookup the last, so the head's gradient is
+    `weight.grad` by then; a graph without the head starts from zeros. The 0-d `token` only makes
+    the output require grad."""
+
+    @staticmethod
+    def forward(ctx, ids, token, emb):
+        ctx.save_for_backward(ids)
+        ctx.emb = emb
+        return torch.nn.functional.embedding(ids, emb.weight.detach(), emb.padding_idx)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (ids,) = ctx.saved_tensors
+        w = ctx.emb.weight
+        ids, rows = ids.reshape(-1), grad.reshape(-1, grad.shape[-1]).to(w.dtype)
+        if ctx.emb.padding_idx is not None:
+            keep = ids != ctx.emb.padding_idx
+            ids, rows = ids[keep], rows[keep]
+        with torch.no_grad():
+            if w.grad is None:
+                w.grad = torch.zeros_like(w)
+            w.grad.index_add_(0, ids, rows)
+        return None, None, None
 
 
 def is_peft(model) -> bool:

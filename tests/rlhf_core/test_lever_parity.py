@@ -460,9 +460,11 @@ def test_fused_adamw_gives_the_per_tensor_loops_weights_and_moments(tok):
     assert (p_loop[0] - build_tiny_causal_lm(TINY, tok, seed=3).get_input_embeddings().weight).abs().max() > 1e-2
 
 
-def test_sparse_tied_embedding_gradient_gives_the_dense_gradient_and_optimizer_step(tok):
-    """The tied input embedding's lookup returns a sparse gradient that autograd adds into the LM
-    head's: two micro-batches (accumulated), then a fused AdamW step, end at the same dense
+@pytest.mark.parametrize("in_place", [True, False], ids=["in-place", "sparse"])
+def test_tied_embedding_gradient_lever_gives_the_dense_gradient_and_optimizer_step(tok, in_place):
+    """The tied input embedding's lookup gradient either goes in place into the weight's gradient
+    (one process) or comes back sparse for autograd to add into the head's (DDP): two micro-batches
+    (accumulated, the padding row among the ids), then a fused AdamW step, end at the same dense
     gradient and weights as the dense lookup. Untied, frozen (LoRA) and scalar models are left
     alone, and a step whose graph never reaches the head still leaves a dense gradient."""
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
@@ -471,11 +473,14 @@ def test_sparse_tied_embedding_gradient_gives_the_dense_gradient_and_optimizer_s
     from rlhf_core.training.optim import make_optimizer
 
     batches = [collate_lm(three_chats(tok, seed=s), tok.pad_token_id) for s in (8, 9)]
+    pad = build_tiny_causal_lm(TINY, tok, seed=3).get_input_embeddings().padding_idx
+    assert pad is not None and pad not in (11, 12)
     runs = []
-    for sparse in (False, True):
+    for lever in (False, True):
         m = build_tiny_causal_lm(TINY, tok, seed=3)
-        if sparse:
-            assert sparse_tied_embedding_grad(m) and m.get_input_embeddings().sparse
+        if lever:
+            assert sparse_tied_embedding_grad(m, in_place=in_place)
+            assert m.get_input_embeddings().sparse != in_place
         opt = make_optimizer(m.parameters(), 1e-2, 0.1)
         for b in batches:
             loss, _ = lm_loss(forward_logits(m, b.input_ids, b.attention_mask), b.labels, num_items=36)
@@ -485,19 +490,22 @@ def test_sparse_tied_embedding_gradient_gives_the_dense_gradient_and_optimizer_s
         grads = {n: p.grad.clone() for n, p in m.named_parameters()}
         opt.step()
         runs.append((grads, {n: p.detach().clone() for n, p in m.named_parameters()}))
-    (g_dense, w_dense), (g_sparse, w_sparse) = runs
+    (g_dense, w_dense), (g_lever, w_lever) = runs
     emb = "model.embed_tokens.weight"
     assert (g_dense[emb] != 0).any(dim=1).sum() > len(set(batches[0].input_ids.flatten().tolist()))  # head rows too
     for name in g_dense:
-        torch.testing.assert_close(g_sparse[name], g_dense[name], atol=1e-7, rtol=1e-6, msg=name)
-        torch.testing.assert_close(w_sparse[name], w_dense[name], atol=1e-7, rtol=1e-6, msg=name)
+        torch.testing.assert_close(g_lever[name], g_dense[name], atol=1e-7, rtol=1e-6, msg=name)
+        torch.testing.assert_close(w_lever[name], w_dense[name], atol=1e-7, rtol=1e-6, msg=name)
 
-    # only the embedding is touched (no head in the graph): the hook leaves a dense gradient
+    # only the embedding is touched (no head in the graph): a dense gradient all the same, with
+    # none for the padding row (as nn.Embedding gives)
     m = build_tiny_causal_lm(TINY, tok, seed=3)
-    assert sparse_tied_embedding_grad(m)
-    m.get_input_embeddings()(torch.tensor([[11, 12, 11]])).sum().backward()
+    assert sparse_tied_embedding_grad(m, in_place=in_place)
+    m.get_input_embeddings()(torch.tensor([[11, 12, 11, pad]])).sum().backward()
     g = m.get_input_embeddings().weight.grad
     assert g.layout == torch.strided and g[11].eq(2).all() and g[12].eq(1).all() and g.abs().sum() == 3 * TINY.hidden_size
+    with torch.no_grad():  # generation and frozen scoring: a plain lookup, no graph
+        assert not m.get_input_embeddings()(torch.tensor([[11]])).requires_grad
 
     # left alone: untied, LoRA (frozen embedding), a scalar model (no head)
     cfg = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -505,5 +513,5 @@ def test_sparse_tied_embedding_gradient_gives_the_dense_gradient_and_optimizer_s
     untied = LlamaForCausalLM(LlamaConfig(**cfg, tie_word_embeddings=False))
     scalar = LlamaForSequenceClassification(LlamaConfig(**cfg, num_labels=1))
     for other in (untied, fresh_model(tok, lora=True), scalar):
-        assert not sparse_tied_embedding_grad(other)
-        assert not other.get_input_embeddings().sparse
+        assert not sparse_tied_embedding_grad(other, in_place=in_place)
+        assert not other.get_input_embeddings().sparse and "forward" not in vars(other.get_input_embeddings())
