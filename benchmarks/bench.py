@@ -210,6 +210,8 @@ def our_layout(stage: str, impl: str, args) -> str:
     """The `LAYOUTS` entry a row's batches take (TRL pads its pairs; SFT padding-free is on both sides)."""
     if stage == "sft" and args.padding_free:
         return "end_to_end"
+    if stage == "ppo" and impl == "ours" and args.ppo_padding_free:
+        return "end_to_end"
     if stage not in ("rm", "dpo") or impl != "ours":
         return "padded"
     if stage == "rm" and args.rm_share_prompt:
@@ -369,7 +371,8 @@ def run_ours(spec: dict, clock: StepClock) -> int:
     mc = model_config(spec["model"], spec["base"])
     if stage == "ppo":
         cfg = PPOConfig(**common, rollout_batch_size=2 * spec["batch_size"], max_new_tokens=spec["ppo_new_tokens"],
-                        ppo_epochs=PPO_EPOCHS, temperature=1.0, critic_learning_rate=LEARNING_RATE)
+                        ppo_epochs=PPO_EPOCHS, temperature=1.0, critic_learning_rate=LEARNING_RATE,
+                        padding_free=spec.get("ppo_padding_free", False))
     else:  # DPO: a reference forward at every step, as TRL's DPOTrainer does by default
         pairs_free = spec.get("pairs_padding_free", False)
         cfg = {"pt": PTConfig(**common), "sft": SFTConfig(**common, padding_free=spec["padding_free"]),
@@ -681,7 +684,11 @@ def header_lines(args, info: dict, peak: float | None = None) -> list[str]:
         f"constant, clip 1.0, {args.warmup} warm-up + {args.steps} timed steps, one process per row"
         + (f", {args.repeats} interleaved runs of each row" if args.repeats > 1 else ""),
         f"# PPO: rollout {2 * args.batch_size} prompts, {args.ppo_new_tokens} new tokens, {PPO_EPOCHS} epochs, "
-        f"minibatch {args.batch_size}, temperature 1.0; DPO: a reference forward every step (no precompute) on both sides",
+        f"minibatch {args.batch_size}, temperature 1.0"
+        + ("; NOT identical: our PPO lays each forward's rows end to end after sampling (ppo.padding_free: no "
+           "left padding of the prompts, nothing after a response's EOS; the same log-probs, values, rewards and "
+           "gradients), the anchor's forwards are padded (TRL 0.25.1 has no such mode)" if args.ppo_padding_free else "")
+        + "; DPO: a reference forward every step (no precompute) on both sides",
     ] + ([f"# TFLOP/s and MFU: the model FLOPs the timed steps need (sample_flops: matrix products of the real tokens, "
           f"LM head at scored positions only, causal attention, LoRA without frozen-weight gradients), the same "
           f"count for both sides, over the measured time; MFU against {peak:g} TFLOP/s"] if peak else [])
@@ -828,6 +835,9 @@ def parse_args(argv):
     ap.add_argument("--rm-share-prompt", action="store_true",
                     help="our RM computes each pair's prompt once (rm.share_prompt; one padded row per pair, or all "
                          "pairs in one row with --pairs-padding-free); TRL has no such mode (the header says so)")
+    ap.add_argument("--ppo-padding-free", action="store_true",
+                    help="our PPO's forwards after sampling end to end without padding (ppo.padding_free); the "
+                         "anchor has no such mode, so the PPO row is not identical work (the header says so)")
     ap.add_argument("--random-init", action="store_true",
                     help="smollm2: the model's architecture from --model-path's config.json and tokenizer, with seeded "
                          "random weights (a host without the weights; the steps cost the same)")
@@ -891,6 +901,7 @@ def main(argv=None) -> None:
                     "max_length": args.max_length, "threads": args.threads, "bf16": args.bf16,
                     "gradient_checkpointing": args.gradient_checkpointing, "padding_free": args.padding_free,
                     "pairs_padding_free": args.pairs_padding_free, "rm_share_prompt": args.rm_share_prompt,
+                    "ppo_padding_free": args.ppo_padding_free,
                     "ppo_new_tokens": args.ppo_new_tokens,
                     "tokens_per_sample": None if stage == "ppo" else stats["tokens_per_sample"],
                     "padding_fraction": stats["padding_fraction"], "prompts_file": str(prompts_file),

@@ -319,6 +319,10 @@ class PPOConfig(TrainConfig):
     """Weight of a language-model loss mixed into the actor loss (InstructGPT PPO-ptx)."""
     ptx_data: str = "pt"
     """Data of the PPO-ptx loss: 'pt' (the tokenized pretraining blocks, as in InstructGPT) or 'sft' (the SFT chats)."""
+    padding_free: bool = False
+    """As `sft.padding_free`, for the rollout: every forward after sampling (old log-probs,
+    reference, values, reward, each update micro-batch) lays its rows end to end in one row, the
+    prompts' left padding and the tokens after each response's EOS dropped, positions restarting."""
 
     def __post_init__(self):
         super().__post_init__()

@@ -13,7 +13,7 @@ runs under the same autocast, so the first update of an iteration has ratio 1 an
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -34,6 +34,7 @@ from rlhf_core.training.modeling import (
     check_tokenizer_fits,
     enable_gradient_checkpointing,
     forward_logits,
+    forward_packed_logits,
     load_causal_lm,
     load_scalar_model,
     sparse_tied_embedding_grad,
@@ -64,35 +65,85 @@ class Experience:
     kl: torch.Tensor
 
 
-def response_logprobs(model, rollout: Rollout, temperature: float, rows=slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+class PackedRollout(NamedTuple):
+    """Rows of a rollout laid end to end in one row without padding (`padding_free`): each row's
+    real tokens (its prompt without the left padding, its response up to and including the first
+    EOS), positions restarting at 0, as `PackedLMBatch`. The outputs at response positions come
+    back as (B, R) tensors, zero where `response_mask` is 0."""
+    input_ids: torch.Tensor      # (1, N)
+    position_ids: torch.Tensor   # (1, N)
+    scored: torch.Tensor         # (1, N) bool: the positions that predict a kept response token
+    ends: torch.Tensor           # (B,) index of each row's last token
+    response_mask: torch.Tensor  # (B, R) bool
+
+
+def pack_rollout(rollout: Rollout, rows=slice(None)) -> PackedRollout:
+    """The `rows` of `rollout` as a `PackedRollout`."""
+    keep, rmask = rollout.attention_mask[rows].bool(), rollout.response_mask[rows].bool()
+    lengths = keep.sum(-1)
+    ends = lengths.cumsum(0) - 1
+    device = keep.device
+    positions = torch.cat([torch.arange(n, device=device) for n in lengths.tolist()])
+    # response token j of row i is predicted at its row's start + prompt length - 1 + j
+    first = ends + 1 - rmask.sum(-1) - 1
+    at = first[:, None] + torch.arange(rmask.shape[1], device=device)
+    scored = torch.zeros(int(lengths.sum()), dtype=torch.bool, device=device)
+    scored[at[rmask]] = True
+    return PackedRollout(rollout.sequences[rows][keep][None], positions[None], scored[None], ends, rmask)
+
+
+def _unpack(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-response-token outputs (M,) back to (B, R), zero where `mask` is 0 (keeps the graph)."""
+    return flat.new_zeros(mask.shape).masked_scatter(mask, flat)
+
+
+def response_logprobs(model, rollout: Rollout, temperature: float, rows=slice(None),
+                      packed: PackedRollout | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs (B, R, with graph) and entropies (B, R, a metric without graph) of the response
     tokens under `model` at `temperature`. Only the response positions' logits are used, and
-    low-precision logits are upcast a row at a time (see `selective_log_softmax`)."""
-    seq, attn, P = rollout.sequences[rows], rollout.attention_mask[rows], rollout.prompt_length
+    low-precision logits are upcast a row at a time (see `selective_log_softmax`). With `packed`
+    (the same rows, `pack_rollout`) the rows go through end to end, and positions after a
+    response's EOS are zero."""
+    seq, P = rollout.sequences[rows], rollout.prompt_length
+    if packed is not None:
+        logits = forward_packed_logits(model, packed.input_ids, packed.position_ids, packed.scored) / temperature
+        targets = seq[:, P:][packed.response_mask]
+        return (_unpack(selective_log_softmax(logits, targets), packed.response_mask),
+                _unpack(entropy_from_logits(logits), packed.response_mask))
     R = seq.shape[1] - P
     # position t predicts t + 1; only the R response-predicting positions are projected
-    logits = forward_logits(model, seq, attn, torch.arange(P - 1, P - 1 + R)) / temperature
+    logits = forward_logits(model, seq, rollout.attention_mask[rows], torch.arange(P - 1, P - 1 + R)) / temperature
     return selective_log_softmax(logits, seq[:, P:]), entropy_from_logits(logits)
 
 
-def response_values(critic, rollout: Rollout, rows=slice(None)) -> torch.Tensor:
-    """V(state before response token j), read at the token that precedes it: (B, R)."""
+def response_values(critic, rollout: Rollout, rows=slice(None), packed: PackedRollout | None = None) -> torch.Tensor:
+    """V(state before response token j), read at the token that precedes it: (B, R); with
+    `packed`, zero after a response's EOS."""
+    if packed is not None:
+        values = token_scores(critic, packed.input_ids, None, packed.position_ids)[0]
+        return _unpack(values[packed.scored[0]], packed.response_mask)
     P = rollout.prompt_length
     R = rollout.sequences.shape[1] - P
     return token_scores(critic, rollout.sequences[rows], rollout.attention_mask[rows])[:, P - 1:P - 1 + R]
 
 
+def reward_scores(model, rollout: Rollout, packed: PackedRollout | None = None) -> torch.Tensor:
+    """A scalar model's output at each sequence's last token: (B,)."""
+    if packed is not None:
+        return token_scores(model, packed.input_ids, None, packed.position_ids)[0, packed.ends]
+    return gather_last(token_scores(model, rollout.sequences, rollout.attention_mask), rollout.attention_mask)
+
+
 @torch.no_grad()
 def score_rollout(rollout: Rollout, cfg: PPOConfig, reward_model: Frozen | None, reward_fn: RewardFn | None,
-                  tokenizer) -> torch.Tensor:
+                  tokenizer, packed: PackedRollout | None = None) -> torch.Tensor:
     """Scalar score per sequence: reward model (or rule), clipped, minus the missing-EOS penalty."""
     if reward_fn is not None:
         P = rollout.prompt_length
         prompts = tokenizer.batch_decode(rollout.sequences[:, :P], skip_special_tokens=True)
         scores = torch.tensor(reward_fn(prompts, decode_responses(tokenizer, rollout)), dtype=torch.float)
     else:
-        scores = gather_last(reward_model(token_scores, rollout.sequences, rollout.attention_mask),
-                             rollout.attention_mask).cpu()
+        scores = reward_model(reward_scores, rollout, packed).cpu()
     if cfg.score_clip > 0:
         scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
     return scores - cfg.missing_eos_penalty * (~rollout.has_eos).float().cpu()
@@ -100,13 +151,14 @@ def score_rollout(rollout: Rollout, cfg: PPOConfig, reward_model: Frozen | None,
 
 @torch.no_grad()
 def make_experience(rollout: Rollout, actor, critic, ref: Frozen, scores: torch.Tensor, kl_coef: float,
-                    cfg: PPOConfig, total: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Experience:
+                    cfg: PPOConfig, total: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    packed: PackedRollout | None = None) -> Experience:
     """`total` sums over processes (`RunContext.total`): advantages are whitened with the
-    statistics of every process's rollouts together."""
+    statistics of every process's rollouts together. `packed`: the whole rollout end to end."""
     mask = rollout.response_mask
-    old_logprobs, _ = response_logprobs(actor, rollout, cfg.temperature)
-    ref_logprobs = ref(response_logprobs, rollout, cfg.temperature)[0]
-    values = response_values(critic, rollout) * mask
+    old_logprobs, _ = response_logprobs(actor, rollout, cfg.temperature, packed=packed)
+    ref_logprobs = ref(response_logprobs, rollout, cfg.temperature, packed=packed)[0]
+    values = response_values(critic, rollout, packed=packed) * mask
     kl = kl_penalty(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask
     rewards = compute_token_rewards(scores.to(kl.device), kl, mask, kl_coef)
     advantages, returns = gae_advantages(values, rewards, mask, cfg.gamma, cfg.lam)
@@ -121,9 +173,10 @@ def ppo_update(exp: Experience, rows: torch.Tensor, actor, critic, cfg: PPOConfi
     loss needs no weight against the policy loss."""
     r = exp.rollout
     mask = r.response_mask[rows]
-    logprobs, entropy = response_logprobs(actor, r, cfg.temperature, rows)
+    packed = pack_rollout(r, rows) if cfg.padding_free else None
+    logprobs, entropy = response_logprobs(actor, r, cfg.temperature, rows, packed)
     pg_loss, m = ppo_policy_loss(logprobs, exp.old_logprobs[rows], exp.advantages[rows], mask, cfg.clip_eps)
-    values = response_values(critic, r, rows)
+    values = response_values(critic, r, rows, packed)
     vf_loss, vm = ppo_value_loss(values, exp.old_values[rows], exp.returns[rows], mask, cfg.value_clip_eps)
     m.update(vm)
     m["objective/entropy"] = masked_mean(entropy, mask).detach()
@@ -197,8 +250,9 @@ def run_ppo(ctx: RunContext, cfg: PPOConfig, model_cfg: ModelConfig, reward_fn: 
         batch = collate_prompts(prompts[next(prompt_batches)], pad)
         with acc.autocast():
             rollout = sample(acc.unwrap_model(actor), batch, eos, pad, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
-            scores = score_rollout(rollout, cfg, reward_model, reward_fn, tokenizer)
-            exp = make_experience(rollout, actor, critic, ref, scores, kl_ctl.value, cfg, ctx.total)
+            packed = pack_rollout(rollout) if cfg.padding_free else None
+            scores = score_rollout(rollout, cfg, reward_model, reward_fn, tokenizer, packed)
+            exp = make_experience(rollout, actor, critic, ref, scores, kl_ctl.value, cfg, ctx.total, packed)
         B = rollout.sequences.shape[0]
         sums: dict[str, float] = {}
         n_updates = 0

@@ -2,7 +2,8 @@
 computation: each sequence run alone, unpadded, through the full (B, T, V) log-softmax.
 
 - PPO reads log-probs, entropies and values only at the response positions of a left-padded
-  prompt + right-padded response batch;
+  prompt + right-padded response batch, and a padding-free rollout (rows end to end) gives the
+  padded one's outputs and gradients;
 - DPO's reference log-probs precomputed once (in batches of one composition) equal the ones
   computed at each step (in batches of another);
 - the SFT loss of a right-padded batch equals the per-sequence losses summed over its tokens;
@@ -100,6 +101,71 @@ def test_ppo_response_logprobs_and_entropy_equal_each_sequence_run_alone(model, 
         torch.testing.assert_close(lp[b, :n].double(), want_lp[-n:], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(ent[b, :n].double(), want_ent[-n:], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lp_rows, lp[[2, 0]])
+
+
+def tiny_critic(tok, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    return LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=tok.pad_token_id, num_labels=1))
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_ppo_packed_rollout_gives_the_padded_outputs_and_gradients(tok, lora):
+    """`ppo.padding_free`: a rollout's rows end to end (prompt without its left padding, response
+    up to its EOS, positions restarting) give the padded rollout's response log-probs, entropies,
+    values and rewards wherever the response mask is 1 (zeros after EOS), for all rows or a
+    micro-batch of them, and the same gradients through actor and critic. Positions that do not
+    restart let a row attend to the one before it and change the outputs."""
+    from rlhf_core.stages.ppo import pack_rollout, response_logprobs, response_values, reward_scores
+
+    gen = torch.Generator().manual_seed(4)
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    prompts = [ids(gen, n, tok) for n in (3, 7, 5)]
+    responses = [ids(gen, n, tok) + [eos] for n in (4, 1, 6)]  # R = 7: rows 0 and 1 end early
+    rollout = make_rollout(prompts, responses, pad, eos)
+    mask = rollout.response_mask.bool()
+
+    packed = pack_rollout(rollout)  # the layout by hand
+    assert packed.input_ids[0].tolist() == [t for p, r in zip(prompts, responses) for t in p + r]
+    assert packed.position_ids[0].tolist() == [i for p, r in zip(prompts, responses) for i in range(len(p + r))]
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    starts = [sum(lengths[:i]) for i in range(3)]
+    assert packed.ends.tolist() == [s + n - 1 for s, n in zip(starts, lengths)]
+    want = [s + len(p) - 1 + j for s, p, r in zip(starts, prompts, responses) for j in range(len(r))]
+    assert packed.scored[0].nonzero().flatten().tolist() == want
+
+    runs = []
+    for layout in ("padded", "packed"):
+        actor = fresh_model(tok, lora=lora)
+        critic = tiny_critic(tok)
+        pk = pack_rollout(rollout) if layout == "packed" else None
+        lp, ent = response_logprobs(actor, rollout, 0.7, packed=pk)
+        values = response_values(critic, rollout, packed=pk)
+        with torch.no_grad():
+            rewards = reward_scores(critic, rollout, pk)
+            rows = torch.tensor([2, 0])
+            lp_rows, _ = response_logprobs(actor, rollout, 0.7, rows, pack_rollout(rollout, rows) if pk else None)
+        ((lp * mask).sum() + (values * mask).square().sum()).backward()
+        grads = {n: q.grad.clone() for n, q in [*actor.named_parameters(), *critic.named_parameters()]
+                 if q.grad is not None}
+        runs.append((lp.detach(), ent, values.detach(), rewards, lp_rows, grads))
+    (lp, ent, values, rewards, lp_rows, grads), (lp_p, ent_p, values_p, rewards_p, lp_rows_p, grads_p) = runs
+    for padded, packed_out in ((lp, lp_p), (ent, ent_p), (values, values_p), (lp_rows, lp_rows_p)):
+        m = mask if padded.shape[0] == 3 else mask[[2, 0]]
+        torch.testing.assert_close(packed_out[m], padded[m], atol=1e-5, rtol=1e-5)
+        assert packed_out[~m].eq(0).all()
+    torch.testing.assert_close(rewards_p, rewards, atol=1e-5, rtol=1e-5)
+    assert len(grads) == len(grads_p) > 4
+    for name in grads:
+        torch.testing.assert_close(grads_p[name], grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+    leaky = packed._replace(position_ids=torch.arange(packed.input_ids.shape[1])[None])
+    with torch.no_grad():
+        a = response_logprobs(fresh_model(tok, lora=lora), rollout, 0.7, packed=leaky)[0]
+    assert not torch.allclose(a[1:][mask[1:]], lp[1:][mask[1:]], atol=1e-3)
 
 
 def test_ppo_response_values_equal_each_sequence_scored_alone(tok):

@@ -389,21 +389,52 @@ class Updates:
         monkeypatch.setattr(ppo, "ppo_update", record)
 
 
-@pytest.mark.parametrize("precision", ["no", "bf16"])
-def test_ppo_first_minibatch_has_ratio_one_and_zero_kl(demo, pt_sft, monkeypatch, precision):
+@pytest.mark.parametrize("precision,padding_free", [("no", False), ("bf16", False), ("no", True)])
+def test_ppo_first_minibatch_has_ratio_one_and_zero_kl(demo, pt_sft, monkeypatch, precision, padding_free):
     """Before any update the actor is the policy that sampled and scored the rollout, and the
     reference is the same weights: ratio exp(logp - logp_old) == 1 and KL == 0 exactly, also when
-    every forward runs under bf16 autocast (experience, reference and update alike)."""
+    every forward runs under bf16 autocast (experience, reference and update alike); and when the
+    rollout goes through end to end (`padding_free`: the experience packs all rows, each update
+    its micro-batch's) the ratio is 1 and the KL 0 up to float rounding."""
     updates, log = Updates(monkeypatch), History()
     cfg = PPOConfig(max_steps=1, batch_size=4, rollout_batch_size=8, ppo_epochs=1, warmup_steps=0,
-                    max_new_tokens=8, mixed_precision=precision, **QUIET)
-    run_ppo(context("ppo", cfg, demo.root / f"ppo_{precision}", demo.root / "ckpt" / f"ppo_{precision}", log,
+                    max_new_tokens=8, mixed_precision=precision, padding_free=padding_free, **QUIET)
+    name = f"ppo_{precision}" + ("_packed" if padding_free else "")
+    run_ppo(context("ppo", cfg, demo.root / name, demo.root / "ckpt" / name, log,
                     data=demo.data, init=pt_sft.sft_dir), cfg, TINY, reward_fn=short_answer_reward)
     first = updates.calls[0]
     assert first["autocast"] is (precision == "bf16")
-    assert first["m"]["val/ratio"] == 1.0 and first["m"]["policy/approxkl"] == 0.0
-    assert first["m"]["policy/clipfrac"] == 0.0
+    assert first["m"]["val/ratio"] == 1.0 and first["m"]["policy/clipfrac"] == 0.0
+    # packed, a row's attention runs over a different row in the experience (all 8 rows end to
+    # end) than in the update (its micro-batch's 4): the log-probs agree to float rounding only
+    assert first["m"]["policy/approxkl"] == 0.0 if not padding_free else 0 <= first["m"]["policy/approxkl"] < 1e-12
     assert log.values("objective/kl") == [0.0]
+
+
+def test_padding_free_ppo_trains_to_the_padded_runs_metrics_and_weights(demo, pt_sft):
+    """`ppo.padding_free` changes how the rollout's forwards are laid out, not what is learnt:
+    three iterations (sampling, reward model, reference, critic, two epochs of updates) give the
+    padded run's metrics and actor weights up to float rounding, on rollouts that hold padding
+    (prompts of several lengths, responses that stop at EOS or not)."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for packed in (False, True):
+        log, name = History(), "ppo_packed" if packed else "ppo_padded"
+        cfg = PPOConfig(max_steps=3, batch_size=4, rollout_batch_size=8, ppo_epochs=2, warmup_steps=0,
+                        max_new_tokens=8, padding_free=packed, **QUIET)
+        # the SFT model as the reward model too: its score head starts from the run's seed
+        res = run_ppo(context("ppo", cfg, demo.root / name, demo.root / "ckpt" / name, log, data=demo.data,
+                              init=pt_sft.sft_dir, reward=pt_sft.sft_dir), cfg, TINY)
+        out[packed] = (res.metrics, load_file(demo.root / name / "model.safetensors"))
+    (m_pad, w_pad), (m_packed, w_packed) = out[False], out[True]
+    assert m_pad.keys() == m_packed.keys() and "objective/scores" in m_pad
+    assert m_pad["val/response_length"] < 8 or m_pad["val/num_eos_tokens"] < 8  # some response is cut or short
+    for k in m_pad:
+        assert m_packed[k] == pytest.approx(m_pad[k], abs=1e-4, rel=1e-4), k
+    for name, w in w_pad.items():
+        torch.testing.assert_close(w_packed[name], w, atol=1e-5, rtol=1e-4, msg=name)
+    assert any((w_pad[n] - load_file(pt_sft.sft_dir / "model.safetensors")[n]).abs().max() > 1e-4 for n in w_pad)
 
 
 def test_ppo_uses_every_rollout_sample_once_per_epoch_with_a_ragged_last_minibatch(demo, pt_sft, monkeypatch):
