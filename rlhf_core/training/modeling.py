@@ -31,7 +31,7 @@ def build_tiny_causal_lm(cfg: ModelConfig, tokenizer, seed: int = 0):
         bos_token_id=None, tie_word_embeddings=True,
     )
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
+    return use_packed_sdpa(LlamaForCausalLM(config))
 
 
 def _is_local(path: str) -> bool:
@@ -83,10 +83,74 @@ def _from_pretrained(auto_cls, path: str | Path, cfg: ModelConfig, **kwargs):
         check_weights(path, cfg.allow_pickle)
     try:
         # an explicit dtype: transformers' default ("auto") would train a bf16 checkpoint in pure bf16
-        return auto_cls.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, dtype=getattr(torch, cfg.dtype),
-                                        use_safetensors=None if cfg.allow_pickle else True, **kwargs)
+        model = auto_cls.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, dtype=getattr(torch, cfg.dtype),
+                                         use_safetensors=None if cfg.allow_pickle else True, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{path}: cannot load model ({str(e).splitlines()[0]})") from None
+    return use_packed_sdpa(model)
+
+
+PACKED_SDPA = "sdpa_packed"
+
+
+def use_packed_sdpa(model):
+    """Lever: a model on transformers' SDPA attention switches to `PACKED_SDPA`, the same SDPA
+    called row by row on rows laid end to end (`forward_packed_logits`, `token_scores` with
+    positions), and plain SDPA everywhere else (padded batches, generation). Plain SDPA would
+    attend over the whole (N, N) block-diagonal mask of the packed rows, most of it masked out, on
+    the math kernel; row by row each attends only to itself, causally, on the flash kernel. Other
+    attention implementations (eager, flash-attention, which packs by itself) are left as they are.
+    The saved config keeps no trace of it. Returns `model`."""
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return model
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    if PACKED_SDPA not in AttentionInterface._global_mapping:
+        AttentionInterface.register(PACKED_SDPA, _packed_sdpa)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_SDPA, sdpa_mask)
+    model.set_attn_implementation(PACKED_SDPA)
+    return model
+
+
+def _packed_sdpa(module, query, key, value, attention_mask, cu_seq_lens_q=None, cu_seq_lens_k=None, **kwargs):
+    """`PACKED_SDPA`'s attention: (1, H, N, D) rows end to end with their `cu_seq_lens_q` (as
+    `packed_rows` gives them) attend row by row, causally; anything else goes to plain SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    kwargs.pop("max_length_q", None), kwargs.pop("max_length_k", None)
+    if cu_seq_lens_q is None or query.shape[0] != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    lengths = _row_lengths(cu_seq_lens_q)
+    kwargs["is_causal"] = True
+    outs = [sdpa_attention_forward(module, q, k, v, None, **kwargs)[0]
+            for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))]
+    return torch.cat(outs, 1), None
+
+
+_last_rows: list = [None, None]  # (cu_seq_lens, its row lengths): every layer of one forward passes the same tensor
+
+
+def _row_lengths(cu_seq_lens: torch.Tensor) -> list[int]:
+    """Row lengths from cumulative offsets, read from the device once per forward, not per layer."""
+    if _last_rows[0] is not cu_seq_lens:
+        _last_rows[:] = [cu_seq_lens, cu_seq_lens.diff().tolist()]
+    return _last_rows[1]
+
+
+def packed_rows(position_ids: torch.Tensor) -> dict:
+    """The row boundaries of (1, N) rows laid end to end, where positions restart: the
+    `cu_seq_lens_*` / `max_length_*` arguments that transformers' attention takes for packed rows
+    (flash-attention reads the same ones on a GPU). A row starts wherever a position does not
+    follow the one before it."""
+    pos = position_ids[0]
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[1:] = pos[1:] != pos[:-1] + 1
+    idx = starts.nonzero().squeeze(-1)
+    cu = torch.cat([idx, idx.new_tensor([pos.numel()])]).to(torch.int32)
+    longest = int(cu.diff().max())
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -310,9 +374,10 @@ def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 def forward_packed_logits(model, input_ids: torch.Tensor, position_ids: torch.Tensor,
                           keep: torch.Tensor | None = None) -> torch.Tensor:
     """Causal-LM logits (1, N, V) of rows laid end to end (`PackedLMBatch`): no attention mask, so
-    transformers derives a block-diagonal causal mask from where the positions restart. `keep` as
-    in `forward_logits`."""
-    return model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **_keep(keep, input_ids.device)).logits
+    transformers derives a block-diagonal causal mask from where the positions restart, and the
+    rows' bounds (`packed_rows`) let `PACKED_SDPA` attend row by row. `keep` as in `forward_logits`."""
+    return model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **_keep(keep, input_ids.device),
+                 **packed_rows(position_ids)).logits
 
 
 def _keep(keep: torch.Tensor | None, device) -> dict:
@@ -343,10 +408,11 @@ def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     head's per-token output is read as it passes: calling the backbone and head directly would
     skip a DDP wrapper's forward, and DDP then silently leaves the gradients unsynchronised."""
     seen = []
+    rows = packed_rows(positions) if attention_mask is None else {}
     hook = score_head(model).register_forward_hook(lambda module, args, out: seen.append(out))
     try:
         model(input_ids=input_ids, attention_mask=attention_mask,
-              position_ids=position_ids(attention_mask) if positions is None else positions, use_cache=False)
+              position_ids=position_ids(attention_mask) if positions is None else positions, use_cache=False, **rows)
     finally:
         hook.remove()
     return seen[-1].squeeze(-1).float()

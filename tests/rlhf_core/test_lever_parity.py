@@ -9,6 +9,8 @@ computation: each sequence run alone, unpadded, through the full (B, T, V) log-s
 - the SFT loss of a right-padded batch equals the per-sequence losses summed over its tokens;
 - a padding-free SFT batch (rows end to end, positions restarting) gives each row's logits as
   that row run alone, and the padded batch's loss and gradients;
+- `PACKED_SDPA` attends such rows row by row and gives plain SDPA's block-mask outputs and
+  gradients;
 - padding-free RM and DPO pairs give each row's reward and response log-prob sum as the row run
   alone, and the padded pairs' losses and gradients;
 - RM pairs with each prompt computed once (`rm.share_prompt`: the rejected response continues
@@ -308,6 +310,84 @@ def test_packed_logits_of_each_row_equal_the_row_run_alone(model, tok):
         # the check can fail: the same rows packed without restarting positions see each other
         leaky = model(input_ids=b.input_ids).logits[0, len(seqs[0]):len(seqs[0]) + len(seqs[1])]
         assert (leaky - model(input_ids=torch.tensor([seqs[1]])).logits[0]).abs().max() > 1e-3
+
+
+class SDPACalls:
+    """Records each scaled_dot_product_attention call as (query length, is_causal, has a mask)."""
+
+    def __init__(self, monkeypatch):
+        self.calls, real = [], torch.nn.functional.scaled_dot_product_attention
+
+        def record(query, key, value, attn_mask=None, *args, is_causal=False, **kwargs):
+            self.calls.append((query.shape[2], is_causal, attn_mask is not None))
+            return real(query, key, value, attn_mask, *args, is_causal=is_causal, **kwargs)
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", record)
+
+
+@pytest.mark.parametrize("kind", ["lm", "lm-lora", "scores"])
+def test_packed_sdpa_attends_row_by_row_to_sdpas_block_mask_outputs_and_gradients(tok, kind, monkeypatch):
+    """`PACKED_SDPA` (`use_packed_sdpa`): rows end to end attend row by row, one causal SDPA call
+    per row and layer with no mask, and give plain SDPA's outputs over the whole block-diagonal
+    mask, and its gradients: LM logits (full and LoRA) and a scalar model's per-token scores."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from rlhf_core.training.modeling import PACKED_SDPA, token_scores, use_packed_sdpa
+
+    gen = torch.Generator().manual_seed(8)
+    lengths = (6, 3, 9, 1)
+    b = collate_lm_packed({"input_ids": [ids(gen, n, tok) for n in lengths]})
+    calls = SDPACalls(monkeypatch)
+    runs = []
+    for attn in (PACKED_SDPA, "sdpa"):
+        if kind == "scores":
+            torch.manual_seed(2)
+            m = use_packed_sdpa(LlamaForSequenceClassification(LlamaConfig(
+                vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64, pad_token_id=tok.pad_token_id, num_labels=1)))
+        else:
+            m = fresh_model(tok, lora=kind == "lm-lora")
+        assert m.config._attn_implementation == PACKED_SDPA
+        m.set_attn_implementation(attn)
+        calls.calls.clear()
+        if kind == "scores":
+            out = token_scores(m, b.input_ids, None, b.position_ids)
+        else:
+            out = forward_packed_logits(m, b.input_ids, b.position_ids)
+        (out.sin().sum()).backward()
+        runs.append((out.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad},
+                     list(calls.calls)))
+    (out, grads, row_calls), (want, want_grads, mask_calls) = runs
+    layers = 2
+    assert row_calls == [(n, n > 1, False) for _ in range(layers) for n in lengths]  # one token: nothing to mask
+    assert mask_calls == [(sum(lengths), False, True)] * layers
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == want_grads.keys() and len(grads) > 2
+    for name in grads:
+        torch.testing.assert_close(grads[name], want_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_loaded_models_run_packed_sdpa_and_save_a_config_plain_transformers_loads(tmp_path, tok):
+    """Models the stages load or build are on `PACKED_SDPA`; padded batches and generation still
+    run plain SDPA under it (same logits); a saved model's config names no attention
+    implementation, so transformers without this package loads it on its default."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_core.training.modeling import PACKED_SDPA, load_causal_lm, load_scalar_model, save_model
+
+    save_model(build_tiny_causal_lm(TINY, tok, seed=3), tok, tmp_path / "m")
+    lm, scalar = load_causal_lm(tmp_path / "m", ModelConfig()), load_scalar_model(tmp_path / "m", ModelConfig(), 0)
+    assert lm.config._attn_implementation == scalar.config._attn_implementation == PACKED_SDPA
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert plain.config._attn_implementation == "sdpa"
+    batch = collate_lm({"input_ids": [[11, 12, 13, 14], [15, 16]]}, tok.pad_token_id)
+    with torch.no_grad():
+        torch.testing.assert_close(forward_logits(lm, batch.input_ids, batch.attention_mask),
+                                   forward_logits(plain, batch.input_ids, batch.attention_mask))
+        prompt = torch.tensor([[11, 12, 13]])
+        assert torch.equal(lm.generate(prompt, max_new_tokens=5, do_sample=False),
+                           plain.generate(prompt, max_new_tokens=5, do_sample=False))
+    save_model(lm, tok, tmp_path / "again")
+    assert PACKED_SDPA not in (tmp_path / "again" / "config.json").read_text()
 
 
 @pytest.mark.parametrize("lora", [False, True])
