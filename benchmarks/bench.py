@@ -372,7 +372,8 @@ def run_ours(spec: dict, clock: StepClock) -> int:
     if stage == "ppo":
         cfg = PPOConfig(**common, rollout_batch_size=2 * spec["batch_size"], max_new_tokens=spec["ppo_new_tokens"],
                         ppo_epochs=PPO_EPOCHS, temperature=1.0, critic_learning_rate=LEARNING_RATE,
-                        padding_free=spec.get("ppo_padding_free", False))
+                        padding_free=spec.get("ppo_padding_free", False),
+                        sampling_logprobs=True)  # as the anchor: old log-probs from the generation logits
     else:  # DPO: a reference forward at every step, as TRL's DPOTrainer does by default
         pairs_free = spec.get("pairs_padding_free", False)
         cfg = {"pt": PTConfig(**common), "sft": SFTConfig(**common, padding_free=spec["padding_free"]),
@@ -769,7 +770,8 @@ DIFFERENCES = {
     "ppo": "ppo anchor (TRL 0.25.1, transformers 4.57.6): policy, frozen reference copy, value model and reward "
            "model are four separate models as ours (full fine-tune); its one optimizer steps policy+value with "
            "vf_coef 0.1 where ours has two parameter groups; it truncates responses after EOS; it reads no "
-           "rope_parameters from a transformers-5 config (same FLOPs); both take the same prompt ids",
+           "rope_parameters from a transformers-5 config (same FLOPs); both take the same prompt ids; both take the "
+           "old log-probs from the sampling logits (ours ppo.sampling_logprobs), not from a second policy forward",
 }
 
 

@@ -15,6 +15,7 @@ class Rollout(NamedTuple):
     response_mask: torch.Tensor   # (B, R) 1 on response tokens up to and including EOS
     prompt_length: int            # P
     has_eos: torch.Tensor         # (B,) bool
+    logprobs: torch.Tensor | None = None  # (B, R) log-probs of the drawn tokens at sampling (`sample(logprobs=True)`)
 
 
 def response_mask(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,17 +54,63 @@ def _only_config(model, config):
         hf_model.generation_config = saved
 
 
+class _TokenLogprobs:
+    """A logits processor, first in the list, so it sees each step's raw logits: it keeps
+    log_softmax(logits / T) in fp32 (one (B, V) tensor) and, at the next step, reads the token
+    that was drawn from it. `result` reads the last step's against the finished responses."""
+
+    def __init__(self, temperature: float):
+        self.temperature, self.last, self.picked = temperature, None, []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.last is not None:
+            self.picked.append(self.last.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.last = torch.log_softmax(scores.float() / self.temperature, -1)
+        return scores
+
+    def result(self, responses: torch.Tensor) -> torch.Tensor:
+        """(B, R) log-probs of `responses`' tokens (zeros where no step was recorded)."""
+        picked = self.picked[:responses.shape[1]]
+        if self.last is not None and len(picked) < responses.shape[1]:
+            picked.append(self.last.gather(-1, responses[:, len(picked), None]).squeeze(-1))
+        out = responses.new_zeros(responses.shape, dtype=torch.float32)
+        if picked:
+            out[:, :len(picked)] = torch.stack(picked, 1)
+        return out
+
+
+def _sampling_processors(config, recorder: _TokenLogprobs):
+    """[recorder, the config's temperature / top-k / top-p warpers]: the same draws as the config
+    alone, which is left with neutral warpers so that generate builds none of its own."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    warpers = [recorder]
+    if config.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(config.temperature))
+    if config.top_k:
+        warpers.append(TopKLogitsWarper(config.top_k))
+    if config.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(config.top_p))
+    config.temperature, config.top_k, config.top_p = 1.0, 0, 1.0
+    return LogitsProcessorList(warpers)
+
+
 @torch.no_grad()
 def sample(model, batch: PromptBatch, eos_id: int, pad_id: int, max_new_tokens: int,
-           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False) -> Rollout:
-    """Sample (or greedily decode) a response to each prompt of `batch` under `generation_config`."""
+           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
+           logprobs: bool = False) -> Rollout:
+    """Sample (or greedily decode) a response to each prompt of `batch` under `generation_config`.
+    `logprobs` (sampling only): also keep each drawn token's log-prob under the sampling logits at
+    `temperature`, before top-k / top-p (as PPO's forward computes it), in `Rollout.logprobs`."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
     config = generation_config(eos_id, pad_id, max_new_tokens, temperature, top_k, top_p, greedy)
+    recorder = _TokenLogprobs(temperature) if logprobs and not greedy else None
+    processors = _sampling_processors(config, recorder) if recorder else None
     with _only_config(model, config):
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, logits_processor=processors)
     model.train(was_training)
     P = ids.shape[1]
     responses = out[:, P:]
@@ -71,7 +118,8 @@ def sample(model, batch: PromptBatch, eos_id: int, pad_id: int, max_new_tokens: 
         responses = torch.full((ids.shape[0], 1), eos_id, device=device)
     rmask, has_eos = response_mask(responses, eos_id)
     sequences = torch.cat([ids, responses], 1)
-    return Rollout(sequences, torch.cat([mask, rmask], 1), rmask, P, has_eos)
+    return Rollout(sequences, torch.cat([mask, rmask], 1), rmask, P, has_eos,
+                   recorder.result(responses) if recorder else None)
 
 
 def decode_responses(tokenizer, rollout: Rollout) -> list[str]:

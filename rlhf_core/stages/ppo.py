@@ -156,7 +156,10 @@ def make_experience(rollout: Rollout, actor, critic, ref: Frozen, scores: torch.
     """`total` sums over processes (`RunContext.total`): advantages are whitened with the
     statistics of every process's rollouts together. `packed`: the whole rollout end to end."""
     mask = rollout.response_mask
-    old_logprobs, _ = response_logprobs(actor, rollout, cfg.temperature, packed=packed)
+    if rollout.logprobs is not None:  # `sampling_logprobs`: already read at sampling
+        old_logprobs = rollout.logprobs.to(mask.device) * mask
+    else:
+        old_logprobs, _ = response_logprobs(actor, rollout, cfg.temperature, packed=packed)
     ref_logprobs = ref(response_logprobs, rollout, cfg.temperature, packed=packed)[0]
     values = response_values(critic, rollout, packed=packed) * mask
     kl = kl_penalty(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask
@@ -249,7 +252,8 @@ def run_ppo(ctx: RunContext, cfg: PPOConfig, model_cfg: ModelConfig, reward_fn: 
     for it in range(start, cfg.max_steps):
         batch = collate_prompts(prompts[next(prompt_batches)], pad)
         with acc.autocast():
-            rollout = sample(acc.unwrap_model(actor), batch, eos, pad, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+            rollout = sample(acc.unwrap_model(actor), batch, eos, pad, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
+                             cfg.top_p, logprobs=cfg.sampling_logprobs)
             packed = pack_rollout(rollout) if cfg.padding_free else None
             scores = score_rollout(rollout, cfg, reward_model, reward_fn, tokenizer, packed)
             exp = make_experience(rollout, actor, critic, ref, scores, kl_ctl.value, cfg, ctx.total, packed)

@@ -71,3 +71,38 @@ def test_response_mask_stops_after_the_first_eos_even_when_pad_is_eos():
     responses = torch.tensor([[5, EOS, EOS, EOS], [5, 6, 7, 8]])
     mask, has_eos = response_mask(responses, EOS)
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]] and has_eos.tolist() == [True, False]
+
+
+@pytest.mark.parametrize("kw", [{}, {"temperature": 0.7, "top_k": 5}, {"temperature": 1.3, "top_p": 0.8}],
+                         ids=["plain", "T0.7-topk5", "T1.3-topp0.8"])
+def test_sampled_logprobs_are_the_full_forwards_and_leave_the_draws_alone(prompts, kw):
+    """`sample(logprobs=True)` (`ppo.sampling_logprobs`) draws the same tokens, and each response
+    token's log-prob (up to its EOS) is log_softmax(logits / T) of one full forward over the whole
+    sequence, untruncated by top-k / top-p, as PPO's own forward computes it."""
+    model = tiny_llama(seed=2)
+    torch.manual_seed(7)
+    plain = sample(model, prompts, EOS, PAD, max_new_tokens=30, **kw)
+    torch.manual_seed(7)
+    rollout = sample(model, prompts, EOS, PAD, max_new_tokens=30, logprobs=True, **kw)
+    assert plain.logprobs is None and torch.equal(rollout.sequences, plain.sequences)
+    P, R = rollout.prompt_length, rollout.response_mask.shape[1]
+    mask = rollout.attention_mask
+    with torch.no_grad():
+        logits = model(input_ids=rollout.sequences, attention_mask=mask,
+                       position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits.double()
+    logp = torch.log_softmax(logits[:, P - 1:P - 1 + R] / kw.get("temperature", 1.0), -1)
+    want = logp.gather(-1, rollout.sequences[:, P:, None]).squeeze(-1)
+    keep = rollout.response_mask.bool()
+    assert rollout.logprobs.shape == (prompts.input_ids.shape[0], R) and rollout.logprobs.dtype == torch.float32
+    assert keep.sum() > 30 and (~keep).any()  # some response stops at EOS before the last step
+    torch.testing.assert_close(rollout.logprobs[keep].double(), want[keep], atol=1e-5, rtol=1e-5)
+    # the check can fail: the log-probs one position off, or at T = 1, are not these
+    assert not torch.allclose(rollout.logprobs[:, 1:][keep[:, 1:]].double(), want[:, :-1][keep[:, 1:]], atol=1e-3)
+    if kw:
+        assert not torch.allclose(rollout.logprobs[keep].double(), logp.mul(kw["temperature"]).log_softmax(-1)
+                                  .gather(-1, rollout.sequences[:, P:, None]).squeeze(-1)[keep], atol=1e-3)
+
+
+def test_greedy_decoding_has_no_sampled_logprobs(prompts):
+    model = tiny_llama(seed=2)
+    assert sample(model, prompts, EOS, PAD, max_new_tokens=4, greedy=True, logprobs=True).logprobs is None
