@@ -505,8 +505,21 @@ def trl_tokens_per_sample(stage: str, ds) -> float:
     return sum(map(sum, lengths)) / len(lengths)
 
 
-def peak_rss_mb() -> float:
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+def peak_rss_mb(status: str | None = None) -> float:
+    """This process's own peak RSS: Linux's VmHWM, the high-water mark of the memory the process
+    has had since its exec. Not getrusage's ru_maxrss: Linux carries that across fork and exec,
+    so a row's process reported at least the parent harness's RSS when it was started (495 MB of
+    the tiny rows' ~550-600 MB on 2026-12-07), for ours and the references' alike. `status`: the
+    text of /proc/self/status (read when not given); elsewhere, ru_maxrss."""
+    if status is None:
+        try:
+            status = Path("/proc/self/status").read_text()
+        except OSError:
+            status = ""
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS
     return kb / (1024 * 1024) if sys.platform == "darwin" else kb / 1024
 
 

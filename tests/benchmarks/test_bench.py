@@ -318,3 +318,21 @@ def test_repeated_runs_combine_to_medians_the_highest_memory_and_the_ratio_range
     assert ours["samples_per_s_runs"] == [3.0, 2.6, 2.7] and ours["runs"] == 3
     (line,) = bench.ratio_lines(combined)
     assert "1.35x" in line and "median of 3 runs; per round 1.08-1.50x" in line and line.endswith(": met")
+
+
+def test_peak_rss_is_the_rows_own_not_the_harness_it_was_started_from():
+    """A row's process reports its own high-water mark (VmHWM): getrusage's ru_maxrss carries
+    the parent's RSS across fork and exec, so a small child of a 400 MB parent reported 400 MB."""
+    import resource
+
+    import numpy as np
+
+    assert bench.peak_rss_mb("Name:\tpython\nVmPeak:\t 9000 kB\nVmHWM:\t  204800 kB\nVmRSS:\t 1024 kB\n") == 200.0
+    held = np.ones(400 * 2**20 // 8)  # 400 MB touched in this process
+    script = (f"import importlib.util, resource; s = importlib.util.spec_from_file_location('b', {str(ROOT / 'benchmarks' / 'bench.py')!r}); "
+              "b = importlib.util.module_from_spec(s); s.loader.exec_module(b); "
+              "print(b.peak_rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    own, inherited = map(float, subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                               check=True).stdout.split())
+    assert held.sum() > 0 and resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 > 400
+    assert own < 200 and inherited > 400  # the check can fail: ru_maxrss is the parent's here
