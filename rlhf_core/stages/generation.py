@@ -79,19 +79,18 @@ class _TokenLogprobs:
         return out
 
 
-def _sampling_processors(config, recorder: _TokenLogprobs):
-    """[recorder, the config's temperature / top-k / top-p warpers]: the same draws as the config
-    alone, which is left with neutral warpers so that generate builds none of its own."""
+def _sampling_processors(recorder: _TokenLogprobs, temperature: float, top_k: int, top_p: float):
+    """[recorder, the temperature / top-k / top-p warpers generate would build from them, in its
+    order]: the same draws, with the generation config's own warpers left neutral."""
     from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     warpers = [recorder]
-    if config.temperature != 1.0:
-        warpers.append(TemperatureLogitsWarper(config.temperature))
-    if config.top_k:
-        warpers.append(TopKLogitsWarper(config.top_k))
-    if config.top_p < 1.0:
-        warpers.append(TopPLogitsWarper(config.top_p))
-    config.temperature, config.top_k, config.top_p = 1.0, 0, 1.0
+    if temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
     return LogitsProcessorList(warpers)
 
 
@@ -106,9 +105,12 @@ def sample(model, batch: PromptBatch, eos_id: int, pad_id: int, max_new_tokens: 
     model.eval()
     device = next(model.parameters()).device
     ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
-    config = generation_config(eos_id, pad_id, max_new_tokens, temperature, top_k, top_p, greedy)
     recorder = _TokenLogprobs(temperature) if logprobs and not greedy else None
-    processors = _sampling_processors(config, recorder) if recorder else None
+    if recorder is None:
+        config, processors = generation_config(eos_id, pad_id, max_new_tokens, temperature, top_k, top_p, greedy), None
+    else:  # the warpers go after the recorder, so the config's are neutral
+        config = generation_config(eos_id, pad_id, max_new_tokens)
+        processors = _sampling_processors(recorder, temperature, top_k, top_p)
     with _only_config(model, config):
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, logits_processor=processors)
     model.train(was_training)

@@ -107,9 +107,8 @@ def use_packed_sdpa(model):
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    if PACKED_SDPA not in AttentionInterface._global_mapping:
-        AttentionInterface.register(PACKED_SDPA, _packed_sdpa)
-        ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_SDPA, sdpa_mask)
+    AttentionInterface.register(PACKED_SDPA, _packed_sdpa)  # a dict entry: registering again is harmless
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_SDPA, sdpa_mask)
     model.set_attn_implementation(PACKED_SDPA)
     return model
 
