@@ -313,3 +313,43 @@ def test_manifest_counts_add_up(tok, tmp_path):
     thirds = {split: load_split(out, "preference", split)["weight"].count(pytest.approx(1 / 3))
               for split in ("train", "eval")}
     assert sorted(thirds.values()) == [0, 3]  # the ranking's three pairs stay together
+
+
+# --- reading splits back -------------------------------------------------------------------------
+
+SPLIT_KEYS = [0, 4, -1, -5, slice(0, 3), slice(2, None), slice(None, None, 2), slice(4, 1), [3, 0, 3], [-1], [],
+              "prompt_ids", "weight"]
+
+
+def test_a_split_reads_back_as_datasets_reads_it_without_importing_datasets_or_pandas(tmp_path):
+    """The loops index `load_split`'s `Split` as they indexed a `datasets.Dataset`: the same Python
+    values for a row, rows, a slice or a column; and a process that loads, checks and indexes a split
+    imports neither datasets nor pandas (54 MB of a process's memory)."""
+    import subprocess
+    import sys
+
+    from datasets import Dataset
+
+    cols = {"prompt_ids": [[1, 2], [3], [4, 5, 6], [7], [8, 9]], "chosen_ids": [[5], [6, 7], [8], [9, 1], [2]],
+            "rejected_ids": [[1], [2], [3, 4], [5], [6, 7, 8]], "weight": [1.0, 0.5, 2.0, 1.0, 0.25]}
+    ds = Dataset.from_dict(cols)
+    ds.save_to_disk(str(tmp_path / "preference" / "train"))
+    code = (f"import json, sys\nfrom rlhf_core.data.splits import load_split\n"
+            f"s = load_split({str(tmp_path)!r}, 'preference', 'train', vocab_size=10)\n"
+            f"out = [s[k] for k in {SPLIT_KEYS!r}] + [len(s), s.column_names]\n"
+            f"print(json.dumps([out, 'datasets' in sys.modules, 'pandas' in sys.modules]))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    got, imported_datasets, imported_pandas = json.loads(proc.stdout)
+    assert got == [ds[k] for k in SPLIT_KEYS] + [len(ds), ds.column_names]
+    assert not imported_datasets and not imported_pandas
+
+
+@pytest.mark.parametrize("key", [5, -6, [0, 5]])
+def test_a_split_row_out_of_range_raises_index_error(tmp_path, key):
+    from datasets import Dataset
+
+    from rlhf_core.data.splits import read_split
+
+    Dataset.from_dict({"prompt_ids": [[1], [2], [3], [4], [5]]}).save_to_disk(str(tmp_path / "s"))
+    with pytest.raises(IndexError):
+        read_split(tmp_path / "s")[key]

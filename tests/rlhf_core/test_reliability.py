@@ -138,13 +138,35 @@ BAD = [
 ]
 
 
+def _saved(tmp_path, **cols):
+    """`cols` as the training stages read them: saved as the tokenize stage saves, read back as a `Split`."""
+    from rlhf_core.data.splits import read_split
+
+    _ds(**cols).save_to_disk(str(tmp_path / "split"))
+    return read_split(tmp_path / "split")
+
+
+@pytest.mark.parametrize("form", ["dataset", "split"])
 @pytest.mark.parametrize("kind,cols,message", BAD, ids=[m.split("[")[-1].rstrip("]\\") + f"-{i}"
                                                           for i, (_, _, m) in enumerate(BAD)])
-def test_malformed_splits_are_named_with_row_and_rule(kind, cols, message):
+def test_malformed_splits_are_named_with_row_and_rule(kind, cols, message, form, tmp_path):
     from rlhf_core.data.splits import check_split
 
+    data = _ds(**cols) if form == "dataset" else _saved(tmp_path, **cols)
     with pytest.raises(TrainingError, match=message):
-        check_split(_ds(**cols), kind, "tok", vocab_size=9, block_size=4 if kind == "pt" else None)
+        check_split(data, kind, "tok", vocab_size=9, block_size=4 if kind == "pt" else None)
+
+
+def test_a_truncated_split_file_is_named_not_shown_as_an_arrow_traceback(tmp_path):
+    from rlhf_core.data.splits import load_split
+
+    _ds(**GOOD["sft"]).save_to_disk(str(tmp_path / "sft" / "train"))
+    load_split(tmp_path, "sft", "train", vocab_size=9)
+    arrow = next((tmp_path / "sft" / "train").glob("*.arrow"))
+    arrow.write_bytes(arrow.read_bytes()[:100])
+    with pytest.raises(TrainingError, match=rf"{tmp_path / 'sft' / 'train'}: cannot read the tokenised 'sft' data "
+                                            r"\(ArrowInvalid: .*\); run the tokenize stage again"):
+        load_split(tmp_path, "sft", "train", vocab_size=9)
 
 
 def test_tokenize_whose_output_is_malformed_fails_and_keeps_the_good_data(tiny, monkeypatch):
