@@ -353,6 +353,13 @@ class StepClock:
             raise SystemExit("too few steps to time; raise --steps")
         return timed[-1] - timed[0], self.times[timed[-1]] - self.times[timed[0]]
 
+    def step_ms(self, warmup: int) -> list[float]:
+        """Each timed step's own duration in ms (between consecutive finished steps from `warmup` on;
+        a step logged after a gap counts as the gap's mean), so a row shows how much the steps of one
+        process spread on a shared machine, not only their mean."""
+        timed = [s for s in sorted(self.times) if s >= warmup]
+        return [1000 * (self.times[b] - self.times[a]) / (b - a) for a, b in zip(timed, timed[1:])]
+
 
 def run_ours(spec: dict, clock: StepClock) -> int:
     """Run our loop for warmup + steps; returns samples per step."""
@@ -538,16 +545,17 @@ def child(spec: dict) -> dict:
     else:
         per_step, tokens = run_trl(spec, clock)
     steps, seconds = clock.rate(spec["warmup"])
-    row = measured_row(spec, steps, seconds, per_step, tokens, before)
+    row = measured_row(spec, steps, seconds, per_step, tokens, before, clock.step_ms(spec["warmup"]))
     if torch.cuda.is_available():
         row["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return row
 
 
 def measured_row(spec: dict, steps: int, seconds: float, per_step: int, tokens_per_sample: float | None,
-                 rss_before: float) -> dict:
+                 rss_before: float, step_ms: list[float] | None = None) -> dict:
     tokens = float("nan") if tokens_per_sample is None else tokens_per_sample * per_step
-    return {"model": spec["model"], "stage": spec["stage"], "variant": spec["variant"], "impl": spec["impl"],
+    spread = {"step_ms_min": min(step_ms), "step_ms_max": max(step_ms)} if step_ms else {}
+    return {**spread, "model": spec["model"], "stage": spec["stage"], "variant": spec["variant"], "impl": spec["impl"],
             "steps": steps, "samples_per_step": per_step, "samples_per_s": steps * per_step / seconds,
             "tokens_per_sample": tokens_per_sample, "tokens_per_s": steps * tokens / seconds,
             "ms_per_step": 1000 * seconds / steps, "peak_rss_mb": peak_rss_mb(), "rss_before_mb": rss_before,
@@ -636,7 +644,7 @@ def anchor_child(spec: dict) -> dict:
     steps, seconds = clock.rate(spec["warmup"])
     if (cfg.batch_size, cfg.mini_batch_size) != (rollout, B):
         raise SystemExit(f"anchor rollout {cfg.batch_size} / minibatch {cfg.mini_batch_size}, expected {rollout} / {B}")
-    return measured_row(spec, steps, seconds, rollout, None, before)
+    return measured_row(spec, steps, seconds, rollout, None, before, clock.step_ms(spec["warmup"]))
 
 
 # --- the parent: builds the work, runs each measurement, prints the table ---------------------
@@ -714,7 +722,7 @@ def print_row(r: dict, header: bool) -> None:
     gpu = "cuda_peak_mb" in r
     if header:
         print(f"{'stage':5} {'variant':7} {'impl':6} {'steps':>5} {'samples/s':>10} {'tokens/s':>9} {'ms/step':>9} "
-              f"{'peak RSS MB':>11} {'pad %':>6}{'  CUDA peak MB  TFLOP/s  MFU %' if gpu else ''}")
+              f"{'step ms min-max':>15} {'peak RSS MB':>11} {'pad %':>6}{'  CUDA peak MB  TFLOP/s  MFU %' if gpu else ''}")
     tokens = "-" if r["tokens_per_s"] != r["tokens_per_s"] else f"{r['tokens_per_s']:.3g}"
     pad = "-" if r.get("padding_fraction") is None else f"{100 * r['padding_fraction']:.1f}"
     cuda = ""
@@ -722,8 +730,9 @@ def print_row(r: dict, header: bool) -> None:
         tf = f"{r['model_tflops']:.1f}" if "model_tflops" in r else "-"
         mfu = f"{100 * r['mfu']:.1f}" if "mfu" in r else "-"
         cuda = f"  {r['cuda_peak_mb']:12.0f}  {tf:>7}  {mfu:>5}"
+    spread = f"{r['step_ms_min']:.0f}-{r['step_ms_max']:.0f}" if "step_ms_min" in r else "-"
     print(f"{r['stage']:5} {r['variant']:7} {r['impl']:6} {r['steps']:5d} {r['samples_per_s']:10.3g} {tokens:>9} "
-          f"{r['ms_per_step']:9.1f} {r['peak_rss_mb']:11.0f} {pad:>6}{cuda}", flush=True)
+          f"{r['ms_per_step']:9.1f} {spread:>15} {r['peak_rss_mb']:11.0f} {pad:>6}{cuda}", flush=True)
 
 
 TARGET = 1.3
@@ -755,7 +764,8 @@ def ratio_lines(rows: list[dict]) -> list[str]:
 
 def combine_repeats(rows: list[dict]) -> list[dict]:
     """One row per (stage, variant, impl) from its repeated runs (`--repeats`): the median rate,
-    tokens/s, ms/step, TFLOP/s and MFU, the highest peak memory, and each run's rate in round order
+    tokens/s, ms/step, TFLOP/s and MFU, the highest peak memory, the shortest and longest single
+    step of all runs, and each run's rate in round order
     (`samples_per_s_runs`), so a ratio's spread over rounds can be read."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -766,9 +776,11 @@ def combine_repeats(rows: list[dict]) -> list[dict]:
         for k in ("samples_per_s", "tokens_per_s", "ms_per_step", "model_tflops", "mfu"):
             if k in row:
                 row[k] = statistics.median(r[k] for r in runs)
-        for k in ("peak_rss_mb", "cuda_peak_mb"):
+        for k in ("peak_rss_mb", "cuda_peak_mb", "step_ms_max"):
             if k in row:
                 row[k] = max(r[k] for r in runs)
+        if "step_ms_min" in row:
+            row["step_ms_min"] = min(r["step_ms_min"] for r in runs)
         row["runs"], row["samples_per_s_runs"] = len(runs), [r["samples_per_s"] for r in runs]
         out.append(row)
     return out

@@ -299,12 +299,23 @@ def test_the_profiler_watches_exactly_the_timed_steps(tmp_path):
     assert clock.profiler is None and sorted(clock.times) == [1, 2, 3, 4]
 
 
+def test_each_timed_steps_own_duration_by_hand():
+    """Steps 0-1 are warm-up; 2 -> 3 took 0.5 s, 3 -> 5 (step 4 not logged) 3 s, so 1.5 s each."""
+    clock = bench.StepClock()
+    clock.times = {0: 0.0, 1: 9.0, 2: 10.0, 3: 10.5, 5: 13.5}
+    assert clock.step_ms(warmup=2) == [500.0, 1500.0]
+    assert clock.rate(warmup=2) == (3, 3.5)
+    row = bench.measured_row({"model": "tiny", "stage": "sft", "variant": "full", "impl": "ours"}, 3, 3.5, 8, 10.0,
+                             100.0, clock.step_ms(warmup=2))
+    assert (row["step_ms_min"], row["step_ms_max"]) == (500.0, 1500.0) and round(row["ms_per_step"], 3) == 1166.667
+
+
 def test_repeated_runs_combine_to_medians_the_highest_memory_and_the_ratio_range():
     """Three interleaved rounds of SFT, ours and TRL (rates by hand): each row becomes its median
     rate and highest peak RSS, and the ratio line gives the per-round ratios' range."""
     def run(impl, sps, rss, ms):
         return {"stage": "sft", "variant": "full", "impl": impl, "samples_per_s": sps, "tokens_per_s": 10 * sps,
-                "ms_per_step": ms, "peak_rss_mb": rss}
+                "ms_per_step": ms, "peak_rss_mb": rss, "step_ms_min": ms - 50 * sps, "step_ms_max": ms + 100 * sps}
 
     rounds = [(run("ours", 3.0, 900, 667), run("trl", 2.0, 1000, 1000)),
               (run("ours", 2.6, 950, 769), run("trl", 2.0, 990, 1000)),
@@ -315,6 +326,8 @@ def test_repeated_runs_combine_to_medians_the_highest_memory_and_the_ratio_range
     assert ours["samples_per_s"] == 2.7 and ours["tokens_per_s"] == 27.0 and ours["ms_per_step"] == 741
     assert trl["samples_per_s"] == 2.0 and trl["ms_per_step"] == 1000
     assert ours["peak_rss_mb"] == 950 and trl["peak_rss_mb"] == 1000
+    assert (ours["step_ms_min"], ours["step_ms_max"]) == (517, 1029)  # the shortest and longest step of any run
+    assert (trl["step_ms_min"], trl["step_ms_max"]) == (675, 1200)
     assert ours["samples_per_s_runs"] == [3.0, 2.6, 2.7] and ours["runs"] == 3
     (line,) = bench.ratio_lines(combined)
     assert "1.35x" in line and "median of 3 runs; per round 1.08-1.50x" in line and line.endswith(": met")
