@@ -123,21 +123,22 @@ class Split:
     def __getitem__(self, key):
         if isinstance(key, str):
             return self.table.column(key).to_pylist()
-        n = len(self)
         if isinstance(key, slice):
-            start, stop, step = key.indices(n)
+            start, stop, step = key.indices(len(self))
             if step == 1:
                 return self.table.slice(start, max(0, stop - start)).to_pydict()
-            key = range(start, stop, step)
-        elif not isinstance(key, (list, tuple, range)):
-            i = operator.index(key)
-            if not -n <= i < n:
-                raise IndexError(f"row {i} of a split of {n} rows")
-            return {k: v[0] for k, v in self.table.slice(i % n, 1).to_pydict().items()}
+            return self._rows(range(start, stop, step))
+        if isinstance(key, (list, tuple, range)):
+            return self._rows(key)
+        return {k: v[0] for k, v in self._rows([key]).items()}
+
+    def _rows(self, key) -> dict[str, list]:
+        """The rows `key` (ints, negative from the end) as columns of Python values, row by row:
+        pyarrow's `take` converts its indices through pandas."""
+        n = len(self)
         rows = [operator.index(i) for i in key]
         if any(not -n <= i < n for i in rows):
             raise IndexError(f"rows {rows} of a split of {n} rows")
-        # row by row: pyarrow's `take` converts its indices through pandas
         out = {k: [] for k in self.table.column_names}
         for i in rows:
             for k, v in self.table.slice(i % n, 1).to_pydict().items():
@@ -181,11 +182,10 @@ def load_split(data_dir: Path, kind: str, split: str, required: bool | None = No
 
 
 def check_tokenized(out_dir: Path, vocab_size: int, block_size: int) -> None:
-    """Post-condition of the tokenize stage: every split written under `out_dir` passes `check_split`."""
-    from datasets import load_from_disk
-
+    """Post-condition of the tokenize stage: every split written under `out_dir`, read as the
+    training stages read it (`read_split`), passes `check_split`."""
     for kind in COLUMNS:
         for split in ("train", "eval", "judge"):
             path = Path(out_dir) / kind / split
             if (path / "dataset_info.json").exists():
-                check_split(load_from_disk(str(path)), kind, path, vocab_size, block_size if kind == "pt" else None)
+                check_split(read_split(path), kind, path, vocab_size, block_size if kind == "pt" else None)
