@@ -16,6 +16,12 @@ Each measurement runs in its own process (so its peak RSS is its own), times the
 tokens/s (real tokens put through the trained model: padding excluded), ms/step and peak RSS
 (plus the CUDA peak on a GPU). The ratios to TRL are printed at the end of the same run.
 
+Each SFT, RM and DPO row also gets a floor: the matrix products its layout needs at this machine's
+own measured product rate, plus one optimizer step over its trainable values, measured the same
+way (`machine_rates`, in a child process before the rows). The floor is a best case, so a
+reference's ms/step over its floor is the ceiling on any ratio against it on that work: where the
+ceiling is below the target, no loop doing that work meets it on this machine.
+
 The PPO anchor is TRL's last release with a first-class PPOTrainer (0.25.1; 0.26 moved it to
 `trl.experimental`, 1.x removed it). It runs in its own virtual environment,
 benchmarks/.venv-ppo-anchor, built on first use, on the same model, prompts, rollout size,
@@ -232,7 +238,7 @@ def arch_of(model_dir: Path) -> dict:
     heads = c["num_attention_heads"]
     return {"d": c["hidden_size"], "layers": c["num_hidden_layers"], "heads": heads,
             "kv_heads": c.get("num_key_value_heads") or heads, "head_dim": c.get("head_dim") or c["hidden_size"] // heads,
-            "ffn": c["intermediate_size"], "vocab": c["vocab_size"]}
+            "ffn": c["intermediate_size"], "vocab": c["vocab_size"], "tied": bool(c.get("tie_word_embeddings", False))}
 
 
 def sequence_shapes(stage: str, cols: dict) -> list[list[tuple[int, int]]]:
@@ -277,10 +283,15 @@ def sample_flops(stage: str, lora: bool, a: dict, shapes: list[tuple[int, int]])
 
 
 def timed_step_flops(stage: str, variant: str, root: Path, base: Path, rows: list[int], batch_size: int,
-                     warmup: int, steps: int) -> float | None:
+                     warmup: int, steps: int, layout: str = "end_to_end") -> float | None:
     """Mean model FLOPs of the timed steps (micro-batches warmup .. warmup + steps - 1 of `rows`,
-    `drawn_rows`' order); None for PT and PPO (generation), which it does not count."""
-    if stage not in ("sft", "rm", "dpo"):
+    `drawn_rows`' order); None for PT and PPO (generation), which it does not count.
+
+    `layout` "end_to_end" counts the real tokens (what the task needs: MFU); "padded" counts every
+    sequence at its micro-batch's longest length, as a right-padded batch puts it through the model
+    (the pad positions go through every layer; the LM head still only at the scored positions, which
+    any loop may choose): the products a loop must do on padded work. Other layouts: None."""
+    if stage not in ("sft", "rm", "dpo") or layout not in ("end_to_end", "padded"):
         return None
     from datasets import load_from_disk
 
@@ -288,7 +299,14 @@ def timed_step_flops(stage: str, variant: str, root: Path, base: Path, rows: lis
     shapes = sequence_shapes(stage, ds[:])
     a = arch_of(base)
     timed = rows[warmup * batch_size:(warmup + steps) * batch_size]
-    return sum(sample_flops(stage, variant == "lora", a, shapes[i]) for i in timed) / steps
+    total = 0.0
+    for j in range(0, len(timed), batch_size):
+        batch = [shapes[i] for i in timed[j:j + batch_size]]
+        longest = max(T for sample in batch for T, _ in sample)
+        if layout == "padded":
+            batch = [[(longest, S) for _, S in sample] for sample in batch]
+        total += sum(sample_flops(stage, variant == "lora", a, sample) for sample in batch)
+    return total / steps
 
 
 def add_mfu(row: dict, flops_per_step: float | None, peak_tflops: float | None) -> dict:
@@ -311,6 +329,110 @@ def peak_tflops_for(args) -> float | None:
         return None
     name = torch.cuda.get_device_name(0)
     return next((v for k, v in sorted(PEAK_BF16_TFLOPS.items(), key=lambda kv: -len(kv[0])) if k in name), None)
+
+
+# --- the floor of a step on this machine, and the ceiling it puts on any ratio -----------------
+
+def trainable_values(stage: str, lora: bool, a: dict) -> int:
+    """How many values the optimizer steps: the whole model for a full fine-tune (a causal LM's
+    embedding and head once if tied; a reward model's embedding and one-output score head), the
+    adapters on q, k, v, o with LoRA (and a reward model's score head, which peft trains with them)."""
+    d, L, h, kv, hd = a["d"], a["layers"], a["heads"], a["kv_heads"], a["head_dim"]
+    score = d if stage == "rm" else 0
+    if lora:
+        return LORA["r"] * L * (d + h * hd + 2 * (d + kv * hd) + h * hd + d) + score
+    trunk = L * (d * h * hd + 2 * d * kv * hd + h * hd * d + 3 * d * a["ffn"]) + (2 * L + 1) * d
+    embeddings = a["vocab"] * d * (1 if a["tied"] or stage == "rm" else 2)
+    return embeddings + trunk + score
+
+
+def machine_rates(threads: int, bf16: bool, counts: list[int], shapes: list[tuple[int, int, int]]) -> dict:
+    """This machine's own rates, measured in this process (`--rates-child`): the matrix-product rate
+    in FLOP/s (the best of a few repeats over a 2048-square product and `shapes`, the model's own
+    (rows, in, out) products at 1024 rows; fp32, or bf16 under --bf16) and, for each trainable count,
+    the ms of one clip-to-1.0 and fused AdamW step over one flat tensor of that many fp32 values
+    (fewer tensors than a model has: a lower bound of the optimizer's time). Both are best cases,
+    so a floor built from them is one no loop goes below."""
+    import torch
+
+    torch.set_num_threads(threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+
+    def best_seconds(fn, repeats: int) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    rate = 0.0
+    for m, k, n in [(2048, 2048, 2048), *shapes]:
+        x, w = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
+        rate = max(rate, 2 * m * k * n / best_seconds(lambda: torch.mm(x, w), 10))
+    optimizer_ms = {}
+    for count in counts:
+        p = torch.nn.Parameter(torch.zeros(count, device=device))
+        p.grad = torch.randn(count, device=device)
+        opt = torch.optim.AdamW([p], lr=LEARNING_RATE, betas=(0.9, 0.95), fused=True)
+
+        def step():
+            torch.nn.utils.clip_grad_norm_([p], 1.0)
+            opt.step()
+
+        optimizer_ms[str(count)] = 1000 * best_seconds(step, 5)
+    return {"matmul_flops_per_s": rate, "optimizer_ms": optimizer_ms, "dtype": str(dtype).removeprefix("torch.")}
+
+
+def measure_rates(args, a: dict | None, python: Path) -> dict | None:
+    """`machine_rates` in a child process with the rows' environment and thread count, for the
+    stages and variants this run times (SFT, RM, DPO); None when none of them is timed."""
+    counted = [(s, v) for s in args.stages if s in TRL_STAGES for v in args.variants]
+    if a is None or not counted:
+        return None
+    counts = sorted({trainable_values(s, v == "lora", a) for s, v in counted})
+    shapes = [(1024, a["d"], a["ffn"]), (1024, a["ffn"], a["d"]), (1024, a["d"], a["heads"] * a["head_dim"])]
+    spec = {"threads": args.threads, "bf16": args.bf16, "counts": counts, "shapes": shapes}
+    proc = subprocess.run([str(python), __file__, "--rates-child", json.dumps(spec)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    line = [x for x in proc.stdout.splitlines() if x.startswith("BENCH ")]
+    if proc.returncode != 0 or not line:
+        print(f"machine rates: failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(line[0][6:])
+
+
+def add_floor(row: dict, layout_flops: float | None, trainable: int, rates: dict | None) -> dict:
+    """A row's floor: its layout's matrix products at the measured rate plus one optimizer step
+    over its trainable values, in ms, and the share of the measured step it makes up."""
+    if layout_flops is None or rates is None:
+        return row
+    floor = 1000 * layout_flops / rates["matmul_flops_per_s"] + rates["optimizer_ms"][str(trainable)]
+    row["floor_ms"], row["floor_share"] = floor, floor / row["ms_per_step"]
+    return row
+
+
+def ceiling(reference: dict) -> float | None:
+    """How many times the reference's speed any loop doing the reference's work could reach on
+    this machine: its measured ms/step over its floor. A target above it cannot be met on that work."""
+    return reference["ms_per_step"] / reference["floor_ms"] if "floor_ms" in reference else None
+
+
+def floor_line(rates: dict) -> str:
+    """The header line that says what a row's floor is and what was measured for it."""
+    opt = ", ".join(f"{int(n):,} values {ms:.1f} ms" for n, ms in rates["optimizer_ms"].items())
+    return (f"# floor: a step's matrix products (sample_flops over the row's own layout: padded rows at their batch's "
+            f"longest length, rows end to end at their real length) at this machine's measured {rates['dtype']} "
+            f"product rate, {rates['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s (best of a 2048-square and the model's "
+            f"own shapes at 1024 rows), plus one clip and fused AdamW step over the trainable values ({opt}; one "
+            "flat tensor, best of 5); floor % = floor / ms per step. The ceiling on a reference's work = its ms per "
+            "step / its floor: no loop doing that work runs faster on this machine")
 
 
 # --- one measurement (a child process) -------------------------------------------------------
@@ -722,7 +844,8 @@ def print_row(r: dict, header: bool) -> None:
     gpu = "cuda_peak_mb" in r
     if header:
         print(f"{'stage':5} {'variant':7} {'impl':6} {'steps':>5} {'samples/s':>10} {'tokens/s':>9} {'ms/step':>9} "
-              f"{'step ms min-max':>15} {'peak RSS MB':>11} {'pad %':>6}{'  CUDA peak MB  TFLOP/s  MFU %' if gpu else ''}")
+              f"{'step ms min-max':>15} {'peak RSS MB':>11} {'pad %':>6} {'floor ms':>8} {'floor %':>7}"
+              f"{'  CUDA peak MB  TFLOP/s  MFU %' if gpu else ''}")
     tokens = "-" if r["tokens_per_s"] != r["tokens_per_s"] else f"{r['tokens_per_s']:.3g}"
     pad = "-" if r.get("padding_fraction") is None else f"{100 * r['padding_fraction']:.1f}"
     cuda = ""
@@ -731,8 +854,9 @@ def print_row(r: dict, header: bool) -> None:
         mfu = f"{100 * r['mfu']:.1f}" if "mfu" in r else "-"
         cuda = f"  {r['cuda_peak_mb']:12.0f}  {tf:>7}  {mfu:>5}"
     spread = f"{r['step_ms_min']:.0f}-{r['step_ms_max']:.0f}" if "step_ms_min" in r else "-"
+    floor = f"{r['floor_ms']:8.1f} {100 * r['floor_share']:7.1f}" if "floor_ms" in r else f"{'-':>8} {'-':>7}"
     print(f"{r['stage']:5} {r['variant']:7} {r['impl']:6} {r['steps']:5d} {r['samples_per_s']:10.3g} {tokens:>9} "
-          f"{r['ms_per_step']:9.1f} {spread:>15} {r['peak_rss_mb']:11.0f} {pad:>6}{cuda}", flush=True)
+          f"{r['ms_per_step']:9.1f} {spread:>15} {r['peak_rss_mb']:11.0f} {pad:>6} {floor}{cuda}", flush=True)
 
 
 TARGET = 1.3
@@ -756,9 +880,13 @@ def ratio_lines(rows: list[dict]) -> list[str]:
             rounds = [a / b for a, b in zip(o["samples_per_s_runs"], r["samples_per_s_runs"])]
             spread = f", median of {len(rounds)} runs; per round {min(rounds):.2f}-{max(rounds):.2f}x"
             highest = " (highest of its runs)"
+        top = ceiling(r)
+        bound = "" if top is None else (
+            f"; ceiling on {r['impl']}'s work on this machine {top:.2f}x"
+            + (" (below the target: no loop doing that work reaches it here)" if top < TARGET else ""))
         out.append(f"{r['stage']:5} {r['variant']:7} ours/{r['impl']:6} {ratio:5.2f}x {unit} "
                    f"({o['samples_per_s']:.3g} vs {r['samples_per_s']:.3g}{spread}); {mem_key} {o[mem_key]:.0f} vs "
-                   f"{r[mem_key]:.0f} MB{highest}; target >= {TARGET}x at <= memory: {'met' if met else 'NOT met'}")
+                   f"{r[mem_key]:.0f} MB{highest}; target >= {TARGET}x at <= memory: {'met' if met else 'NOT met'}{bound}")
     return out
 
 
@@ -773,7 +901,7 @@ def combine_repeats(rows: list[dict]) -> list[dict]:
     out = []
     for runs in groups.values():
         row = dict(runs[0])
-        for k in ("samples_per_s", "tokens_per_s", "ms_per_step", "model_tflops", "mfu"):
+        for k in ("samples_per_s", "tokens_per_s", "ms_per_step", "model_tflops", "mfu", "floor_ms", "floor_share"):
             if k in row:
                 row[k] = statistics.median(r[k] for r in runs)
         for k in ("peak_rss_mb", "cuda_peak_mb", "step_ms_max"):
@@ -888,6 +1016,11 @@ def parse_args(argv):
 
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--rates-child":
+        spec = json.loads(argv[1])
+        rates = machine_rates(spec["threads"], spec["bf16"], spec["counts"], [tuple(x) for x in spec["shapes"]])
+        print("BENCH " + json.dumps(rates), flush=True)
+        return
     if argv and argv[0] in ("--child", "--anchor-child"):
         spec = json.loads(argv[1])
         if argv[0] == "--child":
@@ -919,6 +1052,10 @@ def main(argv=None) -> None:
         base = build_workdir(root, args.model, args.model_path, args.records, args.max_length,
                              random_init=args.random_init)
         prompts_file = root / "prompts.json"
+        arch = arch_of(base)
+        rates = measure_rates(args, arch, Path(sys.executable))
+        if rates:
+            print(floor_line(rates), flush=True)
         for stage, variant, impl in [job for _ in range(args.repeats) for job in jobs_for(args)]:
             n_batches = args.warmup + args.steps  # every micro-batch our loop and TRL's trainer train on
             stats = padding_stats(stage, root, 2 * args.batch_size if stage == "ppo" else args.batch_size, n_batches,
@@ -945,6 +1082,9 @@ def main(argv=None) -> None:
             if row:
                 add_mfu(row, timed_step_flops(stage, variant, root, base, stats["rows"], args.batch_size, args.warmup,
                                               args.steps), peak)
+                add_floor(row, timed_step_flops(stage, variant, root, base, stats["rows"], args.batch_size, args.warmup,
+                                                args.steps, our_layout(stage, impl, args)),
+                          trainable_values(stage, variant == "lora", arch), rates)
                 rows.append(row)
                 print_row(row, header=len(rows) == 1)
     print(f"# load average at end: {load_average()}; started {started}")
@@ -964,7 +1104,7 @@ def main(argv=None) -> None:
             print("  - " + DIFFERENCES[stage])
     if args.json:
         meta = {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}, "started": started,
-                "load_average_end": load_average()}
+                "load_average_end": load_average(), "machine_rates": rates}
         runs = {"runs": measured} if args.repeats > 1 else {}
         args.json.write_text(json.dumps({"meta": meta, "rows": rows, **runs}, indent=2) + "\n")
 

@@ -207,7 +207,7 @@ def tiny_llama(tmp_path, lora: bool):
 def test_sample_flops_by_hand(tmp_path):
     tiny_llama(tmp_path, lora=False)
     a = bench.arch_of(tmp_path)
-    assert a == {"d": 64, "layers": 3, "heads": 4, "kv_heads": 2, "head_dim": 16, "ffn": 96, "vocab": 300}
+    assert a == {"d": 64, "layers": 3, "heads": 4, "kv_heads": 2, "head_dim": 16, "ffn": 96, "vocab": 300, "tied": True}
     # trunk weights per layer: q 64x64, k and v 64x32 each, o 64x64, MLP 3 x 64x96 = 30720; x3 layers = 92160
     # forward of 5 tokens, 2 scored: linear 2*92160*5 = 921600; attention 2*3*4*16*5*6 = 11520; head 2*64*300*2 = 76800
     fwd = 921600 + 11520 + 76800
@@ -269,6 +269,62 @@ def test_timed_step_flops_count_the_timed_batches_only(tmp_path):
     # row 2: 8 tokens, 7 scored (labels[1:] trained); row 1: 6 tokens, none scored
     assert got == bench.sample_flops("sft", False, a, [(8, 7)]) + bench.sample_flops("sft", False, a, [(6, 0)])
     assert bench.timed_step_flops("ppo", "full", tmp_path, tmp_path / "base", rows, 2, 1, 1) is None
+    # right-padded, every sequence of the batch goes through the trunk at the longest (8 tokens); the head
+    # still projects only the scored positions
+    padded = bench.timed_step_flops("sft", "full", tmp_path, tmp_path / "base", rows, 2, 1, 1, layout="padded")
+    assert padded == bench.sample_flops("sft", False, a, [(8, 7)]) + bench.sample_flops("sft", False, a, [(8, 0)])
+    assert padded > got
+    assert bench.timed_step_flops("sft", "full", tmp_path, tmp_path / "base", rows, 2, 1, 1,
+                                  layout="shared_prompt") is None  # not counted
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm"])
+@pytest.mark.parametrize("lora", [False, True])
+def test_trainable_values_are_what_the_optimizer_steps(tmp_path, stage, lora):
+    """The count the optimizer's floor is measured at equals the trainable parameters of the real
+    model: a causal LM with tied embeddings, or a reward model (sequence classifier), full or with
+    LoRA on q, k, v, o (peft also trains the reward model's score head)."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    model = tiny_llama(tmp_path, lora=False)
+    if stage == "rm":
+        model = LlamaForSequenceClassification(LlamaConfig.from_pretrained(tmp_path, num_labels=1))
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=bench.LORA["r"], lora_alpha=bench.LORA["alpha"],
+                                                 target_modules=list(bench.LORA["target_modules"]),
+                                                 task_type="SEQ_CLS" if stage == "rm" else "CAUSAL_LM"))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert bench.trainable_values(stage, lora, bench.arch_of(tmp_path)) == trainable
+
+
+def test_floor_and_ceiling_by_hand():
+    rates = {"matmul_flops_per_s": 1e11, "optimizer_ms": {"100": 5.0}, "dtype": "float32"}
+    # 2e10 FLOPs at 1e11 FLOP/s = 200 ms, + 5 ms of optimizer step = 205 ms, of a 410 ms step
+    row = bench.add_floor({"ms_per_step": 410.0}, 2e10, 100, rates)
+    assert row == {"ms_per_step": 410.0, "floor_ms": 205.0, "floor_share": 0.5}
+    assert bench.ceiling(row) == 2.0
+    assert bench.ceiling({"ms_per_step": 410.0}) is None
+    assert bench.add_floor({"ms_per_step": 1.0}, None, 100, rates) == {"ms_per_step": 1.0}  # PPO: not counted
+    assert bench.add_floor({"ms_per_step": 1.0}, 1e9, 100, None) == {"ms_per_step": 1.0}  # no rates measured
+
+    def row_of(impl, sps, ms, floor):
+        return {"stage": "rm", "variant": "full", "impl": impl, "samples_per_s": sps, "peak_rss_mb": 100,
+                "ms_per_step": ms, "floor_ms": floor}
+
+    near = bench.ratio_lines([row_of("ours", 1.0, 1000, 900), row_of("trl", 1.0, 1000, 900)])[0]
+    assert "ceiling on trl's work on this machine 1.11x (below the target" in near
+    roomy = bench.ratio_lines([row_of("ours", 1.0, 1000, 900), row_of("trl", 1.0, 1000, 500)])[0]
+    assert roomy.endswith("ceiling on trl's work on this machine 2.00x")
+    assert "ceiling" not in bench.ratio_lines([{**row_of("ours", 1.0, 1, 1)}, {
+        k: v for k, v in row_of("trl", 1.0, 1, 1).items() if k != "floor_ms"}])[0]
+
+
+def test_machine_rates_measure_a_product_rate_and_each_optimizer_step():
+    rates = bench.machine_rates(1, False, [1000, 5000], [(64, 32, 16)])
+    assert rates["dtype"] == "float32" and set(rates["optimizer_ms"]) == {"1000", "5000"}
+    assert 1e6 < rates["matmul_flops_per_s"] < 1e14 and all(0 < ms < 1000 for ms in rates["optimizer_ms"].values())
 
 
 def test_random_init_keeps_the_architecture_and_tokenizer_with_seeded_weights(tmp_path):
