@@ -106,3 +106,58 @@ def test_sampled_logprobs_are_the_full_forwards_and_leave_the_draws_alone(prompt
 def test_greedy_decoding_has_no_sampled_logprobs(prompts):
     model = tiny_llama(seed=2)
     assert sample(model, prompts, EOS, PAD, max_new_tokens=4, greedy=True, logprobs=True).logprobs is None
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_few_rows_linear_is_the_plain_product_and_is_restored(monkeypatch, bias):
+    """`few_rows_linear` (the decoding lever): 2 to 4 rows go through W @ x.T, equal to x @ W.T up to
+    float rounding; other row counts go through the plain product, bit for bit; afterwards each
+    layer's own forward is back, and a layer whose forward was already replaced is left alone."""
+    from rlhf_core.stages import generation
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(48, 96, bias=bias), torch.nn.Linear(96, 48, bias=bias))
+    hooked = model[1]
+    hooked.forward = lambda x: torch.nn.functional.linear(x, hooked.weight, hooked.bias)  # as accelerate's hooks do
+    calls = []
+    plain_linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: calls.append(a[0].shape) or plain_linear(*a))
+    layer = model[0]
+    for shape in [(1, 1, 48), (2, 1, 48), (3, 1, 48), (4, 48), (2, 2, 48), (5, 1, 48), (8, 48), (2, 7, 48)]:
+        x = torch.randn(shape)
+        expected = plain_linear(x, layer.weight, layer.bias)
+        calls.clear()
+        with generation.few_rows_linear(model):
+            got = layer(x)
+            assert model[1] is hooked and hooked.forward.__class__.__name__ == "function"
+        rows = x.numel() // 48
+        assert got.shape == expected.shape
+        if rows in generation.FEW_ROWS:
+            assert calls == [] and torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
+        else:
+            assert calls == [x.shape] and torch.equal(got, expected)
+    assert "forward" not in layer.__dict__ and "forward" in hooked.__dict__
+
+
+def test_sampling_a_few_prompts_draws_what_the_plain_product_draws(prompts, monkeypatch):
+    """A rollout of 3 prompts decodes through `few_rows_linear`: the same tokens and the same
+    recorded log-probs (to float rounding) as with the lever off, and the lever did engage."""
+    from rlhf_core.stages import generation
+
+    model = tiny_llama()
+    few = PromptBatch(prompts.input_ids[:3], prompts.attention_mask[:3])
+    engaged = []
+    forward = generation._few_rows_forward
+    monkeypatch.setattr(generation, "_few_rows_forward",
+                        lambda m, x: engaged.append(x.numel() // x.shape[-1] in generation.FEW_ROWS) or forward(m, x))
+
+    def draw():
+        torch.manual_seed(11)
+        return sample(model, few, EOS, PAD, max_new_tokens=16, temperature=0.9, logprobs=True)
+
+    lever = draw()
+    assert any(engaged) and not all(engaged)  # decoding steps (3 rows) do, the prompt's forward (3 x 5) does not
+    monkeypatch.setattr(generation, "FEW_ROWS", range(0))
+    plain = draw()
+    assert torch.equal(lever.sequences, plain.sequences)
+    assert torch.allclose(lever.logprobs, plain.logprobs, atol=1e-5)
