@@ -390,16 +390,16 @@ def machine_rates(threads: int, bf16: bool, counts: list[int], shapes: list[tupl
     return {"matmul_flops_per_s": rate, "optimizer_ms": optimizer_ms, "dtype": str(dtype).removeprefix("torch.")}
 
 
-def measure_rates(args, a: dict | None, python: Path) -> dict | None:
+def measure_rates(args, a: dict) -> dict | None:
     """`machine_rates` in a child process with the rows' environment and thread count, for the
     stages and variants this run times (SFT, RM, DPO); None when none of them is timed."""
     counted = [(s, v) for s in args.stages if s in TRL_STAGES for v in args.variants]
-    if a is None or not counted:
+    if not counted:
         return None
     counts = sorted({trainable_values(s, v == "lora", a) for s, v in counted})
     shapes = [(1024, a["d"], a["ffn"]), (1024, a["ffn"], a["d"]), (1024, a["d"], a["heads"] * a["head_dim"])]
     spec = {"threads": args.threads, "bf16": args.bf16, "counts": counts, "shapes": shapes}
-    proc = subprocess.run([str(python), __file__, "--rates-child", json.dumps(spec)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, __file__, "--rates-child", json.dumps(spec)], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     line = [x for x in proc.stdout.splitlines() if x.startswith("BENCH ")]
     if proc.returncode != 0 or not line:
@@ -1053,7 +1053,7 @@ def main(argv=None) -> None:
                              random_init=args.random_init)
         prompts_file = root / "prompts.json"
         arch = arch_of(base)
-        rates = measure_rates(args, arch, Path(sys.executable))
+        rates = measure_rates(args, arch)
         if rates:
             print(floor_line(rates), flush=True)
         for stage, variant, impl in [job for _ in range(args.repeats) for job in jobs_for(args)]:
