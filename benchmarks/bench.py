@@ -252,6 +252,19 @@ def sequence_shapes(stage: str, cols: dict) -> list[list[tuple[int, int]]]:
     return [[(len(ids), sum(1 for y in labels[1:] if y != -100))] for ids, labels in zip(cols["input_ids"], cols["labels"])]
 
 
+def trunk_weights(a: dict) -> int:
+    """The weights of the layers' linear maps (q, k, v, o and the gated MLP's three), all layers."""
+    d, h, kv, hd = a["d"], a["heads"], a["kv_heads"], a["head_dim"]
+    return a["layers"] * (d * h * hd + 2 * d * kv * hd + h * hd * d + 3 * d * a["ffn"])
+
+
+def adapter_widths(a: dict) -> int:
+    """(in + out) of each LoRA target (q, k, v, o), summed over all layers: r times it is the adapters'
+    parameter count."""
+    d, h, kv, hd = a["d"], a["heads"], a["kv_heads"], a["head_dim"]
+    return a["layers"] * (d + h * hd + 2 * (d + kv * hd) + h * hd + d)
+
+
 def sample_flops(stage: str, lora: bool, a: dict, shapes: list[tuple[int, int]]) -> float:
     """Model FLOPs one training sample needs (matrix products; what the task needs, not what an
     implementation spends: no padding, no projection to the vocabulary at unscored positions).
@@ -265,8 +278,7 @@ def sample_flops(stage: str, lora: bool, a: dict, shapes: list[tuple[int, int]])
     layer's q, k and v projections (base and adapter), which nothing needs. DPO adds the reference's
     forward (1x). rm.share_prompt's rows still count each prompt twice (the task as padded pairs)."""
     d, L, h, kv, hd = a["d"], a["layers"], a["heads"], a["kv_heads"], a["head_dim"]
-    trunk = L * (d * h * hd + 2 * d * kv * hd + h * hd * d + 3 * d * a["ffn"])
-    adapter = L * (d + h * hd + 2 * (d + kv * hd) + h * hd + d)  # q, k, v, o: (in + out) each
+    trunk, adapter = trunk_weights(a), adapter_widths(a)
     first_qkv = d * (h * hd + 2 * kv * hd) + 3 * LORA["r"] * d  # layer 0's q, k, v input gradients
     assert LORA["target_modules"] == ("q_proj", "k_proj", "v_proj", "o_proj"), "adapter FLOPs count these four"
     total = 0.0
@@ -302,8 +314,8 @@ def timed_step_flops(stage: str, variant: str, root: Path, base: Path, rows: lis
     total = 0.0
     for j in range(0, len(timed), batch_size):
         batch = [shapes[i] for i in timed[j:j + batch_size]]
-        longest = max(T for sample in batch for T, _ in sample)
         if layout == "padded":
+            longest = max(T for sample in batch for T, _ in sample)
             batch = [[(longest, S) for _, S in sample] for sample in batch]
         total += sum(sample_flops(stage, variant == "lora", a, sample) for sample in batch)
     return total / steps
@@ -337,13 +349,13 @@ def trainable_values(stage: str, lora: bool, a: dict) -> int:
     """How many values the optimizer steps: the whole model for a full fine-tune (a causal LM's
     embedding and head once if tied; a reward model's embedding and one-output score head), the
     adapters on q, k, v, o with LoRA (and a reward model's score head, which peft trains with them)."""
-    d, L, h, kv, hd = a["d"], a["layers"], a["heads"], a["kv_heads"], a["head_dim"]
+    d = a["d"]
     score = d if stage == "rm" else 0
     if lora:
-        return LORA["r"] * L * (d + h * hd + 2 * (d + kv * hd) + h * hd + d) + score
-    trunk = L * (d * h * hd + 2 * d * kv * hd + h * hd * d + 3 * d * a["ffn"]) + (2 * L + 1) * d
+        return LORA["r"] * adapter_widths(a) + score
+    norms = (2 * a["layers"] + 1) * d
     embeddings = a["vocab"] * d * (1 if a["tied"] or stage == "rm" else 2)
-    return embeddings + trunk + score
+    return embeddings + trunk_weights(a) + norms + score
 
 
 def machine_rates(threads: int, bf16: bool, counts: list[int], shapes: list[tuple[int, int, int]]) -> dict:

@@ -317,8 +317,9 @@ def test_floor_and_ceiling_by_hand():
     assert "ceiling on trl's work on this machine 1.11x (below the target" in near
     roomy = bench.ratio_lines([row_of("ours", 1.0, 1000, 900), row_of("trl", 1.0, 1000, 500)])[0]
     assert roomy.endswith("ceiling on trl's work on this machine 2.00x")
-    assert "ceiling" not in bench.ratio_lines([{**row_of("ours", 1.0, 1, 1)}, {
-        k: v for k, v in row_of("trl", 1.0, 1, 1).items() if k != "floor_ms"}])[0]
+    no_floor = row_of("trl", 1.0, 1, 1)
+    del no_floor["floor_ms"]
+    assert "ceiling" not in bench.ratio_lines([row_of("ours", 1.0, 1, 1), no_floor])[0]
 
 
 def test_machine_rates_measure_a_product_rate_and_each_optimizer_step():
