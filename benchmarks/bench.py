@@ -936,7 +936,11 @@ DIFFERENCES = {
            "model are four separate models as ours (full fine-tune); its one optimizer steps policy+value with "
            "vf_coef 0.1 where ours has two parameter groups; it truncates responses after EOS; it reads no "
            "rope_parameters from a transformers-5 config (same FLOPs); both take the same prompt ids; both take the "
-           "old log-probs from the sampling logits (ours ppo.sampling_logprobs), not from a second policy forward",
+           "old log-probs from the sampling logits (ours ppo.sampling_logprobs), not from a second policy forward; "
+           "both pad the rollout to its longest prompt for sampling and scoring, ours pads each update micro-batch "
+           "to its own longest row (ppo.micro_rollout: the columns that are padding in all its rows are cut), the "
+           "anchor to the rollout's; ours forwards the critic once for the first micro-batch's values (at the "
+           "experience, with their graph: the critic has not stepped yet), the anchor twice",
 }
 
 

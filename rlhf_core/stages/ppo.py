@@ -92,6 +92,23 @@ def pack_rollout(rollout: Rollout, rows=slice(None)) -> PackedRollout:
     return PackedRollout(rollout.sequences[rows][keep][None], positions[None], scored[None], ends, rmask)
 
 
+def micro_rollout(rollout: Rollout, rows) -> Rollout:
+    """The `rows` of `rollout` without the columns that are padding in every one of them: the
+    left padding their longest prompt does not need, and the response slots after all of their
+    EOS. A micro-batch is then padded to its own longest row, as a collator pads a batch, not to
+    the rollout's. Positions come from the attention mask (`position_ids`), so every output at a
+    kept position is the one the full-width rows give; the response tensors keep their first R'
+    columns, and everything cut was masked out of every loss and metric."""
+    mask = rollout.attention_mask[rows]
+    live = mask.bool().any(0)
+    P = rollout.prompt_length
+    lead = min(int(live[:P].long().argmax()), P - 1) if bool(live[:P].any()) else P - 1  # keep one prompt column
+    R = int(live[P:].nonzero().max()) + 1  # the first response token is always kept
+    cols = slice(lead, P + R)
+    return Rollout(rollout.sequences[rows][:, cols], mask[:, cols], rollout.response_mask[rows][:, :R], P - lead,
+                   rollout.has_eos[rows], None if rollout.logprobs is None else rollout.logprobs[rows][:, :R])
+
+
 def _unpack(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per-response-token outputs (M,) back to (B, R), zero where `mask` is 0 (keeps the graph)."""
     return flat.new_zeros(mask.shape).masked_scatter(mask, flat)
@@ -149,38 +166,78 @@ def score_rollout(rollout: Rollout, cfg: PPOConfig, reward_model: Frozen | None,
     return scores - cfg.missing_eos_penalty * (~rollout.has_eos).float().cpu()
 
 
+def rollout_values(critic, rollout: Rollout, packed: PackedRollout | None = None, first: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """V at each response position of `rollout`: (B, R), detached, zero where the response mask is 0.
+    `packed`: the rollout end to end (`pack_rollout`), and then each part of it too. With `first`
+    (the rows of the iteration's first micro-batch) also those rows' values with their
+    graph, at `micro_rollout`'s width, forwarded after the other rows': the critic has not stepped
+    when the first update reads them, so they are what its forward would compute again, and
+    `ppo_update(values=...)` takes them instead (one critic forward fewer per iteration, at the same
+    peak memory: the update holds that graph anyway)."""
+    mask = rollout.response_mask
+
+    def forward(rows) -> torch.Tensor:
+        r = micro_rollout(rollout, rows)
+        return response_values(critic, r, packed=pack_rollout(r) if packed is not None else None)
+
+    if first is None:
+        with torch.no_grad():
+            return response_values(critic, rollout, packed=packed) * mask, None
+    rest = torch.ones(mask.shape[0], dtype=torch.bool, device=mask.device)
+    rest[first] = False
+    parts = []
+    if rest.any():
+        with torch.no_grad():
+            parts.append((rest.nonzero().flatten(), forward(rest.nonzero().flatten())))
+    with torch.enable_grad():
+        live = forward(first)
+    values = live.new_zeros(mask.shape)
+    for rows, v in (*parts, (first, live.detach())):
+        values[rows, :v.shape[1]] = v
+    return values * mask, live
+
+
 @torch.no_grad()
 def make_experience(rollout: Rollout, actor, critic, ref: Frozen, scores: torch.Tensor, kl_coef: float,
                     cfg: PPOConfig, total: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                    packed: PackedRollout | None = None) -> Experience:
-    """`total` sums over processes (`RunContext.total`): advantages are whitened with the
-    statistics of every process's rollouts together. `packed`: the whole rollout end to end."""
+                    packed: PackedRollout | None = None, first: torch.Tensor | None = None
+                    ) -> tuple[Experience, torch.Tensor | None]:
+    """The scored rollout, and `rollout_values`' graph-carrying values of the `first` micro-batch.
+    `total` sums over processes (`RunContext.total`): advantages are whitened with the statistics
+    of every process's rollouts together. `packed`: the whole rollout end to end."""
     mask = rollout.response_mask
     if rollout.logprobs is not None:  # `sampling_logprobs`: already read at sampling
         old_logprobs = rollout.logprobs.to(mask.device) * mask
     else:
         old_logprobs, _ = response_logprobs(actor, rollout, cfg.temperature, packed=packed)
     ref_logprobs = ref(response_logprobs, rollout, cfg.temperature, packed=packed)[0]
-    values = response_values(critic, rollout, packed=packed) * mask
+    values, live = rollout_values(critic, rollout, packed, first)
     kl = kl_penalty(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask
     rewards = compute_token_rewards(scores.to(kl.device), kl, mask, kl_coef)
     advantages, returns = gae_advantages(values, rewards, mask, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages:
         advantages = masked_whiten(advantages, mask, total=total)
-    return Experience(rollout, old_logprobs, ref_logprobs, values, advantages, returns, scores, kl)
+    return Experience(rollout, old_logprobs, ref_logprobs, values, advantages, returns, scores, kl), live
 
 
-def ppo_update(exp: Experience, rows: torch.Tensor, actor, critic, cfg: PPOConfig, ptx_batch=None, pad_id=0):
+def ppo_update(exp: Experience, rows: torch.Tensor, actor, critic, cfg: PPOConfig, ptx_batch=None, pad_id=0,
+               values: torch.Tensor | None = None):
     """Losses of one micro-batch of rollout rows; returns (actor_loss, critic_loss, metrics).
     The critic's parameters are disjoint from the actor's and clipped on their own, so the value
-    loss needs no weight against the policy loss."""
-    r = exp.rollout
-    mask = r.response_mask[rows]
-    packed = pack_rollout(r, rows) if cfg.padding_free else None
-    logprobs, entropy = response_logprobs(actor, r, cfg.temperature, rows, packed)
-    pg_loss, m = ppo_policy_loss(logprobs, exp.old_logprobs[rows], exp.advantages[rows], mask, cfg.clip_eps)
-    values = response_values(critic, r, rows, packed)
-    vf_loss, vm = ppo_value_loss(values, exp.old_values[rows], exp.returns[rows], mask, cfg.value_clip_eps)
+    loss needs no weight against the policy loss. `values`: the rows' values with their graph,
+    already forwarded by the unchanged critic (`rollout_values`)."""
+    r = micro_rollout(exp.rollout, rows)  # padded to the micro-batch's longest row
+    mask = r.response_mask
+    R = mask.shape[1]
+    packed = pack_rollout(r) if cfg.padding_free else None
+    logprobs, entropy = response_logprobs(actor, r, cfg.temperature, packed=packed)
+    pg_loss, m = ppo_policy_loss(logprobs, exp.old_logprobs[rows][:, :R], exp.advantages[rows][:, :R], mask,
+                                 cfg.clip_eps)
+    if values is None:
+        values = response_values(critic, r, packed=packed)
+    vf_loss, vm = ppo_value_loss(values, exp.old_values[rows][:, :R], exp.returns[rows][:, :R], mask,
+                                 cfg.value_clip_eps)
     m.update(vm)
     m["objective/entropy"] = masked_mean(entropy, mask).detach()
     actor_loss = pg_loss
@@ -256,16 +313,22 @@ def run_ppo(ctx: RunContext, cfg: PPOConfig, model_cfg: ModelConfig, reward_fn: 
                              cfg.top_p, logprobs=cfg.sampling_logprobs)
             packed = pack_rollout(rollout) if cfg.padding_free else None
             scores = score_rollout(rollout, cfg, reward_model, reward_fn, tokenizer, packed)
-            exp = make_experience(rollout, actor, critic, ref, scores, kl_ctl.value, cfg, ctx.total, packed)
-        B = rollout.sequences.shape[0]
+            B = rollout.sequences.shape[0]
+            order = [[mb.to(acc.device) for mb in micro] for micro in minibatches(torch.randperm(B), minibatch,
+                                                                                  cfg.batch_size)]
+            exp, values = make_experience(rollout, actor, critic, ref, scores, kl_ctl.value, cfg, ctx.total, packed,
+                                          first=order[0][0])
         sums: dict[str, float] = {}
         n_updates = 0
-        for _ in range(cfg.ppo_epochs):
-            for micro in minibatches(torch.randperm(B), minibatch, cfg.batch_size):
+        for epoch in range(cfg.ppo_epochs):
+            if epoch:
+                order = minibatches(torch.randperm(B).to(acc.device), minibatch, cfg.batch_size)
+            for micro in order:
                 for mb in micro:
                     ptx = collate_lm(ptx_data[next(ptx_batches)], pad) if ptx_batches else None
                     with acc.autocast():
-                        a_loss, c_loss, m = ppo_update(exp, mb.to(acc.device), actor, critic, cfg, ptx, pad)
+                        a_loss, c_loss, m = ppo_update(exp, mb, actor, critic, cfg, ptx, pad, values)
+                    values = None  # only the first micro-batch's were forwarded before a step
                     acc.backward((a_loss + c_loss) / len(micro))
                     for k, v in m.items():
                         sums[k] = sums.get(k, 0.0) + float(v)

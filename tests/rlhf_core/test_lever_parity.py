@@ -3,7 +3,8 @@ computation: each sequence run alone, unpadded, through the full (B, T, V) log-s
 
 - PPO reads log-probs, entropies and values only at the response positions of a left-padded
   prompt + right-padded response batch, and a padding-free rollout (rows end to end) gives the
-  padded one's outputs and gradients;
+  padded one's outputs and gradients, and a micro-batch padded to its own longest row gives its
+  rows' losses and gradients at the rollout's full width;
 - DPO's reference log-probs precomputed once (in batches of one composition) equal the ones
   computed at each step (in batches of another);
 - the SFT loss of a right-padded batch equals the per-sequence losses summed over its tokens;
@@ -168,6 +169,97 @@ def test_ppo_packed_rollout_gives_the_padded_outputs_and_gradients(tok, lora):
     with torch.no_grad():
         a = response_logprobs(fresh_model(tok, lora=lora), rollout, 0.7, packed=leaky)[0]
     assert not torch.allclose(a[1:][mask[1:]], lp[1:][mask[1:]], atol=1e-3)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_ppo_micro_batch_padded_to_its_longest_row_gives_the_full_width_losses_and_gradients(tok, layout):
+    """`micro_rollout`: a micro-batch's rows without the columns that are padding in all of them
+    (the left padding their longest prompt does not need, the response slots after all of their
+    EOS). The layout by hand, then `ppo_update`'s losses, metrics and gradients against the same
+    rows computed at the rollout's full width."""
+    from rlhf_core.config import PPOConfig
+    from rlhf_core.ops.losses import ppo_policy_loss, ppo_value_loss
+    from rlhf_core.ops.masked import masked_mean
+    from rlhf_core.stages.ppo import Experience, micro_rollout, ppo_update, response_logprobs, response_values
+
+    gen = torch.Generator().manual_seed(5)
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    prompts = [ids(gen, n, tok) for n in (3, 7, 5, 2)]
+    responses = [ids(gen, n, tok) + [eos] for n in (4, 1, 6, 2)]  # P = 7, R = 7
+    rollout = make_rollout(prompts, responses, pad, eos)._replace(logprobs=torch.randn(4, 7, generator=gen))
+
+    cut = {(0, 3): (4, 5), (3, 0): (4, 5), (2, 0): (2, 7), (0, 1): (0, 5), (1,): (0, 2), (3,): (5, 3)}
+    for rows, (lead, R) in cut.items():  # (columns cut on the left, response width kept)
+        r = micro_rollout(rollout, torch.tensor(rows))
+        assert r.prompt_length == 7 - lead and r.response_mask.shape == (len(rows), R)
+        torch.testing.assert_close(r.sequences, rollout.sequences[list(rows)][:, lead:7 + R])
+        torch.testing.assert_close(r.attention_mask, rollout.attention_mask[list(rows)][:, lead:7 + R])
+        torch.testing.assert_close(r.logprobs, rollout.logprobs[list(rows)][:, :R])
+        assert r.response_mask.sum() == rollout.response_mask[list(rows)].sum()  # no response token cut
+        assert r.attention_mask.sum() == rollout.attention_mask[list(rows)].sum()  # nor any real token
+
+    mask = rollout.response_mask
+    exp = Experience(rollout, *(torch.randn(4, 7, generator=gen) * mask for _ in range(5)), torch.randn(4),
+                     torch.zeros(4, 7))
+    cfg = PPOConfig(temperature=0.7, padding_free=layout == "packed")
+    rows = torch.tensor([0, 3])  # 4 columns of left padding and 2 response slots are cut
+    runs = []
+    for trimmed in (True, False):
+        actor, critic = fresh_model(tok, lora=False), tiny_critic(tok)
+        if trimmed:
+            a_loss, c_loss, m = ppo_update(exp, rows, actor, critic, cfg)
+        else:  # the same rows at the rollout's full width, the straightforward way
+            mb = mask[rows]
+            lp, ent = response_logprobs(actor, rollout, cfg.temperature, rows)
+            a_loss, m = ppo_policy_loss(lp, exp.old_logprobs[rows], exp.advantages[rows], mb, cfg.clip_eps)
+            c_loss, vm = ppo_value_loss(response_values(critic, rollout, rows), exp.old_values[rows],
+                                        exp.returns[rows], mb, cfg.value_clip_eps)
+            m.update(vm)
+            m["objective/entropy"] = masked_mean(ent, mb)
+        (a_loss + c_loss).backward()
+        grads = {n: q.grad.clone() for n, q in [*actor.named_parameters(), *critic.named_parameters()]}
+        runs.append((a_loss.detach(), c_loss.detach(), m, grads))
+    (a, c, m, g), (a_full, c_full, m_full, g_full) = runs
+    torch.testing.assert_close(a, a_full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(c, c_full, atol=1e-5, rtol=1e-5)
+    assert m.keys() == m_full.keys()
+    for k in m:
+        torch.testing.assert_close(m[k], m_full[k], atol=1e-5, rtol=1e-5, msg=k)
+    assert len(g) == len(g_full) > 4
+    for name in g:
+        torch.testing.assert_close(g[name], g_full[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_ppo_first_micro_batch_values_keep_their_graph_and_equal_the_plain_values(tok, layout):
+    """`rollout_values(first=rows)`: every row's values as one forward of the whole rollout gives
+    them, and the first micro-batch's with a graph whose gradient is the one a fresh forward of
+    those rows (as `ppo_update` would run it) gives."""
+    from rlhf_core.stages.ppo import micro_rollout, pack_rollout, response_values, rollout_values
+
+    gen = torch.Generator().manual_seed(6)
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    rollout = make_rollout([ids(gen, n, tok) for n in (3, 7, 5, 2)],
+                           [ids(gen, n, tok) + [eos] for n in (4, 1, 6, 2)], pad, eos)
+    mask = rollout.response_mask
+    packed = pack_rollout(rollout) if layout == "packed" else None
+    first = torch.tensor([3, 0])
+    critic = tiny_critic(tok)
+    plain, none = rollout_values(critic, rollout, packed)
+    values, live = rollout_values(critic, rollout, packed, first)
+    assert none is None and not plain.requires_grad and not values.requires_grad
+    torch.testing.assert_close(values, plain, atol=1e-5, rtol=1e-5)
+    assert values[~mask.bool()].eq(0).all()
+    r = micro_rollout(rollout, first)
+    assert live.requires_grad and live.shape == r.response_mask.shape == (2, 5)
+    torch.testing.assert_close(live.detach() * r.response_mask, values[first, :5])
+    (live * r.response_mask).square().sum().backward()
+    got = {n: q.grad.clone() for n, q in critic.named_parameters()}
+    critic.zero_grad()
+    fresh = response_values(critic, r, packed=pack_rollout(r) if packed is not None else None)
+    (fresh * r.response_mask).square().sum().backward()
+    for n, q in critic.named_parameters():
+        torch.testing.assert_close(got[n], q.grad, atol=1e-6, rtol=1e-5, msg=n)
 
 
 def test_ppo_response_values_equal_each_sequence_scored_alone(tok):

@@ -421,10 +421,12 @@ def test_ppo_first_minibatch_has_ratio_one_and_zero_kl(demo, pt_sft, monkeypatch
     assert kl == [0.0] if not sampled else abs(kl[0]) < 1e-4
 
 
-@pytest.mark.parametrize("lever", ["padding_free", "sampling_logprobs"])
-def test_ppo_levers_train_to_the_plain_runs_metrics_and_weights(demo, pt_sft, lever):
+@pytest.mark.parametrize("lever", ["padding_free", "sampling_logprobs", "first_values"])
+def test_ppo_levers_train_to_the_plain_runs_metrics_and_weights(demo, pt_sft, lever, monkeypatch):
     """`ppo.padding_free` changes how the rollout's forwards are laid out, `ppo.sampling_logprobs`
-    where the old log-probs come from, not what is learnt: three iterations (sampling, reward
+    where the old log-probs come from, the first micro-batch's values forwarded once at the
+    experience (`rollout_values(first=...)`, always on; off here by hand: the first update forwards
+    them again) how often the critic runs, not what is learnt: three iterations (sampling, reward
     model, reference, critic, two epochs of updates) give the plain run's metrics and actor weights
     up to float rounding, on rollouts that hold padding (prompts of several lengths, responses that
     stop at EOS or not). Weights: Adam divides each update by the root of its second moment, so a
@@ -436,10 +438,17 @@ def test_ppo_levers_train_to_the_plain_runs_metrics_and_weights(demo, pt_sft, le
 
     out = {}
     init = load_file(pt_sft.sft_dir / "model.safetensors")
+    import rlhf_core.stages.ppo as ppo
+
+    make_experience = ppo.make_experience
     for on in (False, True):
         log, name = History(), f"ppo_{lever}_{on}"
+        if lever == "first_values":
+            monkeypatch.setattr(ppo, "make_experience", make_experience if on else
+                                lambda *a, first=None, **kw: make_experience(*a, **kw))
+        flags = {} if lever == "first_values" else {lever: on}
         cfg = PPOConfig(max_steps=3, batch_size=4, rollout_batch_size=8, ppo_epochs=2, warmup_steps=0,
-                        max_new_tokens=8, **{lever: on}, **QUIET)
+                        max_new_tokens=8, **flags, **QUIET)
         # the SFT model as the reward model too: its score head starts from the run's seed
         res = run_ppo(context("ppo", cfg, demo.root / name, demo.root / "ckpt" / name, log, data=demo.data,
                               init=pt_sft.sft_dir, reward=pt_sft.sft_dir), cfg, TINY)
