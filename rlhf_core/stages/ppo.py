@@ -102,7 +102,7 @@ def micro_rollout(rollout: Rollout, rows) -> Rollout:
     mask = rollout.attention_mask[rows]
     live = mask.bool().any(0)
     P = rollout.prompt_length
-    lead = min(int(live[:P].long().argmax()), P - 1) if bool(live[:P].any()) else P - 1  # keep one prompt column
+    lead = min(int(live[:P].long().argmax()), P - 1)  # one prompt column at least (none cut if no prompt token)
     R = int(live[P:].nonzero().max()) + 1  # the first response token is always kept
     cols = slice(lead, P + R)
     return Rollout(rollout.sequences[rows][:, cols], mask[:, cols], rollout.response_mask[rows][:, :R], P - lead,
@@ -184,12 +184,13 @@ def rollout_values(critic, rollout: Rollout, packed: PackedRollout | None = None
     if first is None:
         with torch.no_grad():
             return response_values(critic, rollout, packed=packed) * mask, None
-    rest = torch.ones(mask.shape[0], dtype=torch.bool, device=mask.device)
-    rest[first] = False
+    others = torch.ones(mask.shape[0], dtype=torch.bool, device=mask.device)
+    others[first] = False
+    others = others.nonzero().flatten()
     parts = []
-    if rest.any():
+    if len(others):
         with torch.no_grad():
-            parts.append((rest.nonzero().flatten(), forward(rest.nonzero().flatten())))
+            parts.append((others, forward(others)))
     with torch.enable_grad():
         live = forward(first)
     values = live.new_zeros(mask.shape)
@@ -314,10 +315,9 @@ def run_ppo(ctx: RunContext, cfg: PPOConfig, model_cfg: ModelConfig, reward_fn: 
             packed = pack_rollout(rollout) if cfg.padding_free else None
             scores = score_rollout(rollout, cfg, reward_model, reward_fn, tokenizer, packed)
             B = rollout.sequences.shape[0]
-            order = [[mb.to(acc.device) for mb in micro] for micro in minibatches(torch.randperm(B), minibatch,
-                                                                                  cfg.batch_size)]
-            exp, values = make_experience(rollout, actor, critic, ref, scores, kl_ctl.value, cfg, ctx.total, packed,
-                                          first=order[0][0])
+            order = minibatches(torch.randperm(B).to(acc.device), minibatch, cfg.batch_size)  # the first epoch's
+            exp, first_values = make_experience(rollout, actor, critic, ref, scores, kl_ctl.value, cfg, ctx.total,
+                                                packed, first=order[0][0])
         sums: dict[str, float] = {}
         n_updates = 0
         for epoch in range(cfg.ppo_epochs):
@@ -327,8 +327,8 @@ def run_ppo(ctx: RunContext, cfg: PPOConfig, model_cfg: ModelConfig, reward_fn: 
                 for mb in micro:
                     ptx = collate_lm(ptx_data[next(ptx_batches)], pad) if ptx_batches else None
                     with acc.autocast():
-                        a_loss, c_loss, m = ppo_update(exp, mb, actor, critic, cfg, ptx, pad, values)
-                    values = None  # only the first micro-batch's were forwarded before a step
+                        a_loss, c_loss, m = ppo_update(exp, mb, actor, critic, cfg, ptx, pad, first_values)
+                    first_values = None  # only the first micro-batch's were forwarded before a step
                     acc.backward((a_loss + c_loss) / len(micro))
                     for k, v in m.items():
                         sums[k] = sums.get(k, 0.0) + float(v)
