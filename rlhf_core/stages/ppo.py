@@ -77,9 +77,9 @@ class PackedRollout(NamedTuple):
     response_mask: torch.Tensor  # (B, R) bool
 
 
-def pack_rollout(rollout: Rollout, rows=slice(None)) -> PackedRollout:
-    """The `rows` of `rollout` as a `PackedRollout`."""
-    keep, rmask = rollout.attention_mask[rows].bool(), rollout.response_mask[rows].bool()
+def pack_rollout(rollout: Rollout) -> PackedRollout:
+    """`rollout` as a `PackedRollout` (a micro-batch's rows: pack its `micro_rollout`)."""
+    keep, rmask = rollout.attention_mask.bool(), rollout.response_mask.bool()
     lengths = keep.sum(-1)
     ends = lengths.cumsum(0) - 1
     device = keep.device
@@ -89,7 +89,7 @@ def pack_rollout(rollout: Rollout, rows=slice(None)) -> PackedRollout:
     at = first[:, None] + torch.arange(rmask.shape[1], device=device)
     scored = torch.zeros(int(lengths.sum()), dtype=torch.bool, device=device)
     scored[at[rmask]] = True
-    return PackedRollout(rollout.sequences[rows][keep][None], positions[None], scored[None], ends, rmask)
+    return PackedRollout(rollout.sequences[keep][None], positions[None], scored[None], ends, rmask)
 
 
 def micro_rollout(rollout: Rollout, rows) -> Rollout:
@@ -114,14 +114,14 @@ def _unpack(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return flat.new_zeros(mask.shape).masked_scatter(mask, flat)
 
 
-def response_logprobs(model, rollout: Rollout, temperature: float, rows=slice(None),
+def response_logprobs(model, rollout: Rollout, temperature: float,
                       packed: PackedRollout | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs (B, R, with graph) and entropies (B, R, a metric without graph) of the response
     tokens under `model` at `temperature`. Only the response positions' logits are used, and
     low-precision logits are upcast a row at a time (see `selective_log_softmax`). With `packed`
-    (the same rows, `pack_rollout`) the rows go through end to end, and positions after a
+    (the same rollout, `pack_rollout`) the rows go through end to end, and positions after a
     response's EOS are zero."""
-    seq, P = rollout.sequences[rows], rollout.prompt_length
+    seq, P = rollout.sequences, rollout.prompt_length
     if packed is not None:
         logits = forward_packed_logits(model, packed.input_ids, packed.position_ids, packed.scored) / temperature
         targets = seq[:, P:][packed.response_mask]
@@ -129,11 +129,11 @@ def response_logprobs(model, rollout: Rollout, temperature: float, rows=slice(No
                 _unpack(entropy_from_logits(logits), packed.response_mask))
     R = seq.shape[1] - P
     # position t predicts t + 1; only the R response-predicting positions are projected
-    logits = forward_logits(model, seq, rollout.attention_mask[rows], torch.arange(P - 1, P - 1 + R)) / temperature
+    logits = forward_logits(model, seq, rollout.attention_mask, torch.arange(P - 1, P - 1 + R)) / temperature
     return selective_log_softmax(logits, seq[:, P:]), entropy_from_logits(logits)
 
 
-def response_values(critic, rollout: Rollout, rows=slice(None), packed: PackedRollout | None = None) -> torch.Tensor:
+def response_values(critic, rollout: Rollout, packed: PackedRollout | None = None) -> torch.Tensor:
     """V(state before response token j), read at the token that precedes it: (B, R); with
     `packed`, zero after a response's EOS."""
     if packed is not None:
@@ -141,7 +141,7 @@ def response_values(critic, rollout: Rollout, rows=slice(None), packed: PackedRo
         return _unpack(values[packed.scored[0]], packed.response_mask)
     P = rollout.prompt_length
     R = rollout.sequences.shape[1] - P
-    return token_scores(critic, rollout.sequences[rows], rollout.attention_mask[rows])[:, P - 1:P - 1 + R]
+    return token_scores(critic, rollout.sequences, rollout.attention_mask)[:, P - 1:P - 1 + R]
 
 
 def reward_scores(model, rollout: Rollout, packed: PackedRollout | None = None) -> torch.Tensor:

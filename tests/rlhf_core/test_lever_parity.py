@@ -85,6 +85,12 @@ def make_rollout(prompts: list[list[int]], responses: list[list[int]], pad: int,
                    torch.tensor([r[-1] == eos for r in responses]))
 
 
+def rows_of(rollout: Rollout, rows) -> Rollout:
+    """The `rows` of `rollout` at the rollout's full width (the straightforward micro-batch)."""
+    return Rollout(rollout.sequences[rows], rollout.attention_mask[rows], rollout.response_mask[rows],
+                   rollout.prompt_length, rollout.has_eos[rows], None if rollout.logprobs is None else rollout.logprobs[rows])
+
+
 def test_ppo_response_logprobs_and_entropy_equal_each_sequence_run_alone(model, tok):
     from rlhf_core.stages.ppo import response_logprobs
 
@@ -96,7 +102,7 @@ def test_ppo_response_logprobs_and_entropy_equal_each_sequence_run_alone(model, 
     temperature = 0.7
     with torch.no_grad():
         lp, ent = response_logprobs(model, rollout, temperature)
-        lp_rows, _ = response_logprobs(model, rollout, temperature, rows=torch.tensor([2, 0]))
+        lp_rows, _ = response_logprobs(model, rows_of(rollout, torch.tensor([2, 0])), temperature)
     assert lp.shape == rollout.response_mask.shape and lp.dtype == torch.float32
     for b, (p, r) in enumerate(zip(prompts, responses)):
         want_lp, want_ent = alone_logprobs(model, p + r, temperature)
@@ -150,7 +156,8 @@ def test_ppo_packed_rollout_gives_the_padded_outputs_and_gradients(tok, lora):
         with torch.no_grad():
             rewards = reward_scores(critic, rollout, pk)
             rows = torch.tensor([2, 0])
-            lp_rows, _ = response_logprobs(actor, rollout, 0.7, rows, pack_rollout(rollout, rows) if pk else None)
+            pick = rows_of(rollout, rows)
+            lp_rows, _ = response_logprobs(actor, pick, 0.7, pack_rollout(pick) if pk else None)
         ((lp * mask).sum() + (values * mask).square().sum()).backward()
         grads = {n: q.grad.clone() for n, q in [*actor.named_parameters(), *critic.named_parameters()]
                  if q.grad is not None}
@@ -210,9 +217,9 @@ def test_ppo_micro_batch_padded_to_its_longest_row_gives_the_full_width_losses_a
             a_loss, c_loss, m = ppo_update(exp, rows, actor, critic, cfg)
         else:  # the same rows at the rollout's full width, the straightforward way
             mb = mask[rows]
-            lp, ent = response_logprobs(actor, rollout, cfg.temperature, rows)
+            lp, ent = response_logprobs(actor, rows_of(rollout, rows), cfg.temperature)
             a_loss, m = ppo_policy_loss(lp, exp.old_logprobs[rows], exp.advantages[rows], mb, cfg.clip_eps)
-            c_loss, vm = ppo_value_loss(response_values(critic, rollout, rows), exp.old_values[rows],
+            c_loss, vm = ppo_value_loss(response_values(critic, rows_of(rollout, rows)), exp.old_values[rows],
                                         exp.returns[rows], mb, cfg.value_clip_eps)
             m.update(vm)
             m["objective/entropy"] = masked_mean(ent, mb)
