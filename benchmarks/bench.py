@@ -1096,10 +1096,11 @@ def main(argv=None) -> None:
                 prompts_file.write_text(json.dumps(load_from_disk(str(root / "tok" / "prompts" / "train"))[:]["prompt_ids"]))
             row = run_job(spec, python)
             if row:
-                add_mfu(row, timed_step_flops(stage, variant, root, base, stats["rows"], args.batch_size, args.warmup,
-                                              args.steps), peak)
-                add_floor(row, timed_step_flops(stage, variant, root, base, stats["rows"], args.batch_size, args.warmup,
-                                                args.steps, our_layout(stage, impl, args)),
+                timed = (stage, variant, root, base, stats["rows"], args.batch_size, args.warmup, args.steps)
+                real = timed_step_flops(*timed)  # the task's FLOPs (MFU); the floor counts the row's own layout
+                layout = our_layout(stage, impl, args)
+                add_mfu(row, real, peak)
+                add_floor(row, real if layout == "end_to_end" else timed_step_flops(*timed, layout),
                           trainable_values(stage, variant == "lora", arch), rates)
                 rows.append(row)
                 print_row(row, header=len(rows) == 1)
