@@ -23,7 +23,7 @@ from rlhf_core.data.splits import load_split
 from rlhf_core.data.tokenizer import load_tokenizer
 from rlhf_core.ops.gae import compute_token_rewards, gae_advantages
 from rlhf_core.ops.kl import kl_penalty, make_kl_controller
-from rlhf_core.ops.logprobs import entropy_from_logits, gather_last, scored_mask, selective_log_softmax
+from rlhf_core.ops.logprobs import entropy_from_logits, last_token_index, scored_mask, selective_log_softmax
 from rlhf_core.ops.losses import lm_loss, ppo_policy_loss, ppo_value_loss
 from rlhf_core.ops.masked import masked_mean, masked_whiten
 from rlhf_core.stages.generation import Rollout, decode_responses, sample
@@ -137,18 +137,22 @@ def response_values(critic, rollout: Rollout, packed: PackedRollout | None = Non
     """V(state before response token j), read at the token that precedes it: (B, R); with
     `packed`, zero after a response's EOS."""
     if packed is not None:
-        values = token_scores(critic, packed.input_ids, None, packed.position_ids)[0]
+        values = token_scores(critic, packed.input_ids, None, packed.position_ids, packed.scored)[0]
         return _unpack(values[packed.scored[0]], packed.response_mask)
     P = rollout.prompt_length
     R = rollout.sequences.shape[1] - P
-    return token_scores(critic, rollout.sequences, rollout.attention_mask)[:, P - 1:P - 1 + R]
+    at = torch.arange(P - 1, P - 1 + R, device=rollout.sequences.device)
+    return token_scores(critic, rollout.sequences, rollout.attention_mask, keep=at)[:, P - 1:P - 1 + R]
 
 
 def reward_scores(model, rollout: Rollout, packed: PackedRollout | None = None) -> torch.Tensor:
     """A scalar model's output at each sequence's last token: (B,)."""
     if packed is not None:
-        return token_scores(model, packed.input_ids, None, packed.position_ids)[0, packed.ends]
-    return gather_last(token_scores(model, rollout.sequences, rollout.attention_mask), rollout.attention_mask)
+        return token_scores(model, packed.input_ids, None, packed.position_ids, packed.ends)[0, packed.ends]
+    mask = rollout.attention_mask
+    last = last_token_index(mask)[:, None]
+    keep = torch.zeros_like(mask, dtype=torch.bool).scatter_(1, last, True)
+    return token_scores(model, rollout.sequences, mask, keep=keep).gather(1, last).squeeze(1)
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ from rlhf_core.data.batching import (PackedPairBatch, PairBatch, SharedPromptPai
                                     collate_pairs)
 from rlhf_core.data.splits import load_split
 from rlhf_core.data.tokenizer import load_tokenizer
-from rlhf_core.ops.logprobs import gather_last
+from rlhf_core.ops.logprobs import last_token_index
 from rlhf_core.ops.losses import reward_pair_loss
 from rlhf_core.training.context import RunContext, StageResult
 from rlhf_core.training.modeling import apply_lora, check_tokenizer_fits, load_scalar_model, token_scores
@@ -25,15 +25,20 @@ from rlhf_core.training.progress import Throughput, progress, scalars
 def pair_rewards(model, batch: PairBatch | PackedPairBatch | SharedPromptPairBatch,
                  device) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards of the chosen and rejected rows, each (B,), from one forward over 2B rows."""
+    ids = batch.input_ids.to(device)
     if isinstance(batch, SharedPromptPairBatch):
-        scores = token_scores(model, batch.input_ids.to(device), batch.attention_mask.to(device),
-                              batch.position_ids.to(device))
-        return scores.reshape(-1)[batch.ends.to(device)].chunk(2)
+        ends = batch.ends.to(device)
+        keep = torch.zeros(ids.numel(), dtype=torch.bool, device=device).index_fill_(0, ends, True).view(ids.shape)
+        scores = token_scores(model, ids, batch.attention_mask.to(device), batch.position_ids.to(device), keep)
+        return scores.reshape(-1)[ends].chunk(2)
     if isinstance(batch, PackedPairBatch):
-        scores = token_scores(model, batch.input_ids.to(device), None, batch.position_ids.to(device))
-        return scores[0, batch.ends.to(device)].chunk(2)
+        ends = batch.ends.to(device)
+        scores = token_scores(model, ids, None, batch.position_ids.to(device), ends)
+        return scores[0, ends].chunk(2)
     mask = batch.attention_mask.to(device)
-    rewards = gather_last(token_scores(model, batch.input_ids.to(device), mask), mask)
+    last = last_token_index(mask)
+    keep = torch.zeros_like(mask, dtype=torch.bool).scatter_(1, last[:, None], True)
+    rewards = token_scores(model, ids, mask, keep=keep).gather(1, last[:, None]).squeeze(1)
     return rewards.chunk(2)
 
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import types
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -365,9 +367,11 @@ def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     """Causal-LM logits (B, T, V) with padding-aware positions. `keep` projects only some positions
     onto the vocabulary (transformers' `logits_to_keep`): a (B, T) bool mask such as
     `ops.logprobs.scored_mask(labels)` gives (N, V) for its N True positions, a 1-D tensor of
-    positions gives (B, K, V)."""
-    return model(input_ids=input_ids, attention_mask=attention_mask,
-                 position_ids=position_ids(attention_mask), use_cache=False, **_keep(keep, input_ids.device)).logits
+    positions gives (B, K, V). The last layer then runs only at those positions (`last_layer_at`)."""
+    positions = position_ids(attention_mask)
+    with last_layer_at(model, keep, attention_mask, positions):
+        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False,
+                     **_keep(keep, input_ids.device)).logits
 
 
 def forward_packed_logits(model, input_ids: torch.Tensor, position_ids: torch.Tensor,
@@ -375,13 +379,125 @@ def forward_packed_logits(model, input_ids: torch.Tensor, position_ids: torch.Te
     """Causal-LM logits (1, N, V) of rows laid end to end (`PackedLMBatch`): no attention mask, so
     transformers derives a block-diagonal causal mask from where the positions restart, and the
     rows' bounds (`packed_rows`) let `PACKED_SDPA` attend row by row. `keep` as in `forward_logits`."""
-    return model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **_keep(keep, input_ids.device),
-                 **packed_rows(position_ids)).logits
+    with last_layer_at(model, keep, None, position_ids):
+        return model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **_keep(keep, input_ids.device),
+                     **packed_rows(position_ids)).logits
 
 
 def _keep(keep: torch.Tensor | None, device) -> dict:
     """The model's `logits_to_keep` argument for `keep` (none: every position)."""
     return {} if keep is None else {"logits_to_keep": keep.to(device)}
+
+
+TRIMMABLE_LAYERS = ("LlamaDecoderLayer", "Qwen2DecoderLayer")
+"""Decoder layers whose forward `last_layer_at` knows: pre-norm attention (q, k, v, o projections,
+rotary positions from the model's module, no sliding window) and a pre-norm MLP, each added to
+the residual."""
+
+
+@contextmanager
+def last_layer_at(model, keep: torch.Tensor | None, attention_mask: torch.Tensor | None,
+                  positions: torch.Tensor):
+    """Lever: inside this block the model's last decoder layer runs only at the positions whose
+    output is read (`keep`: a (B, T) bool mask, or a 1-D tensor of positions kept in every row).
+    Its keys and values still come from every position, but its queries, attention, output
+    projection and MLP only from the kept ones; every other position leaves the layer as zeros,
+    which the final norm keeps at zero and nothing reads. The kept outputs are the full layer's (to
+    float rounding), and so are all gradients, since no other position's last-layer output reaches
+    a loss. The model's own forward still runs (a DDP wrapper's hooks included); only the layer's
+    `forward` is swapped while the block runs.
+
+    `attention_mask` is the forward's: (B, T) padding, (B, 1, T, T) bool as `SharedPromptPairBatch`
+    gives, or None for rows laid end to end, whose `positions` restart at each row. Left as it
+    is: nothing kept, everything kept, a layer not in `TRIMMABLE_LAYERS`, gradient checkpointing
+    (its recomputation would run after the block)."""
+    layer = _last_layer(model)
+    if keep is None or layer is None:
+        yield
+        return
+    if keep.dtype != torch.bool:
+        keep = torch.zeros(positions.shape, dtype=torch.bool, device=keep.device).index_fill_(1, keep, True)
+    keep = keep.to(positions.device)
+    if keep.all() or not keep.any():
+        yield
+        return
+    plan = _kept_queries(keep, attention_mask, positions)
+    layer.forward = types.MethodType(lambda self, hidden_states, **kw: _last_layer_forward(self, hidden_states, plan, **kw),
+                                     layer)
+    try:
+        yield
+    finally:
+        del layer.forward
+
+
+def _last_layer(model):
+    """The last decoder layer of `model` when `last_layer_at` can run it at kept positions, else None."""
+    layers = getattr(getattr(hf_model(model), "model", None), "layers", None)
+    if not layers:
+        return None
+    layer = layers[-1]
+    attn = getattr(layer, "self_attn", None)
+    if (type(layer).__name__ not in TRIMMABLE_LAYERS or getattr(layer, "gradient_checkpointing", False)
+            or getattr(attn, "sliding_window", None) is not None):
+        return None
+    return layer
+
+
+def _kept_queries(keep: torch.Tensor, attention_mask: torch.Tensor | None,
+                  positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where `keep` (B, T) is True, as (B, K) indices (rows with fewer than K kept repeat their
+    first kept index; `valid` marks the real ones), and the (B, K, T) keys each kept query may see:
+    those at or before it that the forward's mask lets it see (the same row, for rows end to end).
+    A query that could see no key (a repeated index in a row of padding) sees itself, so no softmax
+    row is empty."""
+    B, T = keep.shape
+    counts = keep.sum(1)
+    K = int(counts.max())
+    idx = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :K]
+    valid = torch.arange(K, device=keep.device) < counts[:, None]
+    idx = torch.where(valid, idx, idx[:, :1])
+    keys = torch.arange(T, device=keep.device)
+    if attention_mask is not None and attention_mask.dim() == 4:
+        seen = attention_mask[:, 0].to(torch.bool).gather(1, idx[..., None].expand(-1, -1, T))
+    else:
+        seen = keys <= idx[..., None]
+        if attention_mask is not None:
+            seen = seen & attention_mask.to(torch.bool)[:, None, :]
+        else:  # rows end to end: a row starts wherever a position does not follow the one before it
+            starts = torch.ones_like(positions, dtype=torch.bool)
+            starts[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
+            row = starts.cumsum(1)
+            seen = seen & (row[:, None, :] == row.gather(1, idx)[..., None])
+    seen = seen | (~seen.any(-1, keepdim=True) & (keys == idx[..., None]))
+    return idx, valid, seen
+
+
+def _last_layer_forward(layer, hidden_states: torch.Tensor, plan, position_embeddings=None, **_) -> torch.Tensor:
+    """A `TRIMMABLE_LAYERS` layer's forward at the kept positions of `plan` (`_kept_queries`):
+    the layer's own modules, in its order; the other positions come out as zeros."""
+    import torch.nn.functional as F
+
+    idx, valid, seen = plan
+    B, T, d = hidden_states.shape
+    K = idx.shape[1]
+    attn = layer.self_attn
+    rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    h = layer.input_layernorm(hidden_states)
+    key = attn.k_proj(h).view(B, T, -1, attn.head_dim).transpose(1, 2)
+    value = attn.v_proj(h).view(B, T, -1, attn.head_dim).transpose(1, 2)
+    rows = idx[..., None]
+    query = attn.q_proj(h.gather(1, rows.expand(-1, -1, d))).view(B, K, -1, attn.head_dim).transpose(1, 2)
+    cos, sin = (t.expand(B, -1, -1) for t in position_embeddings)
+    query, _ = rotary(query, query[:, :0], *(t.gather(1, rows.expand(-1, -1, t.shape[-1])) for t in (cos, sin)))
+    _, key = rotary(key[:, :0], key, cos, sin)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=seen[:, None], scale=attn.scaling,
+                                         dropout_p=attn.attention_dropout if layer.training else 0.0,
+                                         enable_gqa=query.shape[1] != key.shape[1])
+    out = attn.o_proj(out.transpose(1, 2).reshape(B, K, -1))
+    out = hidden_states.gather(1, rows.expand(-1, -1, d)) + out
+    out = out + layer.mlp(layer.post_attention_layernorm(out))
+    flat = (idx + T * torch.arange(B, device=idx.device)[:, None])[valid]
+    return hidden_states.new_zeros(B * T, d).index_copy(0, flat, out[valid]).view(B, T, d)
 
 
 def hf_model(model):
@@ -398,20 +514,24 @@ def score_head(model):
 
 
 def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                 positions: torch.Tensor | None = None) -> torch.Tensor:
+                 positions: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token outputs (B, T) of a one-label sequence classifier: values for the critic; the
     reward is the output at the last non-pad token. Rows laid end to end (`PackedPairBatch`) pass
-    no mask and their restarting `positions`, as in `forward_packed_logits`.
+    no mask and their restarting `positions`, as in `forward_packed_logits`. With `keep` (as in
+    `forward_logits`) only the kept positions' outputs are computed (`last_layer_at`); the others
+    read 0.
 
     The model's own forward runs (it pools one score per row, which is not used) and the score
     head's per-token output is read as it passes: calling the backbone and head directly would
     skip a DDP wrapper's forward, and DDP then silently leaves the gradients unsynchronised."""
     seen = []
     rows = packed_rows(positions) if attention_mask is None else {}
+    if positions is None:
+        positions = position_ids(attention_mask)
     hook = score_head(model).register_forward_hook(lambda module, args, out: seen.append(out))
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask,
-              position_ids=position_ids(attention_mask) if positions is None else positions, use_cache=False, **rows)
+        with last_layer_at(model, keep, attention_mask, positions):
+            model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False, **rows)
     finally:
         hook.remove()
     return seen[-1].squeeze(-1).float()

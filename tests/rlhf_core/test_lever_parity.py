@@ -19,6 +19,8 @@ computation: each sequence run alone, unpadded, through the full (B, T, V) log-s
   the padded pairs' loss and gradients;
 - logits projected only at the positions that predict a trained token (`scored_mask` as
   `logits_to_keep`) give the full-logits SFT loss, DPO sequence log-probs and their gradients;
+- the last decoder layer run only at the kept positions (`last_layer_at`) gives the full
+  layer's logits, scores and gradients, for Llama and Qwen2, every batch layout and LoRA;
 - the fused AdamW kernel gives the per-tensor loop's weights and moments;
 - a tied embedding's sparse lookup gradient, added into the LM head's, gives the dense gradient.
 (Row-wise fp32 log-probs, entropy without graph and gradient checkpointing have their parity
@@ -760,3 +762,106 @@ def test_tied_embedding_gradient_lever_gives_the_dense_gradient_and_optimizer_st
     for other in (untied, fresh_model(tok, lora=True), scalar):
         assert not sparse_tied_embedding_grad(other, in_place=in_place)
         assert not other.get_input_embeddings().sparse and "forward" not in vars(other.get_input_embeddings())
+
+
+def _trim_cases():
+    """(name, model kind, forward) for `last_layer_at`: each forward returns the kept outputs."""
+    from rlhf_core.stages.rm import pair_rewards
+    from rlhf_core.training.modeling import token_scores
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 100, (3, 12), generator=g)
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[0, 9:], mask[1, :4] = 0, 0  # a right-padded row and a left-padded row
+    keep = torch.zeros(3, 12, dtype=torch.bool)
+    keep[0, 5:8], keep[1, 6:11], keep[2, 2] = True, True, True  # 3, 5 and 1 kept positions
+    packed_pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3, 4]])
+    packed_keep = torch.zeros(1, 12, dtype=torch.bool)
+    packed_keep[0, [2, 3, 5, 9, 10]] = True
+    pairs = {"prompt_ids": [[5, 6, 7], [8], [9, 10]], "chosen_ids": [[11, 12], [13, 14, 15, 16], [17]],
+             "rejected_ids": [[18], [19, 20], [21, 22, 23, 24, 25]], "weight": [1.0] * 3}
+    rewards = {name: (lambda m, c=collate: torch.stack(pair_rewards(m, c(pairs), "cpu")))
+               for name, collate in (("padded", padded), *RM_LAYOUTS.items())}
+    return [
+        ("lm-mask", "llama", lambda m: forward_logits(m, ids, mask, keep)),
+        ("lm-positions", "llama", lambda m: forward_logits(m, ids, mask, torch.arange(6, 11))),
+        ("lm-lora", "llama-lora", lambda m: forward_logits(m, ids, mask, keep)),
+        ("lm-packed", "llama", lambda m: forward_packed_logits(m, ids[:1], packed_pos, packed_keep)),
+        ("qwen2-mask", "qwen2", lambda m: forward_logits(m, ids, mask, keep)),
+        ("values-positions", "scores", lambda m: token_scores(m, ids, mask, keep=torch.arange(6, 11))[:, 6:11]),
+        *((f"rm-{name}", "scores", f) for name, f in rewards.items()),
+        ("rm-lora", "scores-lora", rewards["padded"]),
+    ]
+
+
+def _trim_model(kind: str):
+    """Tiny models with grouped-query attention (4 query heads, 2 key-value heads), seed 1."""
+    from transformers import (LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, Qwen2Config,
+                              Qwen2ForCausalLM)
+    from rlhf_core.training.modeling import use_packed_sdpa
+
+    sizes = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
+    torch.manual_seed(1)
+    base = kind.removesuffix("-lora")
+    m = {"llama": lambda: LlamaForCausalLM(LlamaConfig(**sizes)), "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**sizes)),
+         "scores": lambda: LlamaForSequenceClassification(LlamaConfig(**sizes, num_labels=1))}[base]()
+    m = use_packed_sdpa(m)
+    if kind.endswith("-lora"):
+        m = apply_lora(m, LoraConfig(enabled=True, r=4, alpha=8, target_modules=("q_proj", "v_proj")),
+                       "SEQ_CLS" if base == "scores" else "CAUSAL_LM")
+        with torch.no_grad():  # B starts at zero, which would leave every A without a gradient
+            for n, p in m.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)
+    return m
+
+
+@pytest.mark.parametrize("case", range(len(_trim_cases())), ids=[c[0] for c in _trim_cases()])
+def test_last_layer_at_the_kept_positions_gives_the_full_layers_outputs_and_gradients(case, monkeypatch):
+    """Padded rows (right and left padding, 3, 5 and 1 kept positions, or the same positions in
+    every row), rows end to end, RM pairs in every layout, LoRA, and Qwen2 (biased q/k/v): the
+    outputs read at the kept positions and every trainable gradient equal the full last layer's,
+    the trimmed forward ran once, and the layer's own forward is back afterwards. Under gradient
+    checkpointing the full layer runs (its recomputation would come after the block)."""
+    from rlhf_core.training import modeling
+
+    _, kind, forward = _trim_cases()[case]
+    trimmed = modeling._last_layer_forward
+    results = []
+    for mode in ("full", "trimmed", "checkpointed"):
+        m = _trim_model(kind).train()
+        if mode == "checkpointed":
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        calls = []
+        monkeypatch.setattr(modeling, "_last_layer_forward", lambda *a, **k: calls.append(1) or trimmed(*a, **k))
+        if mode == "full":
+            monkeypatch.setattr(modeling, "_last_layer", lambda model: None)
+        out = forward(m)
+        monkeypatch.undo()
+        out.square().sum().backward()
+        assert len(calls) == (mode == "trimmed"), mode
+        assert "forward" not in vars(modeling.hf_model(m).model.layers[-1])
+        results.append((out.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}))
+    (out_full, g_full), *others = results
+    assert len(g_full) > 0 and all(g.abs().sum() > 0 for g in g_full.values())
+    for out, g in others:
+        torch.testing.assert_close(out, out_full, atol=1e-5, rtol=1e-5)
+        assert g.keys() == g_full.keys()
+        for name in g_full:
+            torch.testing.assert_close(g[name], g_full[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_last_layer_at_the_kept_positions_would_differ_if_a_kept_query_saw_a_later_key(monkeypatch):
+    """The kept queries' mask is what makes the parity above: one that also sees the keys after
+    it (a plain full mask) changes the kept logits."""
+    from rlhf_core.training import modeling
+
+    _, kind, forward = _trim_cases()[0]
+    with torch.no_grad():
+        full = forward(_trim_model(kind))
+        plan = modeling._kept_queries
+        monkeypatch.setattr(modeling, "_kept_queries",
+                            lambda keep, mask, pos: (*plan(keep, mask, pos)[:2], torch.ones_like(plan(keep, mask, pos)[2])))
+        leaky = forward(_trim_model(kind))
+    assert (leaky - full).abs().max() > 1e-3
