@@ -267,26 +267,35 @@ def adapter_widths(a: dict) -> int:
 
 def sample_flops(stage: str, lora: bool, a: dict, shapes: list[tuple[int, int]]) -> float:
     """Model FLOPs one training sample needs (matrix products; what the task needs, not what an
-    implementation spends: no padding, no projection to the vocabulary at unscored positions).
+    implementation spends: no padding, no projection to the vocabulary at unscored positions, and
+    the last layer only where its output is read).
 
-    Forward of a sequence of T tokens with S scored positions: 2 * (trunk weights) * T in the linear
-    layers, 2 * layers * heads * head_dim * T * (T + 1) in causal attention (QK^T and AV over the
-    T(T+1)/2 visible pairs), 2 * d * vocab * S in the LM head (RM: 2 * d for its one score).
-    Training: forward + backward = 3x forward for a full fine-tune. With LoRA the frozen weights get
-    no gradient, so the linear layers and the head cost 2x forward, attention (no weights) still 3x,
-    plus the adapters' own 6 * r * (in + out) per token, less the input gradients of the first
-    layer's q, k and v projections (base and adapter), which nothing needs. DPO adds the reference's
-    forward (1x). rm.share_prompt's rows still count each prompt twice (the task as padded pairs)."""
+    Forward of a sequence of T tokens with S scored positions, R of them read (S; RM: 1, its
+    score): 2 * (trunk weights) * T in the linear layers, less the last layer's q, o and MLP at the
+    T - R positions nobody reads; 2 * heads * head_dim * T * (T + 1) per layer in causal attention
+    (QK^T and AV over the T(T+1)/2 visible pairs), the last layer's R queries (the last R
+    positions) over R * (2T - R + 1) / 2 pairs; 2 * d * vocab * S in the LM head (RM: 2 * d for
+    its one score). Training: forward + backward = 3x forward for a full fine-tune. With LoRA the
+    frozen weights get no gradient, so the linear layers and the head cost 2x forward, attention
+    (no weights) still 3x, plus the adapters' own 6 * r * (in + out) per token where they run,
+    less the input gradients of the first layer's q, k and v projections (base and adapter), which
+    nothing needs. DPO adds the reference's forward (1x). rm.share_prompt's rows still count each
+    prompt twice (the task as padded pairs)."""
     d, L, h, kv, hd = a["d"], a["layers"], a["heads"], a["kv_heads"], a["head_dim"]
     trunk, adapter = trunk_weights(a), adapter_widths(a)
+    last_read = 2 * d * h * hd + 3 * d * a["ffn"]  # the last layer's q, o and MLP weights
+    last_read_adapter = 2 * (d + h * hd)  # its q and o adapters' (in + out)
     first_qkv = d * (h * hd + 2 * kv * hd) + 3 * LORA["r"] * d  # layer 0's q, k, v input gradients
     assert LORA["target_modules"] == ("q_proj", "k_proj", "v_proj", "o_proj"), "adapter FLOPs count these four"
     total = 0.0
     for T, S in shapes:
-        linear, attention = 2 * trunk * T, 2 * L * h * hd * T * (T + 1)
+        R = 1 if stage == "rm" else S
+        linear = 2 * (trunk - last_read) * T + 2 * last_read * R
+        attention = 2 * h * hd * ((L - 1) * T * (T + 1) + R * (2 * T - R + 1))
         head = 2 * d if stage == "rm" else 2 * d * a["vocab"] * S
         if lora:
-            total += 2 * (linear + head) + 3 * attention + 6 * LORA["r"] * adapter * T - 2 * first_qkv * T
+            adapters = 6 * LORA["r"] * ((adapter - last_read_adapter) * T + last_read_adapter * R)
+            total += 2 * (linear + head) + 3 * attention + adapters - 2 * first_qkv * T
         else:
             total += 3 * (linear + attention + head)
         if stage == "dpo":

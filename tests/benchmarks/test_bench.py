@@ -208,16 +208,47 @@ def test_sample_flops_by_hand(tmp_path):
     tiny_llama(tmp_path, lora=False)
     a = bench.arch_of(tmp_path)
     assert a == {"d": 64, "layers": 3, "heads": 4, "kv_heads": 2, "head_dim": 16, "ffn": 96, "vocab": 300, "tied": True}
-    # trunk weights per layer: q 64x64, k and v 64x32 each, o 64x64, MLP 3 x 64x96 = 30720; x3 layers = 92160
-    # forward of 5 tokens, 2 scored: linear 2*92160*5 = 921600; attention 2*3*4*16*5*6 = 11520; head 2*64*300*2 = 76800
-    fwd = 921600 + 11520 + 76800
+    # trunk weights per layer: q 64x64, k and v 64x32 each, o 64x64, MLP 3 x 64x96 = 30720; x3 layers = 92160;
+    # the last layer's q, o and MLP (26624) run only at the R positions read: SFT/DPO the S scored, RM 1
+    # SFT, 5 tokens, 2 scored: linear 2*(92160-26624)*5 + 2*26624*2 = 761856;
+    # attention 2*4*16*(2*5*6 + 2*(2*5-2+1)) = 9984; head 2*64*300*2 = 76800
+    fwd = 761856 + 9984 + 76800
     assert bench.sample_flops("sft", False, a, [(5, 2)]) == 3 * fwd
     assert bench.sample_flops("dpo", False, a, [(5, 2), (5, 2)]) == 2 * 4 * fwd  # + the reference's forward
-    assert bench.sample_flops("rm", False, a, [(5, 0)]) == 3 * (921600 + 11520 + 2 * 64)
-    # LoRA r=8 on q, k, v, o: (in + out) = 128 + 128 + 96 + 96 = 448 per layer; layer 0's q, k and v input
-    # gradients (128 x 64 base, 3 x 8 x 64 adapter) are not computed
-    lora = 2 * (921600 + 76800) + 3 * 11520 + 6 * 8 * 3 * 448 * 5 - 2 * (64 * 128 + 3 * 8 * 64) * 5
+    # RM, R = 1: linear 655360 + 2*26624 = 708608; attention 2*4*16*(60 + 1*10) = 8960; head 2*64
+    assert bench.sample_flops("rm", False, a, [(5, 0)]) == 3 * (708608 + 8960 + 2 * 64)
+    # every position read: the whole trunk, causal attention in every layer
+    assert bench.sample_flops("sft", False, a, [(5, 5)]) == 3 * (2 * 92160 * 5 + 2 * 4 * 16 * 3 * 5 * 6 + 2 * 64 * 300 * 5)
+    # LoRA r=8 on q, k, v, o: (in + out) = 128 + 128 + 96 + 96 = 448 per layer, the last layer's q and o
+    # (256) at the 2 read positions only; layer 0's q, k and v input gradients (128 x 64 base, 3 x 8 x 64
+    # adapter) are not computed
+    adapters = 6 * 8 * ((3 * 448 - 256) * 5 + 256 * 2)
+    lora = 2 * (761856 + 76800) + 3 * 9984 + adapters - 2 * (64 * 128 + 3 * 8 * 64) * 5
     assert bench.sample_flops("sft", True, a, [(5, 2)]) == lora
+
+
+def test_sample_flops_equal_what_torch_counts_when_our_last_layer_runs_at_the_scored_positions(tmp_path):
+    """Our forward with `keep` (the last layer only where its output is read, `last_layer_at`):
+    torch's FLOP counter sees sample_flops' products, with eager attention's whole T x T square in
+    the other layers where the count takes the causal pairs, and nothing for the last layer's
+    attention (SDPA's CPU kernel, for which the counter has no formula)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from rlhf_core.training.modeling import forward_logits
+
+    model = tiny_llama(tmp_path, lora=False)
+    a, T, S = bench.arch_of(tmp_path), 9, 3
+    ids = torch.randint(0, a["vocab"], (1, T))
+    keep = torch.zeros(1, T, dtype=torch.bool)
+    keep[0, T - 1 - S:T - 1] = True  # the positions that predict the last S tokens
+    with FlopCounterMode(display=False) as counter:
+        logits = forward_logits(model, ids, torch.ones(1, T, dtype=torch.long), keep)
+        torch.nn.functional.cross_entropy(logits, ids[0, T - S:]).backward()
+    per_pair = 2 * a["heads"] * a["head_dim"]
+    causal = per_pair * ((a["layers"] - 1) * T * (T + 1) + S * (2 * T - S + 1))
+    counted = per_pair * (a["layers"] - 1) * 2 * T * T
+    assert counter.get_total_flops() == bench.sample_flops("sft", False, a, [(T, S)]) - 3 * causal + 3 * counted
+    assert counter.get_total_flops() < bench.sample_flops("sft", False, a, [(T, T)])  # the whole last layer costs more
 
 
 @pytest.mark.parametrize("lora", [False, True])
