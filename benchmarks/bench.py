@@ -937,10 +937,13 @@ def combine_repeats(rows: list[dict]) -> list[dict]:
 
 DIFFERENCES = {
     "sft": "sft: same ids and labels (TRL gets our tokenised split); TRL also computes per-step entropy and "
-           "token-accuracy metrics, which is part of its trainer's work",
-    "rm": "rm: same ids (TRL gets our tokenised pairs); same score head read at the last non-pad token",
+           "token-accuracy metrics, which is part of its trainer's work; ours runs the last layer (and the LM head) "
+           "only at the scored positions, TRL at every position",
+    "rm": "rm: same ids (TRL gets our tokenised pairs); same score head read at the last non-pad token; ours runs "
+          "the last layer only there (last_layer_at), TRL at every position",
     "dpo": "dpo: TRL renders the same chats with the same template itself (its DPOTrainer takes no pre-tokenised "
-           "pairs): compare the rows' tokens/sample in --json",
+           "pairs): compare the rows' tokens/sample in --json; ours runs the last layer (and the LM head) only at "
+           "the response positions, TRL at every position",
     "ppo": "ppo anchor (TRL 0.25.1, transformers 4.57.6): policy, frozen reference copy, value model and reward "
            "model are four separate models as ours (full fine-tune); its one optimizer steps policy+value with "
            "vf_coef 0.1 where ours has two parameter groups; it truncates responses after EOS; it reads no "
@@ -949,7 +952,8 @@ DIFFERENCES = {
            "both pad the rollout to its longest prompt for sampling and scoring, ours pads each update micro-batch "
            "to its own longest row (ppo.micro_rollout: the columns that are padding in all its rows are cut), the "
            "anchor to the rollout's; ours forwards the critic once for the first micro-batch's values (at the "
-           "experience, with their graph: the critic has not stepped yet), the anchor twice",
+           "experience, with their graph: the critic has not stepped yet), the anchor twice; ours runs the last "
+           "layer of each model only where its output is read (the response positions, the reward's last token)",
 }
 
 
