@@ -865,3 +865,20 @@ def test_last_layer_at_the_kept_positions_would_differ_if_a_kept_query_saw_a_lat
                             lambda keep, mask, pos: (*plan(keep, mask, pos)[:2], torch.ones_like(plan(keep, mask, pos)[2])))
         leaky = forward(_trim_model(kind))
     assert (leaky - full).abs().max() > 1e-3
+
+
+def test_last_layer_at_runs_the_full_layer_where_a_row_keeps_most_positions(monkeypatch):
+    """Keeping more than `TRIM_AT_MOST` of a row's positions (PT: all but the last) is left to the
+    full layer, where trimming costs about what it saves; three quarters and fewer are trimmed."""
+    from rlhf_core.training import modeling
+
+    trimmed, calls = modeling._last_layer_forward, []
+    monkeypatch.setattr(modeling, "_last_layer_forward", lambda *a, **k: calls.append(1) or trimmed(*a, **k))
+    m, ids, mask = _trim_model("llama"), torch.randint(3, 100, (2, 12)), torch.ones(2, 12, dtype=torch.long)
+    with torch.no_grad():
+        for kept, trims in ((11, False), (10, False), (9, True), (3, True)):  # 9 of 12: three quarters
+            keep = torch.zeros(2, 12, dtype=torch.bool)
+            keep[:, 11 - kept:11] = True
+            calls.clear()
+            forward_logits(m, ids, mask, keep)
+            assert len(calls) == trims, kept
