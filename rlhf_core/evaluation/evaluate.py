@@ -25,13 +25,12 @@ from rlhf_core.data.batching import PromptBatch, collate_pairs, collate_prompts
 from rlhf_core.data.encoding import encode_prompt, render_ids
 from rlhf_core.data.formats import Prompt, Turn
 from rlhf_core.data.tokenizer import load_tokenizer
-from rlhf_core.ops.logprobs import gather_last
 from rlhf_core.stages.dpo import precompute_reference
 from rlhf_core.stages.generation import Rollout, decode_responses, sample
 from rlhf_core.stages.ppo import response_logprobs
 from rlhf_core.stages.rm import pair_rewards
 from rlhf_core.training.frozen import Frozen, freeze
-from rlhf_core.training.modeling import load_policy, load_scalar_model, token_scores
+from rlhf_core.training.modeling import last_token_scores, load_policy, load_scalar_model
 
 TextScore = Callable[[str, str], float]
 """(question text, answer text) -> score, e.g. `oracle.score`."""
@@ -113,7 +112,7 @@ class TextRMJudge:
         for start in range(0, len(rows), self.batch_size):
             batch = collate_prompts({"prompt_ids": rows[start:start + self.batch_size]}, self.tokenizer.pad_token_id)
             ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
-            out.append(gather_last(token_scores(self.model, ids, mask), mask).double().cpu())
+            out.append(last_token_scores(self.model, ids, mask).double().cpu())
         return torch.cat(out)
 
 
@@ -168,8 +167,7 @@ def judge_answers(judge: TextScore, questions: Sequence[str], texts: Sequence[st
 @torch.no_grad()
 def reward_scores(reward_model, rollout: Rollout) -> torch.Tensor:
     """Reward-model score of each row, read at its last attended token (the EOS if any): (B,)."""
-    scores = token_scores(reward_model, rollout.sequences, rollout.attention_mask)
-    return gather_last(scores, rollout.attention_mask).float().cpu()
+    return last_token_scores(reward_model, rollout.sequences, rollout.attention_mask).float().cpu()
 
 
 @torch.no_grad()

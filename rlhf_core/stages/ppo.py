@@ -23,7 +23,7 @@ from rlhf_core.data.splits import load_split
 from rlhf_core.data.tokenizer import load_tokenizer
 from rlhf_core.ops.gae import compute_token_rewards, gae_advantages
 from rlhf_core.ops.kl import kl_penalty, make_kl_controller
-from rlhf_core.ops.logprobs import entropy_from_logits, last_token_index, scored_mask, selective_log_softmax
+from rlhf_core.ops.logprobs import entropy_from_logits, scored_mask, selective_log_softmax
 from rlhf_core.ops.losses import lm_loss, ppo_policy_loss, ppo_value_loss
 from rlhf_core.ops.masked import masked_mean, masked_whiten
 from rlhf_core.stages.generation import Rollout, decode_responses, sample
@@ -35,6 +35,7 @@ from rlhf_core.training.modeling import (
     enable_gradient_checkpointing,
     forward_logits,
     forward_packed_logits,
+    last_token_scores,
     load_causal_lm,
     load_scalar_model,
     sparse_tied_embedding_grad,
@@ -149,10 +150,7 @@ def reward_scores(model, rollout: Rollout, packed: PackedRollout | None = None) 
     """A scalar model's output at each sequence's last token: (B,)."""
     if packed is not None:
         return token_scores(model, packed.input_ids, None, packed.position_ids, packed.ends)[0, packed.ends]
-    mask = rollout.attention_mask
-    last = last_token_index(mask)[:, None]
-    keep = torch.zeros_like(mask, dtype=torch.bool).scatter_(1, last, True)
-    return token_scores(model, rollout.sequences, mask, keep=keep).gather(1, last).squeeze(1)
+    return last_token_scores(model, rollout.sequences, rollout.attention_mask)
 
 
 @torch.no_grad()

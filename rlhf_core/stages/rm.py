@@ -14,10 +14,10 @@ from rlhf_core.data.batching import (PackedPairBatch, PairBatch, SharedPromptPai
                                     collate_pairs)
 from rlhf_core.data.splits import load_split
 from rlhf_core.data.tokenizer import load_tokenizer
-from rlhf_core.ops.logprobs import last_token_index
 from rlhf_core.ops.losses import reward_pair_loss
 from rlhf_core.training.context import RunContext, StageResult
-from rlhf_core.training.modeling import apply_lora, check_tokenizer_fits, load_scalar_model, token_scores
+from rlhf_core.training.modeling import (apply_lora, check_tokenizer_fits, last_token_scores, load_scalar_model,
+                                         token_scores)
 from rlhf_core.training.optim import optimizer_step
 from rlhf_core.training.progress import Throughput, progress, scalars
 
@@ -35,11 +35,7 @@ def pair_rewards(model, batch: PairBatch | PackedPairBatch | SharedPromptPairBat
         ends = batch.ends.to(device)
         scores = token_scores(model, ids, None, batch.position_ids.to(device), ends)
         return scores[0, ends].chunk(2)
-    mask = batch.attention_mask.to(device)
-    last = last_token_index(mask)
-    keep = torch.zeros_like(mask, dtype=torch.bool).scatter_(1, last[:, None], True)
-    rewards = token_scores(model, ids, mask, keep=keep).gather(1, last[:, None]).squeeze(1)
-    return rewards.chunk(2)
+    return last_token_scores(model, ids, batch.attention_mask.to(device)).chunk(2)
 
 
 EVAL_KEYS = ("accuracy", "margin", "reward_chosen", "reward_rejected", "loss")

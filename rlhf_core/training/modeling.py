@@ -527,7 +527,7 @@ def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     reward is the output at the last non-pad token. Rows laid end to end (`PackedPairBatch`) pass
     no mask and their restarting `positions`, as in `forward_packed_logits`. With `keep` (as in
     `forward_logits`) only the kept positions' outputs are computed (`last_layer_at`); the others
-    read 0.
+    are the head's output for a zero state, which nothing should read.
 
     The model's own forward runs (it pools one score per row, which is not used) and the score
     head's per-token output is read as it passes: calling the backbone and head directly would
@@ -543,6 +543,16 @@ def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     finally:
         hook.remove()
     return seen[-1].squeeze(-1).float()
+
+
+def last_token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """A one-label model's output at each row's last attended token (the reward): (B,), from one
+    forward whose last layer runs only there (`token_scores` with `keep`). Left or right padding."""
+    from rlhf_core.ops.logprobs import last_token_index
+
+    last = last_token_index(attention_mask)[:, None]
+    keep = torch.zeros_like(attention_mask, dtype=torch.bool).scatter_(1, last, True)
+    return token_scores(model, input_ids, attention_mask, keep=keep).gather(1, last).squeeze(1)
 
 
 def portable_base(base: str, out_dir: str | Path) -> str:
