@@ -17,6 +17,7 @@ import torch
 from rlhf_core.atomic import atomic_dir
 from rlhf_core.config import LoraConfig, ModelConfig
 from rlhf_core.errors import ConfigError, ModelLoadError, TrainingError
+from rlhf_core.ops.logprobs import last_token_index
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -140,16 +141,20 @@ def _row_lengths(cu_seq_lens: torch.Tensor) -> list[int]:
     return _last_rows[1]
 
 
+def row_starts(position_ids: torch.Tensor) -> torch.Tensor:
+    """(B, N) bool: True where a row laid end to end starts, i.e. wherever a position does not
+    follow the one before it."""
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    return starts
+
+
 def packed_rows(position_ids: torch.Tensor) -> dict:
     """The row boundaries of (1, N) rows laid end to end, where positions restart: the
     `cu_seq_lens_*` / `max_length_*` arguments that transformers' attention takes for packed rows
-    (flash-attention reads the same ones on a GPU). A row starts wherever a position does not
-    follow the one before it."""
-    pos = position_ids[0]
-    starts = torch.ones_like(pos, dtype=torch.bool)
-    starts[1:] = pos[1:] != pos[:-1] + 1
-    idx = starts.nonzero().squeeze(-1)
-    cu = torch.cat([idx, idx.new_tensor([pos.numel()])]).to(torch.int32)
+    (flash-attention reads the same ones on a GPU); the rows start where `row_starts` says."""
+    idx = row_starts(position_ids)[0].nonzero().squeeze(-1)
+    cu = torch.cat([idx, idx.new_tensor([position_ids.shape[1]])]).to(torch.int32)
     longest = int(cu.diff().max())
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
@@ -471,10 +476,8 @@ def _kept_queries(keep: torch.Tensor, attention_mask: torch.Tensor | None,
         seen = keys <= idx[..., None]
         if attention_mask is not None:
             seen = seen & attention_mask.to(torch.bool)[:, None, :]
-        else:  # rows end to end: a row starts wherever a position does not follow the one before it
-            starts = torch.ones_like(positions, dtype=torch.bool)
-            starts[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
-            row = starts.cumsum(1)
+        else:  # rows end to end: only the query's own row
+            row = row_starts(positions).cumsum(1)
             seen = seen & (row[:, None, :] == row.gather(1, idx)[..., None])
     seen = seen | (~seen.any(-1, keepdim=True) & (keys == idx[..., None]))
     return idx, valid, seen
@@ -548,8 +551,6 @@ def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
 def last_token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """A one-label model's output at each row's last attended token (the reward): (B,), from one
     forward whose last layer runs only there (`token_scores` with `keep`). Left or right padding."""
-    from rlhf_core.ops.logprobs import last_token_index
-
     last = last_token_index(attention_mask)[:, None]
     keep = torch.zeros_like(attention_mask, dtype=torch.bool).scatter_(1, last, True)
     return token_scores(model, input_ids, attention_mask, keep=keep).gather(1, last).squeeze(1)
