@@ -519,6 +519,10 @@ def run_ours(spec: dict, clock: StepClock) -> int:
                   lora=lora)
     base = Path(spec["base"])
     mc = model_config(spec["model"], spec["base"])
+    if spec.get("no_varlen"):
+        from rlhf_core.training import modeling
+
+        modeling.varlen_kernel = lambda query, key, kwargs: None
     if stage == "ppo":
         cfg = PPOConfig(**common, rollout_batch_size=2 * spec["batch_size"], max_new_tokens=spec["ppo_new_tokens"],
                         ppo_epochs=PPO_EPOCHS, temperature=1.0, critic_learning_rate=LEARNING_RATE,
@@ -823,7 +827,7 @@ def header_lines(args, info: dict, peak: float | None = None) -> list[str]:
         device += f" (MFU against {peak:g} TFLOP/s)"
     lora = (f"r={LORA['r']} alpha={LORA['alpha']} dropout={LORA['dropout']} on {','.join(LORA['target_modules'])}"
             if "lora" in args.variants else "n/a")
-    return [
+    return ([
         f"# machine: {info['cpu']}, {info['cores']} cores, native bf16: {info['native_bf16']}; device: {device}; "
         f"torch {torch.__version__}, {args.threads} threads; GLIBC_TUNABLES (both sides) "
         f"{os.environ.get('GLIBC_TUNABLES') or 'unset'}; load average at start: {load_average()}",
@@ -857,8 +861,10 @@ def header_lines(args, info: dict, peak: float | None = None) -> list[str]:
     ] + ([f"# TFLOP/s and MFU: the model FLOPs the timed steps need (sample_flops: matrix products of the real tokens, "
           f"LM head at scored positions only, causal attention, LoRA without frozen-weight gradients), the same "
           f"count for both sides, over the measured time; MFU against {peak:g} TFLOP/s"] if peak else [])
+    + (["# ours with --no-varlen: rows end to end attend one SDPA call per row, not torch's varlen kernel"]
+       if args.no_varlen else [])
     + ([f"# PROFILED (--profile {args.profile}): torch's profiler watched the timed steps, so these rates are "
-        "slower than an unprofiled run's"] if args.profile else [])
+        "slower than an unprofiled run's"] if args.profile else []))
 
 
 def print_row(r: dict, header: bool) -> None:
@@ -1022,6 +1028,9 @@ def parse_args(argv):
     ap.add_argument("--ppo-padding-free", action="store_true",
                     help="our PPO's forwards after sampling end to end without padding (ppo.padding_free); the "
                          "anchor has no such mode, so the PPO row is not identical work (the header says so)")
+    ap.add_argument("--no-varlen", action="store_true",
+                    help="ours: rows end to end attend one SDPA call per row even where the GPU has torch's varlen "
+                         "flash-attention kernel (modeling.varlen_kernel), to measure that lever")
     ap.add_argument("--random-init", action="store_true",
                     help="smollm2: the model's architecture from --model-path's config.json and tokenizer, with seeded "
                          "random weights (a host without the weights; the steps cost the same)")
@@ -1094,7 +1103,7 @@ def main(argv=None) -> None:
                     "max_length": args.max_length, "threads": args.threads, "bf16": args.bf16,
                     "gradient_checkpointing": args.gradient_checkpointing, "padding_free": args.padding_free,
                     "pairs_padding_free": args.pairs_padding_free, "rm_share_prompt": args.rm_share_prompt,
-                    "ppo_padding_free": args.ppo_padding_free,
+                    "ppo_padding_free": args.ppo_padding_free, "no_varlen": args.no_varlen,
                     "ppo_new_tokens": args.ppo_new_tokens,
                     "tokens_per_sample": None if stage == "ppo" else stats["tokens_per_sample"],
                     "padding_fraction": stats["padding_fraction"], "prompts_file": str(prompts_file),

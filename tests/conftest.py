@@ -37,6 +37,7 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=rank)
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest without xdist (a GPU host) still loads this file
 def pytest_xdist_make_scheduler(config, log):
     """`make test` runs two pytest-xdist workers (one per core). Each test file goes to one worker
     whole, so its module fixtures are built once, and files go out in collection order (above)."""

@@ -101,7 +101,8 @@ def use_packed_sdpa(model):
     called row by row on rows laid end to end (`forward_packed_logits`, `token_scores` with
     positions), and plain SDPA everywhere else (padded batches, generation). Plain SDPA would
     attend over the whole (N, N) block-diagonal mask of the packed rows, most of it masked out, on
-    the math kernel; row by row each attends only to itself, causally, on the flash kernel. Other
+    the math kernel; row by row each attends only to itself, causally, on the flash kernel (on a
+    GPU in half precision all rows in one varlen flash-attention call, `varlen_kernel`). Other
     attention implementations (eager, flash-attention, which packs by itself) are left as they are.
     The saved config keeps no trace of it. Returns `model`."""
     config = getattr(model, "config", None)
@@ -118,17 +119,63 @@ def use_packed_sdpa(model):
 
 def _packed_sdpa(module, query, key, value, attention_mask, cu_seq_lens_q=None, cu_seq_lens_k=None, **kwargs):
     """`PACKED_SDPA`'s attention: (1, H, N, D) rows end to end with their `cu_seq_lens_q` (as
-    `packed_rows` gives them) attend row by row, causally; anything else goes to plain SDPA."""
+    `packed_rows` gives them) attend row by row, causally: in one varlen flash-attention call where
+    `varlen_kernel` says the device has one (`varlen_rows`), else one SDPA call per row. Anything
+    else goes to plain SDPA."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    kwargs.pop("max_length_q", None), kwargs.pop("max_length_k", None)
+    longest = kwargs.pop("max_length_q", None)
+    kwargs.pop("max_length_k", None)
     if cu_seq_lens_q is None or query.shape[0] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    kernel = varlen_kernel(query, key, kwargs)
+    if kernel is not None and longest is not None:
+        return varlen_rows(kernel, query, key, value, cu_seq_lens_q, longest, kwargs.get("scaling")), None
     lengths = _row_lengths(cu_seq_lens_q)
     kwargs["is_causal"] = True
     outs = [sdpa_attention_forward(module, q, k, v, None, **kwargs)[0]
             for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))]
     return torch.cat(outs, 1), None
+
+
+def varlen_kernel(query: torch.Tensor, key: torch.Tensor, kwargs: dict):
+    """torch's varlen flash attention (`torch.nn.attention.varlen.varlen_attn`, with the `scale`,
+    `window_size` and `enable_gqa` arguments of torch >= 2.12) where it can take these rows: a CUDA
+    device of compute capability 8.0 or newer, fp16/bf16 queries and keys (bf16 autocast), head
+    dims up to 256 that are multiples of 8, no attention dropout and no sliding window. Else None,
+    and the rows attend one SDPA call each. The varlen call replaces one kernel launch per row and
+    layer (hundreds per layer at GPU batch sizes) with one; on the CPU there is no such kernel."""
+    if not (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and key.dtype == query.dtype):
+        return None
+    head_dim = query.shape[-1]
+    if head_dim > 256 or head_dim % 8 or kwargs.get("dropout") or kwargs.get("sliding_window") is not None:
+        return None
+    if torch.cuda.get_device_capability(query.device) < (8, 0):
+        return None
+    return _torch_varlen_attn()
+
+
+def _torch_varlen_attn():
+    import inspect
+
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    wanted = {"scale", "window_size", "enable_gqa"}
+    return varlen_attn if wanted <= set(inspect.signature(varlen_attn).parameters) else None
+
+
+def varlen_rows(kernel, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_lens: torch.Tensor,
+                longest: int, scaling: float | None) -> torch.Tensor:
+    """Rows end to end, (1, H, N, D) queries and (1, H_kv, N, D) keys and values, attending causally
+    each within its row (`cu_seq_lens`: int32 offsets, `longest`: the longest row) in one call of
+    `kernel`, which takes (N, H, D) tensors as torch's `varlen_attn` does. Returns (1, N, H, D), the
+    layout transformers' attention functions return."""
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    out = kernel(q, k, v, cu_seq_lens, cu_seq_lens, longest, longest, scale=scaling, window_size=(-1, 0),
+                 enable_gqa=q.shape[1] != k.shape[1])
+    return out[None]
 
 
 _last_rows: list = [None, None]  # (cu_seq_lens, its row lengths): every layer of one forward passes the same tensor

@@ -437,3 +437,18 @@ def test_peak_rss_is_the_rows_own_not_the_harness_it_was_started_from():
                                                check=True).stdout.split())
     assert held.sum() > 0 and resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 > 400
     assert own < 200 and inherited > 400  # the check can fail: ru_maxrss is the parent's here
+
+
+def test_the_header_states_every_setting_that_changes_the_rows():
+    """Each flag that changes how a row runs adds its line or clause to the header (the profiler's
+    and --no-varlen's lines follow the settings; both were once left unreachable after a return)."""
+    info = bench.cpu_info("model name\t: Some CPU\nflags\t\t: avx2\n")
+    plain = "\n".join(bench.header_lines(bench.parse_args([]), info))
+    assert "fp32 (TRL bf16=False)" in plain and "SFT right padding" in plain
+    assert "PROFILED" not in plain and "--no-varlen" not in plain and "NOT identical" not in plain
+    flags = ["--bf16", "--padding-free", "--pairs-padding-free", "--no-varlen", "--profile", "/tmp/p"]
+    flagged = bench.header_lines(bench.parse_args(flags), info, peak=989.4)
+    text = "\n".join(flagged)
+    assert "bf16 autocast (TRL bf16=True)" in text and "TRL padding_free=True" in text
+    assert "RM/DPO: NOT identical" in text and "MFU against 989.4 TFLOP/s" in text
+    assert flagged[-2].startswith("# ours with --no-varlen") and flagged[-1].startswith("# PROFILED (--profile /tmp/p)")

@@ -430,9 +430,7 @@ def test_packed_sdpa_attends_row_by_row_to_sdpas_block_mask_outputs_and_gradient
     """`PACKED_SDPA` (`use_packed_sdpa`): rows end to end attend row by row, one causal SDPA call
     per row and layer with no mask, and give plain SDPA's outputs over the whole block-diagonal
     mask, and its gradients: LM logits (full and LoRA) and a scalar model's per-token scores."""
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    from rlhf_core.training.modeling import PACKED_SDPA, token_scores, use_packed_sdpa
+    from rlhf_core.training.modeling import PACKED_SDPA
 
     gen = torch.Generator().manual_seed(8)
     lengths = (6, 3, 9, 1)
@@ -440,31 +438,141 @@ def test_packed_sdpa_attends_row_by_row_to_sdpas_block_mask_outputs_and_gradient
     calls = SDPACalls(monkeypatch)
     runs = []
     for attn in (PACKED_SDPA, "sdpa"):
-        if kind == "scores":
-            torch.manual_seed(2)
-            m = use_packed_sdpa(LlamaForSequenceClassification(LlamaConfig(
-                vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=64, pad_token_id=tok.pad_token_id, num_labels=1)))
-        else:
-            m = fresh_model(tok, lora=kind == "lm-lora")
+        m = packed_model(tok, kind)
         assert m.config._attn_implementation == PACKED_SDPA
         m.set_attn_implementation(attn)
         calls.calls.clear()
-        if kind == "scores":
-            out = token_scores(m, b.input_ids, None, b.position_ids)
-        else:
-            out = forward_packed_logits(m, b.input_ids, b.position_ids)
-        (out.sin().sum()).backward()
-        runs.append((out.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad},
-                     list(calls.calls)))
+        runs.append((*packed_outputs_and_grads(m, kind, b), list(calls.calls)))
     (out, grads, row_calls), (want, want_grads, mask_calls) = runs
     layers = 2
     assert row_calls == [(n, n > 1, False) for _ in range(layers) for n in lengths]  # one token: nothing to mask
     assert mask_calls == [(sum(lengths), False, True)] * layers
-    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    assert_same_outputs_and_grads((out, grads), (want, want_grads), atol=1e-5)
+
+
+def packed_model(tok, kind: str):
+    """A fresh tiny model on `PACKED_SDPA`: an LM (`lm`, `lm-lora`: two heads) or a one-label
+    scalar model with grouped-query attention (`scores`: four query heads on two key-value heads)."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from rlhf_core.training.modeling import use_packed_sdpa
+
+    if kind != "scores":
+        return fresh_model(tok, lora=kind == "lm-lora")
+    torch.manual_seed(2)
+    return use_packed_sdpa(LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=tok.pad_token_id, num_labels=1)))
+
+
+def packed_outputs_and_grads(m, kind: str, b) -> tuple[torch.Tensor, dict]:
+    """Logits (LM) or per-token scores of the rows end to end in `b`, and every trainable
+    gradient of a loss that reads all of them."""
+    from rlhf_core.training.modeling import token_scores
+
+    if kind == "scores":
+        out = token_scores(m, b.input_ids, None, b.position_ids)
+    else:
+        out = forward_packed_logits(m, b.input_ids, b.position_ids)
+    out.float().sin().sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+
+
+def assert_same_outputs_and_grads(got, want, atol: float, rtol: float = 1e-4) -> None:
+    (out, grads), (want_out, want_grads) = got, want
+    torch.testing.assert_close(out, want_out, atol=atol, rtol=rtol)
     assert grads.keys() == want_grads.keys() and len(grads) > 2
     for name in grads:
-        torch.testing.assert_close(grads[name], want_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(grads[name], want_grads[name], atol=atol, rtol=rtol, msg=name)
+
+
+def block_causal_attention(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                           enable_gqa=False):
+    """What torch's `varlen_attn` computes, written out for the CPU: (N, H, D) queries, (N, H_kv, D)
+    keys and values, each query attending to the keys of its own row (`cu_q` int32 offsets) up to
+    itself (`window_size` (-1, 0)), through one softmax over the whole (N, N) score matrix with every
+    other key masked out. Checks the arguments a causal self-attention call must pass."""
+    assert window_size == (-1, 0) and torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32
+    assert max_q == max_k == int(cu_q.diff().max())
+    assert enable_gqa == (q.shape[1] != k.shape[1])
+    n, heads, dim = q.shape
+    k, v = (t.repeat_interleave(heads // t.shape[1], dim=1) for t in (k, v))
+    row = torch.repeat_interleave(torch.arange(len(cu_q) - 1), cu_q.diff().long())
+    pos = torch.arange(n)
+    allowed = (row[:, None] == row[None, :]) & (pos[None, :] <= pos[:, None])
+    scores = torch.einsum("qhd,khd->hqk", q, k) * (dim ** -0.5 if scale is None else scale)
+    weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+    return torch.einsum("hqk,khd->qhd", weights, v)
+
+
+@pytest.mark.parametrize("kind", ["lm", "lm-lora", "scores"])
+def test_packed_sdpa_through_a_varlen_kernel_gives_the_row_by_row_outputs_and_gradients(tok, kind, monkeypatch):
+    """Where the device has a varlen flash-attention kernel (`varlen_kernel`: CUDA, fp16/bf16),
+    `PACKED_SDPA` hands it all rows at once (`varlen_rows`). The kernel needs a GPU, so here it is
+    `block_causal_attention`, which computes what torch documents for it: the layouts and
+    arguments around the call must give the row-by-row path's logits, scores and gradients, with
+    one kernel call per layer and no SDPA call. (`test_packed_sdpa_on_cuda_...` runs torch's own
+    kernel where a GPU is present.)"""
+    from rlhf_core.training import modeling
+
+    gen = torch.Generator().manual_seed(8)
+    b = collate_lm_packed({"input_ids": [ids(gen, n, tok) for n in (6, 3, 9, 1)]})
+    want = packed_outputs_and_grads(packed_model(tok, kind), kind, b)
+    kernel_calls = []
+
+    def kernel(*args, **kwargs):
+        kernel_calls.append(args[0].shape)
+        return block_causal_attention(*args, **kwargs)
+    monkeypatch.setattr(modeling, "varlen_kernel", lambda query, key, kwargs: kernel)
+    sdpa = SDPACalls(monkeypatch)
+    got = packed_outputs_and_grads(packed_model(tok, kind), kind, b)
+    heads = 4 if kind == "scores" else TINY.num_heads
+    assert kernel_calls == [(19, heads, TINY.hidden_size // heads)] * 2  # (N, H, D), once per layer
+    assert sdpa.calls == []
+    assert_same_outputs_and_grads(got, want, atol=1e-5)
+    # the check can fail: keys in the wrong layout (heads taken for positions) change the outputs
+    monkeypatch.setattr(modeling, "varlen_rows", lambda kern, q, k, v, cu, longest, scaling: kern(
+        q[0].transpose(0, 1), k[0].reshape(k.shape[2], k.shape[1], -1), v[0].transpose(0, 1), cu, cu, longest,
+        longest, scale=scaling, window_size=(-1, 0), enable_gqa=q.shape[1] != k.shape[1])[None])
+    wrong, _ = packed_outputs_and_grads(packed_model(tok, kind), kind, b)
+    assert (wrong - want[0]).abs().max() > 1e-4  # 10x the parity tolerance
+
+
+def test_varlen_kernel_is_only_for_half_precision_on_cuda():
+    """On the CPU, and for fp32 anywhere, rows end to end attend one SDPA call per row."""
+    from rlhf_core.training.modeling import varlen_kernel
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        q = torch.zeros(1, 2, 5, 16, dtype=dtype)
+        assert varlen_kernel(q, q, {"dropout": 0.0, "scaling": 0.25}) is None
+    if torch.cuda.is_available():
+        q = torch.zeros(1, 2, 5, 16, device="cuda")
+        assert varlen_kernel(q, q, {}) is None  # fp32
+        q = q.bfloat16()
+        assert varlen_kernel(q, q, {"dropout": 0.1}) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's varlen kernel needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["lm", "lm-lora", "scores"])
+def test_packed_sdpa_on_cuda_through_torchs_varlen_kernel_matches_row_by_row(tok, kind, monkeypatch):
+    """On a GPU with the kernel, under bf16 autocast: one varlen call per layer gives the row-by-row
+    SDPA path's outputs and gradients to bf16 rounding."""
+    from rlhf_core.training import modeling
+
+    gen = torch.Generator().manual_seed(8)
+    b = collate_lm_packed({"input_ids": [ids(gen, n, tok) for n in (6, 3, 9, 1, 40)]})
+    b = type(b)(*(t.cuda() for t in b))
+    if modeling.varlen_kernel(torch.zeros(1, 1, 1, 64, device="cuda", dtype=torch.bfloat16),
+                              torch.zeros(1, 1, 1, 64, device="cuda", dtype=torch.bfloat16), {}) is None:
+        pytest.skip("no varlen kernel on this GPU or torch")
+    runs = []
+    for varlen in (True, False):
+        if not varlen:
+            monkeypatch.setattr(modeling, "varlen_kernel", lambda query, key, kwargs: None)
+        m = packed_model(tok, kind).cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            runs.append(packed_outputs_and_grads(m, kind, b))
+    assert_same_outputs_and_grads(runs[0], runs[1], atol=2e-2, rtol=2e-2)
 
 
 def test_loaded_models_run_packed_sdpa_and_save_a_config_plain_transformers_loads(tmp_path, tok):
