@@ -522,7 +522,7 @@ def run_ours(spec: dict, clock: StepClock) -> int:
     if spec.get("no_varlen"):
         from rlhf_core.training import modeling
 
-        modeling.varlen_kernel = lambda query, key, kwargs: None
+        modeling.varlen_kernel = lambda query, kwargs: None
     if stage == "ppo":
         cfg = PPOConfig(**common, rollout_batch_size=2 * spec["batch_size"], max_new_tokens=spec["ppo_new_tokens"],
                         ppo_epochs=PPO_EPOCHS, temperature=1.0, critic_learning_rate=LEARNING_RATE,

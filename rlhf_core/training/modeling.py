@@ -5,6 +5,7 @@ Loading is safe by default: only safetensors weights load unless `allow_pickle` 
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -128,7 +129,7 @@ def _packed_sdpa(module, query, key, value, attention_mask, cu_seq_lens_q=None, 
     kwargs.pop("max_length_k", None)
     if cu_seq_lens_q is None or query.shape[0] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    kernel = varlen_kernel(query, key, kwargs)
+    kernel = varlen_kernel(query, kwargs)
     if kernel is not None and longest is not None:
         return varlen_rows(kernel, query, key, value, cu_seq_lens_q, longest, kwargs.get("scaling")), None
     lengths = _row_lengths(cu_seq_lens_q)
@@ -138,24 +139,44 @@ def _packed_sdpa(module, query, key, value, attention_mask, cu_seq_lens_q=None, 
     return torch.cat(outs, 1), None
 
 
-def varlen_kernel(query: torch.Tensor, key: torch.Tensor, kwargs: dict):
+def varlen_kernel(query: torch.Tensor, kwargs: dict):
     """torch's varlen flash attention (`torch.nn.attention.varlen.varlen_attn`, with the `scale`,
     `window_size` and `enable_gqa` arguments of torch >= 2.12) where it can take these rows: a CUDA
-    device of compute capability 8.0 or newer, fp16/bf16 queries and keys (bf16 autocast), head
-    dims up to 256 that are multiples of 8, no attention dropout and no sliding window. Else None,
-    and the rows attend one SDPA call each. The varlen call replaces one kernel launch per row and
-    layer (hundreds per layer at GPU batch sizes) with one; on the CPU there is no such kernel."""
-    if not (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and key.dtype == query.dtype):
+    device of compute capability 8.0 or newer, attention in fp16/bf16 (half-precision queries, or
+    bf16/fp16 autocast, under which the rotary product hands fp32 queries and keys to the attention
+    function and SDPA would cast them), head dims up to 256 that are multiples of 8, no attention
+    dropout and no sliding window. Else None, and the rows attend one SDPA call each. The varlen
+    call replaces one kernel launch per row and layer (hundreds per layer at GPU batch sizes) with
+    one; on the CPU there is no such kernel."""
+    if not query.is_cuda or _half_dtype(query) is None:
         return None
     head_dim = query.shape[-1]
     if head_dim > 256 or head_dim % 8 or kwargs.get("dropout") or kwargs.get("sliding_window") is not None:
         return None
-    if torch.cuda.get_device_capability(query.device) < (8, 0):
+    if _capability(query.device.index) < (8, 0):
         return None
     return _torch_varlen_attn()
 
 
+def _half_dtype(query: torch.Tensor) -> torch.dtype | None:
+    """The half precision attention runs in: the queries' own, or CUDA autocast's; None for fp32."""
+    half = (torch.float16, torch.bfloat16)
+    if query.dtype in half:
+        return query.dtype
+    if query.is_cuda and torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") in half:
+        return torch.get_autocast_dtype("cuda")
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+@functools.lru_cache(maxsize=1)
 def _torch_varlen_attn():
+    """torch's `varlen_attn` when it has the arguments `varlen_rows` passes, else None (looked up
+    once: every layer of every forward asks)."""
     import inspect
 
     try:
@@ -171,8 +192,9 @@ def varlen_rows(kernel, query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     """Rows end to end, (1, H, N, D) queries and (1, H_kv, N, D) keys and values, attending causally
     each within its row (`cu_seq_lens`: int32 offsets, `longest`: the longest row) in one call of
     `kernel`, which takes (N, H, D) tensors as torch's `varlen_attn` does. Returns (1, N, H, D), the
-    layout transformers' attention functions return."""
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    layout transformers' attention functions return, in the precision the attention ran in."""
+    dtype = _half_dtype(query) or query.dtype
+    q, k, v = (t[0].transpose(0, 1).to(dtype) for t in (query, key, value))
     out = kernel(q, k, v, cu_seq_lens, cu_seq_lens, longest, longest, scale=scaling, window_size=(-1, 0),
                  enable_gqa=q.shape[1] != k.shape[1])
     return out[None]

@@ -523,7 +523,7 @@ def test_packed_sdpa_through_a_varlen_kernel_gives_the_row_by_row_outputs_and_gr
     def kernel(*args, **kwargs):
         kernel_calls.append(args[0].shape)
         return block_causal_attention(*args, **kwargs)
-    monkeypatch.setattr(modeling, "varlen_kernel", lambda query, key, kwargs: kernel)
+    monkeypatch.setattr(modeling, "varlen_kernel", lambda query, kwargs: kernel)
     sdpa = SDPACalls(monkeypatch)
     got = packed_outputs_and_grads(packed_model(tok, kind), kind, b)
     heads = 4 if kind == "scores" else TINY.num_heads
@@ -539,39 +539,46 @@ def test_packed_sdpa_through_a_varlen_kernel_gives_the_row_by_row_outputs_and_gr
 
 
 def test_varlen_kernel_is_only_for_half_precision_on_cuda():
-    """On the CPU, and for fp32 anywhere, rows end to end attend one SDPA call per row."""
+    """On the CPU (autocast or not), and for fp32 anywhere, rows end to end attend one SDPA call
+    per row."""
     from rlhf_core.training.modeling import varlen_kernel
 
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         q = torch.zeros(1, 2, 5, 16, dtype=dtype)
-        assert varlen_kernel(q, q, {"dropout": 0.0, "scaling": 0.25}) is None
+        assert varlen_kernel(q, {"dropout": 0.0, "scaling": 0.25}) is None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert varlen_kernel(q, {}) is None
     if torch.cuda.is_available():
         q = torch.zeros(1, 2, 5, 16, device="cuda")
-        assert varlen_kernel(q, q, {}) is None  # fp32
-        q = q.bfloat16()
-        assert varlen_kernel(q, q, {"dropout": 0.1}) is None
+        assert varlen_kernel(q, {}) is None  # fp32, no autocast
+        assert varlen_kernel(q.bfloat16(), {"dropout": 0.1}) is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's varlen kernel needs a CUDA GPU")
 @pytest.mark.parametrize("kind", ["lm", "lm-lora", "scores"])
 def test_packed_sdpa_on_cuda_through_torchs_varlen_kernel_matches_row_by_row(tok, kind, monkeypatch):
-    """On a GPU with the kernel, under bf16 autocast: one varlen call per layer gives the row-by-row
-    SDPA path's outputs and gradients to bf16 rounding."""
+    """On a GPU with the kernel, under bf16 autocast (which hands the attention fp32 queries and
+    keys from the rotary product): one varlen call per layer gives the row-by-row SDPA path's
+    outputs and gradients to bf16 rounding."""
     from rlhf_core.training import modeling
 
     gen = torch.Generator().manual_seed(8)
     b = collate_lm_packed({"input_ids": [ids(gen, n, tok) for n in (6, 3, 9, 1, 40)]})
     b = type(b)(*(t.cuda() for t in b))
-    if modeling.varlen_kernel(torch.zeros(1, 1, 1, 64, device="cuda", dtype=torch.bfloat16),
-                              torch.zeros(1, 1, 1, 64, device="cuda", dtype=torch.bfloat16), {}) is None:
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        kernel = modeling.varlen_kernel(torch.zeros(1, 1, 1, 64, device="cuda"), {})
+    if kernel is None:
         pytest.skip("no varlen kernel on this GPU or torch")
+    calls = []
+    monkeypatch.setattr(modeling, "_torch_varlen_attn", lambda: lambda *a, **kw: calls.append(a[0].dtype) or kernel(*a, **kw))
     runs = []
     for varlen in (True, False):
         if not varlen:
-            monkeypatch.setattr(modeling, "varlen_kernel", lambda query, key, kwargs: None)
+            monkeypatch.setattr(modeling, "varlen_kernel", lambda query, kwargs: None)
         m = packed_model(tok, kind).cuda()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             runs.append(packed_outputs_and_grads(m, kind, b))
+    assert calls == [torch.bfloat16] * 2  # one call per layer, in bf16, and only on the varlen run
     assert_same_outputs_and_grads(runs[0], runs[1], atol=2e-2, rtol=2e-2)
 
 
