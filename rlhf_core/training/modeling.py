@@ -140,14 +140,14 @@ def _packed_sdpa(module, query, key, value, attention_mask, cu_seq_lens_q=None, 
 
 
 def varlen_kernel(query: torch.Tensor, kwargs: dict):
-    """torch's varlen flash attention (`torch.nn.attention.varlen.varlen_attn`, with the `scale`,
-    `window_size` and `enable_gqa` arguments of torch >= 2.12) where it can take these rows: a CUDA
-    device of compute capability 8.0 or newer, attention in fp16/bf16 (half-precision queries, or
-    bf16/fp16 autocast, under which the rotary product hands fp32 queries and keys to the attention
-    function and SDPA would cast them), head dims up to 256 that are multiples of 8, no attention
-    dropout and no sliding window. Else None, and the rows attend one SDPA call each. The varlen
-    call replaces one kernel launch per row and layer (hundreds per layer at GPU batch sizes) with
-    one; on the CPU there is no such kernel."""
+    """torch's varlen flash attention (`torch.nn.attention.varlen.varlen_attn`, any of its
+    signatures: `varlen_rows`) where it can take these rows: a CUDA device of compute capability
+    8.0 or newer, attention in fp16/bf16 (half-precision queries, or bf16/fp16 autocast, under
+    which the rotary product hands fp32 queries and keys to the attention function and SDPA would
+    cast them), head dims up to 256 that are multiples of 8, no attention dropout and no sliding
+    window. Else None, and the rows attend one SDPA call each. The varlen call replaces one kernel
+    launch per row and layer (hundreds per layer at GPU batch sizes) with one; on the CPU there is
+    no such kernel."""
     if not query.is_cuda or _half_dtype(query) is None:
         return None
     head_dim = query.shape[-1]
@@ -175,16 +175,19 @@ def _capability(index: int | None) -> tuple[int, int]:
 
 @functools.lru_cache(maxsize=1)
 def _torch_varlen_attn():
-    """torch's `varlen_attn` when it has the arguments `varlen_rows` passes, else None (looked up
-    once: every layer of every forward asks)."""
-    import inspect
-
+    """torch's `varlen_attn`, or None before torch had it (looked up once: every layer asks)."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    wanted = {"scale", "window_size", "enable_gqa"}
-    return varlen_attn if wanted <= set(inspect.signature(varlen_attn).parameters) else None
+    return varlen_attn if {"window_size", "is_causal"} & kernel_arguments(varlen_attn) else None
+
+
+@functools.lru_cache(maxsize=8)
+def kernel_arguments(kernel) -> frozenset[str]:
+    import inspect
+
+    return frozenset(inspect.signature(kernel).parameters)
 
 
 def varlen_rows(kernel, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_lens: torch.Tensor,
@@ -192,12 +195,26 @@ def varlen_rows(kernel, query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     """Rows end to end, (1, H, N, D) queries and (1, H_kv, N, D) keys and values, attending causally
     each within its row (`cu_seq_lens`: int32 offsets, `longest`: the longest row) in one call of
     `kernel`, which takes (N, H, D) tensors as torch's `varlen_attn` does. Returns (1, N, H, D), the
-    layout transformers' attention functions return, in the precision the attention ran in."""
+    layout transformers' attention functions return, in the precision the attention ran in.
+
+    torch's signature has changed from release to release: 2.12 and later take `scale`,
+    `window_size` and `enable_gqa`; before, `window_size` and `scale` without `enable_gqa`; the
+    first, `is_causal` only. What a kernel lacks is done around it: the key-value heads repeated
+    for each query head they serve (as transformers' `repeat_kv`), the queries multiplied so that
+    the default 1/sqrt(D) gives `scaling`."""
     dtype = _half_dtype(query) or query.dtype
     q, k, v = (t[0].transpose(0, 1).to(dtype) for t in (query, key, value))
-    out = kernel(q, k, v, cu_seq_lens, cu_seq_lens, longest, longest, scale=scaling, window_size=(-1, 0),
-                 enable_gqa=q.shape[1] != k.shape[1])
-    return out[None]
+    takes = kernel_arguments(kernel)
+    kw = {"window_size": (-1, 0)} if "window_size" in takes else {"is_causal": True}
+    if "enable_gqa" in takes:
+        kw["enable_gqa"] = q.shape[1] != k.shape[1]
+    elif q.shape[1] != k.shape[1]:
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    if "scale" in takes:
+        kw["scale"] = scaling
+    elif scaling is not None and abs(scaling * q.shape[-1] ** 0.5 - 1) > 1e-6:
+        q = q * (scaling * q.shape[-1] ** 0.5)
+    return kernel(q, k, v, cu_seq_lens, cu_seq_lens, longest, longest, **kw)[None]
 
 
 _last_rows: list = [None, None]  # (cu_seq_lens, its row lengths): every layer of one forward passes the same tensor

@@ -28,6 +28,8 @@ tests in test_logprobs.py and test_modeling.py.)
 """
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -520,9 +522,10 @@ def test_packed_sdpa_through_a_varlen_kernel_gives_the_row_by_row_outputs_and_gr
     want = packed_outputs_and_grads(packed_model(tok, kind), kind, b)
     kernel_calls = []
 
-    def kernel(*args, **kwargs):
-        kernel_calls.append(args[0].shape)
-        return block_causal_attention(*args, **kwargs)
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+        kernel_calls.append(q.shape)
+        return kernel_2_12(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=window_size,
+                           enable_gqa=enable_gqa)
     monkeypatch.setattr(modeling, "varlen_kernel", lambda query, kwargs: kernel)
     sdpa = SDPACalls(monkeypatch)
     got = packed_outputs_and_grads(packed_model(tok, kind), kind, b)
@@ -536,6 +539,44 @@ def test_packed_sdpa_through_a_varlen_kernel_gives_the_row_by_row_outputs_and_gr
         longest, scale=scaling, window_size=(-1, 0), enable_gqa=q.shape[1] != k.shape[1])[None])
     wrong, _ = packed_outputs_and_grads(packed_model(tok, kind), kind, b)
     assert (wrong - want[0]).abs().max() > 1e-4  # 10x the parity tolerance
+
+
+def kernel_2_12(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1),
+                enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+    return block_causal_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=window_size,
+                                  enable_gqa=enable_gqa)
+
+
+def kernel_2_11(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)):
+    assert q.shape[1] == k.shape[1], "no grouped-query attention in this signature"
+    return block_causal_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=window_size)
+
+
+def kernel_2_10(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False, return_aux=None):
+    assert is_causal and q.shape[1] == k.shape[1]
+    return block_causal_attention(q, k, v, cu_q, cu_k, max_q, max_k, window_size=(-1, 0))
+
+
+@pytest.mark.parametrize("kernel", [kernel_2_12, kernel_2_11, kernel_2_10])
+@pytest.mark.parametrize("scaling", [None, 8 ** -0.5, 0.3])
+def test_varlen_rows_fits_each_signature_torch_gave_the_kernel(kernel, scaling):
+    """torch's `varlen_attn` took `scale`, `window_size` and `enable_gqa` from 2.12, `scale` and
+    `window_size` before, and only `is_causal` at first (stand-ins with exactly those arguments):
+    `varlen_rows` gives each row's causal SDPA, with four query heads on two key-value heads and a
+    scale other than 1/sqrt(D), through all three."""
+    from rlhf_core.training.modeling import varlen_rows
+
+    gen = torch.Generator().manual_seed(4)
+    lengths = [5, 1, 7, 3]
+    n = sum(lengths)
+    q, k, v = (torch.randn(1, h, n, 8, generator=gen) for h in (4, 2, 2))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    out = varlen_rows(kernel, q, k, v, cu, max(lengths), scaling)
+    want = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+        *(t[:, :, a:b] for t in (q, k, v)), is_causal=True, scale=scaling, enable_gqa=True).transpose(1, 2)
+        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())], 1)
+    assert out.shape == (1, n, 4, 8)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
 
 
 def test_varlen_kernel_is_only_for_half_precision_on_cuda():
@@ -570,7 +611,12 @@ def test_packed_sdpa_on_cuda_through_torchs_varlen_kernel_matches_row_by_row(tok
     if kernel is None:
         pytest.skip("no varlen kernel on this GPU or torch")
     calls = []
-    monkeypatch.setattr(modeling, "_torch_varlen_attn", lambda: lambda *a, **kw: calls.append(a[0].dtype) or kernel(*a, **kw))
+
+    @functools.wraps(kernel)  # keeps the kernel's signature, which `varlen_rows` reads
+    def counted(*args, **kwargs):
+        calls.append(args[0].dtype)
+        return kernel(*args, **kwargs)
+    monkeypatch.setattr(modeling, "_torch_varlen_attn", lambda: counted)
     runs = []
     for varlen in (True, False):
         if not varlen:
