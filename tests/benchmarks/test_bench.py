@@ -99,6 +99,9 @@ def test_ratio_lines_compare_the_same_stage_and_variant():
     assert "1.50x" in lines[0] and lines[0].endswith(": met")
     assert "1.30x" in lines[1] and lines[1].endswith("NOT met")  # fast enough, but more memory
     assert "0.80x prompts/s" in lines[2] and lines[2].endswith("NOT met")
+    assert "file-backed" not in "".join(lines)  # rows without the figure
+    rows[0]["file_rss_mb"], rows[1]["file_rss_mb"] = 150.0, 210.0
+    assert "600 MB (file-backed pages at the end 150 vs 210 MB); target" in bench.ratio_lines(rows)[0]
 
 
 def test_smollm2_records_are_public_formats_of_varied_length(tmp_path):
@@ -437,6 +440,13 @@ def test_peak_rss_is_the_rows_own_not_the_harness_it_was_started_from():
                                                check=True).stdout.split())
     assert held.sum() > 0 and resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 > 400
     assert own < 200 and inherited > 400  # the check can fail: ru_maxrss is the parent's here
+
+
+def test_file_backed_rss_is_read_from_proc_status():
+    assert bench.file_rss_mb("VmHWM:\t  204800 kB\nRssAnon:\t 1000 kB\nRssFile:\t  153600 kB\n") == 150.0
+    assert bench.file_rss_mb("VmHWM:\t  204800 kB\n") is None
+    here = bench.file_rss_mb()  # this process maps torch's libraries
+    assert here is None or 10 < here < bench.peak_rss_mb()
 
 
 def test_the_header_states_every_setting_that_changes_the_rows():
