@@ -515,12 +515,10 @@ def last_layer_at(model, keep: torch.Tensor | None, attention_mask: torch.Tensor
         return
     if keep.dtype != torch.bool:
         keep = torch.zeros(positions.shape, dtype=torch.bool, device=keep.device).index_fill_(1, keep, True)
-    keep = keep.to(positions.device)
-    most = int(keep.sum(1).max())
-    if most == 0 or most > TRIM_AT_MOST * keep.shape[1]:
+    plan = _kept_queries(keep.to(positions.device), attention_mask, positions)
+    if plan is None:
         yield
         return
-    plan = _kept_queries(keep, attention_mask, positions)
     layer.forward = types.MethodType(lambda self, hidden_states, **kw: _last_layer_forward(self, hidden_states, plan, **kw),
                                      layer)
     try:
@@ -543,15 +541,18 @@ def _last_layer(model):
 
 
 def _kept_queries(keep: torch.Tensor, attention_mask: torch.Tensor | None,
-                  positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """Where `keep` (B, T) is True, as (B, K) indices (rows with fewer than K kept repeat their
     first kept index; `valid` marks the real ones), and the (B, K, T) keys each kept query may see:
     those at or before it that the forward's mask lets it see (the same row, for rows end to end).
     A query that could see no key (a repeated index in a row of padding) sees itself, so no softmax
-    row is empty."""
+    row is empty. None where the full layer runs instead: nothing kept, or a row keeping more than
+    `TRIM_AT_MOST` of the positions."""
     B, T = keep.shape
     counts = keep.sum(1)
     K = int(counts.max())
+    if K == 0 or K > TRIM_AT_MOST * T:
+        return None
     idx = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :K]
     valid = torch.arange(K, device=keep.device) < counts[:, None]
     idx = torch.where(valid, idx, idx[:, :1])
