@@ -1,30 +1,66 @@
 #!/usr/bin/env bash
 # Run on a GPU host from the repository root, after benchmarks/gpu/prepare.sh here (carry .whl and
-# .gpu): installs the carried wheels beside the host's torch, prints the versions, runs the tests
-# that need a GPU (torch's varlen flash-attention kernel against the row-by-row path), then the
-# SmolLM2 rows in bf16 beside TRL 1.16 with MFU and torch.profiler's per-op tables of each row's
-# timed steps, then (VARLEN_CHECK=1, the default) our padding-free SFT full row at batch 128 with
-# and without the varlen kernel. Everything lands in $OUT (the device tool's output folder;
-# /tmp/gpu-out elsewhere). STAGES (default "sft rm dpo"), VARIANTS ("full lora"), BATCH (32) and
-# EXTRA (more bench flags, e.g. "--padding-free") choose the rows; one row is one process, about a
-# minute each on an H200.
-set -euo pipefail
+# .gpu). A lent GPU comes with minutes, not hours, so the parts run most telling first, each in its
+# own process tree, and a part that would start with less time left than it needs is skipped and
+# named in $OUT/skipped.txt; a part that fails is named in $OUT/failed.txt and the next one runs.
+#   1. install the carried wheels beside the host's torch; print the versions
+#   2. gpu-tests: the tests that need a GPU (torch's varlen flash-attention kernel against the
+#      row-by-row path)
+#   3. sft-b32: SFT full at batch 32, right-padded, ours beside TRL 1.16, with torch.profiler's per-op
+#      tables (the row that read 0.67x on the H200 of 2026-12-04: where does our GPU time go?)
+#   4. sft-b128-free: SFT full at batch 128 padding-free, ours (varlen kernel) beside TRL; then
+#      sft-b128-free-no-varlen: ours without the kernel (what the lever buys)
+#   5. sft-b512-free: SFT full at batch 512 padding-free (about 45k tokens a step), ours beside TRL,
+#      with profiles: the MFU target's row, steps large enough for the matrix products to matter
+#   6. rest-b32: RM and DPO, full and LoRA, at batch 32, when time is left
+# Each part writes its table to $OUT/NAME.txt and its rows to $OUT/NAME.json ($OUT: the device
+# tool's output folder; /tmp/gpu-out elsewhere). BUDGET (seconds, default 480) bounds the whole
+# script; PARTS (default "gpu-tests sft-b32 sft-b128-free sft-b128-free-no-varlen sft-b512-free
+# rest-b32") chooses parts; DRY_RUN=1 prints the commands without running them.
+set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-/tmp/gpu-out}"
+BUDGET="${BUDGET:-480}"
+PARTS="${PARTS:-gpu-tests sft-b32 sft-b128-free sft-b128-free-no-varlen sft-b512-free rest-b32}"
+START=$SECONDS
 mkdir -p "$OUT"
-python -m pip install -q --no-deps --no-index .whl/*.whl
-python -c "import torch, transformers, trl, peft, accelerate, datasets; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0)); print('transformers', transformers.__version__, 'trl', trl.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__, 'datasets', datasets.__version__)"
-python -m pytest -p no:cacheprovider -q tests/rlhf_core/test_lever_parity.py -k "varlen" 2>&1 \
-  | tee "$OUT/gpu-tests.txt" || echo "GPU TESTS FAILED: see $OUT/gpu-tests.txt"
-# shellcheck disable=SC2086
-python benchmarks/bench.py --model smollm2 --model-path .gpu/smollm2 --random-init --bf16 --threads 8 --trl \
-  --stages ${STAGES:-sft rm dpo} --variants ${VARIANTS:-full lora} --batch-size "${BATCH:-32}" \
-  --steps 10 --warmup 3 --records 512 --profile "$OUT/profile" --json "$OUT/rows.json" ${EXTRA:-} 2>&1 | tee "$OUT/bench.txt"
-if [ "${VARLEN_CHECK:-1}" = 1 ]; then
-  for flag in "" --no-varlen; do
-    # shellcheck disable=SC2086
-    python benchmarks/bench.py --model smollm2 --model-path .gpu/smollm2 --random-init --bf16 --threads 8 \
-      --stages sft --variants full --batch-size 128 --padding-free --steps 10 --warmup 3 --records 2048 $flag \
-      --json "$OUT/varlen${flag:+-off}.json" 2>&1 | tee "$OUT/varlen${flag:+-off}.txt"
-  done
+BENCH=(python benchmarks/bench.py --model smollm2 --model-path .gpu/smollm2 --random-init --bf16 --threads 8
+       --steps 10 --warmup 3)
+
+# part NAME SECONDS CMD...: run CMD (its output to $OUT/NAME.txt) when NAME is in PARTS and at least
+# SECONDS of the budget remain; CMD is stopped when the budget runs out.
+part() {
+  local name=$1 need=$2 left rc
+  shift 2
+  [[ " $PARTS " == *" $name "* ]] || return 0
+  left=$((BUDGET - (SECONDS - START)))
+  if ((left < need)); then
+    echo "SKIPPED $name: ${left}s of BUDGET=${BUDGET}s left, it needs about ${need}s" | tee -a "$OUT/skipped.txt"
+    return 0
+  fi
+  echo "== $name, $((SECONDS - START))s in: $*"
+  if [ "${DRY_RUN:-0}" = 1 ]; then
+    return 0
+  fi
+  timeout "$left" "$@" > >(tee "$OUT/$name.txt") 2>&1
+  rc=$?
+  ((rc == 0)) || echo "FAILED $name (exit $rc; 124: out of budget): see $OUT/$name.txt" | tee -a "$OUT/failed.txt"
+}
+
+if [ "${DRY_RUN:-0}" != 1 ]; then
+  python -m pip install -q --no-deps --no-index .whl/*.whl || { echo "installing .whl failed" >&2; exit 2; }
+  python -c "import torch, transformers, trl, peft, accelerate, datasets; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0)); print('transformers', transformers.__version__, 'trl', trl.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__, 'datasets', datasets.__version__)" \
+    | tee "$OUT/versions.txt"
 fi
+part gpu-tests 60 python -m pytest -p no:cacheprovider -q tests/rlhf_core/test_lever_parity.py -k varlen
+part sft-b32 150 "${BENCH[@]}" --trl --stages sft --variants full --batch-size 32 --records 512 \
+  --profile "$OUT/profile-sft-b32" --json "$OUT/sft-b32.json"
+part sft-b128-free 150 "${BENCH[@]}" --trl --stages sft --variants full --batch-size 128 --padding-free \
+  --records 2048 --json "$OUT/sft-b128-free.json"
+part sft-b128-free-no-varlen 90 "${BENCH[@]}" --stages sft --variants full --batch-size 128 --padding-free \
+  --records 2048 --no-varlen --json "$OUT/sft-b128-free-no-varlen.json"
+part sft-b512-free 180 "${BENCH[@]}" --trl --stages sft --variants full --batch-size 512 --padding-free \
+  --records 4096 --profile "$OUT/profile-sft-b512-free" --json "$OUT/sft-b512-free.json"
+part rest-b32 300 "${BENCH[@]}" --trl --stages rm dpo --variants full lora --batch-size 32 --records 512 \
+  --json "$OUT/rest-b32.json"
+echo "done in $((SECONDS - START))s of BUDGET=${BUDGET}s"

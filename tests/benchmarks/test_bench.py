@@ -462,3 +462,27 @@ def test_the_header_states_every_setting_that_changes_the_rows():
     assert "bf16 autocast (TRL bf16=True)" in text and "TRL padding_free=True" in text
     assert "RM/DPO: NOT identical" in text and "MFU against 989.4 TFLOP/s" in text
     assert flagged[-2].startswith("# ours with --no-varlen") and flagged[-1].startswith("# PROFILED (--profile /tmp/p)")
+
+
+def test_the_gpu_script_runs_its_parts_in_order_and_every_bench_command_parses(tmp_path):
+    """`benchmarks/gpu/run.sh` only runs on a lent GPU, so a renamed bench flag would first show there,
+    in minutes that cannot be had back: its dry run here lists each part's command, and each bench
+    command must parse. A part asked for is listed; one left out of PARTS is not."""
+    import os
+    import shlex
+
+    run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "run.sh")], capture_output=True, text=True,
+                         env={**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path)}, timeout=60)
+    assert run.returncode == 0, run.stderr
+    parts = [line[3:].split(",")[0] for line in run.stdout.splitlines() if line.startswith("== ")]
+    assert parts == ["gpu-tests", "sft-b32", "sft-b128-free", "sft-b128-free-no-varlen", "sft-b512-free", "rest-b32"]
+    commands = [shlex.split(line.split(": ", 1)[1]) for line in run.stdout.splitlines() if line.startswith("== ")]
+    assert commands[0][-1] == "varlen" and (ROOT / commands[0][-3]).is_file()
+    assert all(argv[:2] == ["python", "benchmarks/bench.py"] for argv in commands[1:])
+    by_name = {name: bench.parse_args(argv[2:]) for name, argv in zip(parts[1:], commands[1:])}
+    assert all(args.model == "smollm2" and args.bf16 and args.random_init for args in by_name.values())
+    assert by_name["sft-b128-free-no-varlen"].no_varlen and not by_name["sft-b128-free"].no_varlen
+    assert by_name["sft-b512-free"].batch_size == 512 and by_name["sft-b512-free"].padding_free
+    some = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "run.sh")], capture_output=True, text=True,
+                          env={**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path), "PARTS": "sft-b512-free"}, timeout=60)
+    assert [line[3:].split(",")[0] for line in some.stdout.splitlines() if line.startswith("== ")] == ["sft-b512-free"]
