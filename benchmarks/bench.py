@@ -516,7 +516,7 @@ def run_ours(spec: dict, clock: StepClock) -> int:
     common = dict(max_steps=spec["warmup"] + spec["steps"], batch_size=spec["batch_size"], eval_every=0, save_every=0,
                   log_every=1, warmup_steps=0, learning_rate=LEARNING_RATE, lr_scheduler="constant",
                   mixed_precision="bf16" if spec["bf16"] else "no", gradient_checkpointing=spec["gradient_checkpointing"],
-                  lora=lora)
+                  lora=lora, compile=bool(spec.get("compile")))
     base = Path(spec["base"])
     mc = model_config(spec["model"], spec["base"])
     if spec.get("no_varlen"):
@@ -586,7 +586,8 @@ def trl_config_kwargs(spec: dict) -> dict:
               gradient_checkpointing=spec["gradient_checkpointing"], max_length=spec["max_length"],
               pad_to_multiple_of=None, logging_steps=10_000, save_strategy="no", report_to=[], disable_tqdm=True,
               dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), seed=0,
-              train_sampling_strategy="sequential")  # the rows come in our loop's order (drawn_rows)
+              train_sampling_strategy="sequential",  # the rows come in our loop's order (drawn_rows)
+              torch_compile=bool(spec.get("compile")))
     if spec["gradient_checkpointing"]:
         kw["gradient_checkpointing_kwargs"] = {"use_reentrant": False}  # as ours
     if stage in ("sft", "dpo"):
@@ -881,6 +882,9 @@ def header_lines(args, info: dict, peak: float | None = None) -> list[str]:
           f"count for both sides, over the measured time; MFU against {peak:g} TFLOP/s"] if peak else [])
     + (["# ours with --no-varlen: rows end to end attend one SDPA call per row, not torch's varlen kernel"]
        if args.no_varlen else [])
+    + (["# torch.compile on both sides: ours each decoder layer but the last, dynamic shapes (compile: true); TRL "
+        "torch_compile=True (its Trainer compiles the whole model); the warm-up steps pay for the compilation"]
+       if args.compile else [])
     + ([f"# PROFILED (--profile {args.profile}): torch's profiler watched the timed steps, so these rates are "
         "slower than an unprofiled run's"] if args.profile else []))
 
@@ -1053,6 +1057,10 @@ def parse_args(argv):
     ap.add_argument("--no-varlen", action="store_true",
                     help="ours: rows end to end attend one SDPA call per row even where the GPU has torch's varlen "
                          "flash-attention kernel (modeling.varlen_kernel), to measure that lever")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile on both sides: ours each decoder layer but the last, for dynamic shapes "
+                         "(compile: true), TRL torch_compile=True (the whole model, its Trainer's switch); the "
+                         "first steps compile, so keep --warmup at 3 or more; not for PPO")
     ap.add_argument("--random-init", action="store_true",
                     help="smollm2: the model's architecture from --model-path's config.json and tokenizer, with seeded "
                          "random weights (a host without the weights; the steps cost the same)")
@@ -1071,6 +1079,8 @@ def parse_args(argv):
     for k, v in PRESETS[args.model].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.compile and "ppo" in args.stages:
+        ap.error("--compile is not for PPO (ppo.compile is refused: its rollouts generate token by token)")
     return args
 
 
@@ -1125,7 +1135,7 @@ def main(argv=None) -> None:
                     "max_length": args.max_length, "threads": args.threads, "bf16": args.bf16,
                     "gradient_checkpointing": args.gradient_checkpointing, "padding_free": args.padding_free,
                     "pairs_padding_free": args.pairs_padding_free, "rm_share_prompt": args.rm_share_prompt,
-                    "ppo_padding_free": args.ppo_padding_free, "no_varlen": args.no_varlen,
+                    "ppo_padding_free": args.ppo_padding_free, "no_varlen": args.no_varlen, "compile": args.compile,
                     "ppo_new_tokens": args.ppo_new_tokens,
                     "tokens_per_sample": None if stage == "ppo" else stats["tokens_per_sample"],
                     "padding_fraction": stats["padding_fraction"], "prompts_file": str(prompts_file),

@@ -195,6 +195,12 @@ class TrainConfig:
     skipped (inf) steps are expected. fp16 needs a GPU; on CPU accelerate runs it in fp32."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass instead of storing them (less memory, ~30% slower)."""
+    compile: bool = False
+    """torch.compile each decoder layer of the trained model but the last, for dynamic shapes
+    (`modeling.compile_layers`): fused kernels and fewer launches, meant for GPU workers. The
+    layers share one compiled graph (two under LoRA); the first step pays for it (about 17 s for
+    SmolLM2 on 2 CPU cores), and new lengths do not recompile. On 2 CPU cores it measured no faster
+    for SmolLM2. Not for PPO (its rollouts generate token by token)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA adapters for this stage."""
 
@@ -348,6 +354,8 @@ class PPOConfig(TrainConfig):
                "must be >= batch_size * grad_accum (one PPO minibatch), or no update would run")
         _check(self.ptx_data in ("pt", "sft"), "ptx_data", "must be pt or sft")
         _check(self.critic_learning_rate > 0, "critic_learning_rate", "must be > 0")
+        _check(not self.compile, "compile", "is not supported for PPO (its rollouts generate token by token, "
+               "which would recompile the layers at every length); set it for SFT, RM or DPO")
 
 
 @dataclass(frozen=True)

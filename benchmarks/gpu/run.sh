@@ -9,22 +9,24 @@
 #   3. sft-b256-free: SFT full at batch 256 padding-free (about 22k tokens a step), ours beside
 #      TRL 1.16: the MFU target's row, steps large enough for the matrix products to matter (batch
 #      128 held 25 GB of CUDA memory on the H200, so 256 fits an 80 GB H100 and 512 might not)
+#   3b. sft-b256-free-compile: the same with torch.compile on both sides (ours: each decoder layer
+#      but the last, `compile: true`; TRL torch_compile=True): fused kernels, fewer launches
 #   4. sft-b128-free: the same at batch 128 (the H200 row of 2026-12-04: 2.2% MFU, 1.18x TRL), then
 #      sft-b128-free-no-varlen: ours without the varlen kernel (what that lever buys)
 #   5. sft-b256-profile: ours at batch 256 again under torch.profiler (per-op CUDA and CPU time)
 #   6. sft-b32-profile: SFT full at batch 32, right-padded, ours beside TRL under the profiler (the
 #      row that read 0.67x on the H200: where does our GPU time go?)
 #   7. rest-b32: RM and DPO, full and LoRA, at batch 32
-# The rows of parts 3, 4 and 7 run without the profiler, which slows the steps it watches.
+# The rows of parts 3, 3b, 4 and 7 run without the profiler, which slows the steps it watches.
 # Each part writes its table to $OUT/NAME.txt and its rows to $OUT/NAME.json ($OUT: the device
 # tool's output folder; /tmp/gpu-out elsewhere). BUDGET (seconds, default 480) bounds the whole
-# script; PARTS (default: all seven, in this order) chooses parts; DRY_RUN=1 prints the commands
+# script; PARTS (default: all eight, in this order) chooses parts; DRY_RUN=1 prints the commands
 # without running them.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-/tmp/gpu-out}"
 BUDGET="${BUDGET:-480}"
-PARTS="${PARTS:-gpu-tests sft-b256-free sft-b128-free sft-b128-free-no-varlen sft-b256-profile sft-b32-profile rest-b32}"
+PARTS="${PARTS:-gpu-tests sft-b256-free sft-b256-free-compile sft-b128-free sft-b128-free-no-varlen sft-b256-profile sft-b32-profile rest-b32}"
 START=$SECONDS
 mkdir -p "$OUT"
 BENCH=(python benchmarks/bench.py --model smollm2 --model-path .gpu/smollm2 --random-init --bf16 --threads 8
@@ -58,6 +60,8 @@ fi
 part gpu-tests 60 python -m pytest -p no:cacheprovider -q tests/rlhf_core/test_lever_parity.py -k varlen
 part sft-b256-free 180 "${BENCH[@]}" --trl --stages sft --variants full --batch-size 256 --padding-free \
   --records 4096 --json "$OUT/sft-b256-free.json"
+part sft-b256-free-compile 240 "${BENCH[@]}" --trl --compile --stages sft --variants full --batch-size 256 \
+  --padding-free --records 4096 --json "$OUT/sft-b256-free-compile.json"
 part sft-b128-free 150 "${BENCH[@]}" --trl --stages sft --variants full --batch-size 128 --padding-free \
   --records 2048 --json "$OUT/sft-b128-free.json"
 part sft-b128-free-no-varlen 90 "${BENCH[@]}" --stages sft --variants full --batch-size 128 --padding-free \

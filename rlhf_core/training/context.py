@@ -33,7 +33,7 @@ from rlhf_core.config import TrainConfig
 from rlhf_core.data.batching import index_batches
 from rlhf_core.errors import RLHFError
 from rlhf_core.training.checkpoint import load_checkpoint, rng_state, save_checkpoint
-from rlhf_core.training.modeling import enable_gradient_checkpointing, sparse_tied_embedding_grad
+from rlhf_core.training.modeling import compile_layers, enable_gradient_checkpointing, sparse_tied_embedding_grad
 from rlhf_core.training.modeling import save_model as save_pretrained
 from rlhf_core.training.optim import (
     make_accelerator,
@@ -212,6 +212,8 @@ class RunContext:
         checkpoint with this context's fingerprint exists."""
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
+        if cfg.compile:
+            compile_layers(model)
         opt = make_optimizer(model.parameters(), cfg.learning_rate, cfg.weight_decay)
         sched = make_scheduler(opt, cfg)
         model, opt = self.accelerator.prepare(model, opt)

@@ -371,6 +371,22 @@ def enable_gradient_checkpointing(model) -> None:
     base.config.use_cache = False
 
 
+def compile_layers(model) -> int:
+    """Lever (`compile: true`): `torch.compile` each decoder layer but the last, for dynamic shapes
+    (regional compilation). The layers are instances of one class, so they share one compiled
+    graph and the first step compiles it once, whatever the model's depth; batch and sequence
+    lengths vary from step to step without recompiling. The last layer stays eager: `last_layer_at`
+    swaps its `forward` during a call. The layers keep their parameters and names, so state dicts,
+    checkpoints and saved models are unchanged. Call it before the accelerator wraps the model.
+    Returns how many layers were compiled (0 for a model without `model.layers`)."""
+    layers = decoder_layers(model)
+    if not layers:
+        return 0
+    for layer in layers[:-1]:
+        layer.compile(dynamic=True)
+    return len(layers) - 1
+
+
 def sparse_tied_embedding_grad(model, in_place: bool | None = None) -> bool:
     """Lever: when the input embedding is tied to the LM head and trained, its lookup's gradient
     never becomes a dense (V, d) tensor of its own (for SmolLM2, 49152 x 576 fp32: 113 MB, zeroed,
@@ -527,9 +543,15 @@ def last_layer_at(model, keep: torch.Tensor | None, attention_mask: torch.Tensor
         del layer.forward
 
 
+def decoder_layers(model) -> list:
+    """The decoder layers of a transformers model (`model.model.layers`), through any wrapper and
+    LoRA; [] for a model without them."""
+    return list(getattr(getattr(hf_model(model), "model", None), "layers", None) or [])
+
+
 def _last_layer(model):
     """The last decoder layer of `model` when `last_layer_at` can run it at kept positions, else None."""
-    layers = getattr(getattr(hf_model(model), "model", None), "layers", None)
+    layers = decoder_layers(model)
     if not layers:
         return None
     layer = layers[-1]

@@ -47,6 +47,9 @@ def test_trl_configs_carry_our_precision_checkpointing_length_and_padding_not_th
     if stage == "sft":  # --padding-free: TRL's padding-free collator, on our already truncated rows
         free = cls(**bench.trl_config_kwargs(spec_for(stage, tmp_path, padding_free=True)))
         assert (free.padding_free, free.packing, free.max_length) == (True, False, None)
+    assert ours.torch_compile is False and default.torch_compile is False
+    compiled = cls(**bench.trl_config_kwargs({**spec_for(stage, tmp_path), "compile": True}))  # --compile
+    assert compiled.torch_compile is True
 
 
 def test_trl_lora_config_is_ours():
@@ -456,12 +459,17 @@ def test_the_header_states_every_setting_that_changes_the_rows():
     plain = "\n".join(bench.header_lines(bench.parse_args([]), info))
     assert "fp32 (TRL bf16=False)" in plain and "SFT right padding" in plain
     assert "PROFILED" not in plain and "--no-varlen" not in plain and "NOT identical" not in plain
-    flags = ["--bf16", "--padding-free", "--pairs-padding-free", "--no-varlen", "--profile", "/tmp/p"]
+    assert "torch.compile" not in plain
+    flags = ["--bf16", "--padding-free", "--pairs-padding-free", "--no-varlen", "--compile", "--stages", "sft", "dpo",
+             "--profile", "/tmp/p"]
     flagged = bench.header_lines(bench.parse_args(flags), info, peak=989.4)
     text = "\n".join(flagged)
     assert "bf16 autocast (TRL bf16=True)" in text and "TRL padding_free=True" in text
     assert "RM/DPO: NOT identical" in text and "MFU against 989.4 TFLOP/s" in text
-    assert flagged[-2].startswith("# ours with --no-varlen") and flagged[-1].startswith("# PROFILED (--profile /tmp/p)")
+    assert flagged[-3].startswith("# ours with --no-varlen") and flagged[-1].startswith("# PROFILED (--profile /tmp/p)")
+    assert flagged[-2].startswith("# torch.compile on both sides") and "TRL torch_compile=True" in flagged[-2]
+    with pytest.raises(SystemExit):  # PPO refuses compile: the harness says so before any row runs
+        bench.parse_args(["--compile", "--stages", "sft", "ppo"])
 
 
 def test_the_gpu_script_runs_its_parts_in_order_and_every_bench_command_parses(tmp_path):
@@ -475,14 +483,15 @@ def test_the_gpu_script_runs_its_parts_in_order_and_every_bench_command_parses(t
                          env={**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path)}, timeout=60)
     assert run.returncode == 0, run.stderr
     parts = [line[3:].split(",")[0] for line in run.stdout.splitlines() if line.startswith("== ")]
-    assert parts == ["gpu-tests", "sft-b256-free", "sft-b128-free", "sft-b128-free-no-varlen", "sft-b256-profile",
-                     "sft-b32-profile", "rest-b32"]
+    assert parts == ["gpu-tests", "sft-b256-free", "sft-b256-free-compile", "sft-b128-free", "sft-b128-free-no-varlen",
+                     "sft-b256-profile", "sft-b32-profile", "rest-b32"]
     commands = [shlex.split(line.split(": ", 1)[1]) for line in run.stdout.splitlines() if line.startswith("== ")]
     assert commands[0][-1] == "varlen" and (ROOT / commands[0][-3]).is_file()
     assert all(argv[:2] == ["python", "benchmarks/bench.py"] for argv in commands[1:])
     by_name = {name: bench.parse_args(argv[2:]) for name, argv in zip(parts[1:], commands[1:])}
     assert all(args.model == "smollm2" and args.bf16 and args.random_init for args in by_name.values())
     assert by_name["sft-b128-free-no-varlen"].no_varlen and not by_name["sft-b128-free"].no_varlen
+    assert [name for name, args in by_name.items() if args.compile] == ["sft-b256-free-compile"]
     assert by_name["sft-b256-free"].batch_size == 256 and by_name["sft-b256-free"].padding_free
     # the rows read for MFU and ratios run without the profiler, which slows the steps it watches
     assert [name for name, args in by_name.items() if args.profile] == ["sft-b256-profile", "sft-b32-profile"]

@@ -189,3 +189,10 @@ def test_precision_and_memory_settings():
     assert _config_error(PPOConfig, {"vf_coef": 0.5}).key == "vf_coef"  # removed: it had no effect
     cfg = from_dict(PPOConfig, {"gradient_checkpointing": True, "critic_lora": {"enabled": True, "r": 4}})
     assert cfg.gradient_checkpointing and cfg.critic_lora.r == 4
+
+
+def test_compile_is_for_the_stages_that_do_not_generate():
+    assert all(from_dict(cls, {"compile": True}).compile for cls in (PTConfig, SFTConfig, RMConfig, DPOConfig))
+    err = _config_error(PPOConfig, {"compile": True})
+    assert err.key == "compile" and "not supported for PPO" in str(err)
+    assert from_dict(PPOConfig, {}).compile is False

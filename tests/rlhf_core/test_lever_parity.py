@@ -1043,3 +1043,72 @@ def test_last_layer_at_runs_the_full_layer_where_a_row_keeps_most_positions(monk
             calls.clear()
             forward_logits(m, ids, mask, keep)
             assert len(calls) == trims, kept
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_compiled_layers_give_the_eager_logits_and_gradients_with_one_graph_for_every_length(tok, lora):
+    """`compile: true` (`compile_layers`): every decoder layer but the last compiled for dynamic
+    shapes gives the eager model's logits and gradients, for padded batches of three lengths with
+    the last layer run at every position and only at the scored ones, and for rows end to end. The
+    compiled layers (two here) share one graph, which the padded batches' new lengths do not
+    recompile (two graphs under LoRA, whose first layer takes an input needing no gradient); the
+    names of the parameters (checkpoints, saved models) stay as they were."""
+    import torch._dynamo
+
+    from rlhf_core.training.modeling import compile_layers, decoder_layers
+
+    def model():
+        m = build_tiny_causal_lm(ModelConfig(hidden_size=32, num_layers=3, num_heads=2, intermediate_size=64,
+                                             vocab_size=320), tok, seed=4)
+        return apply_lora(m, LoraConfig(enabled=True, r=4, alpha=8, target_modules=("q_proj", "v_proj"))) if lora else m
+
+    def outputs_and_grads(m, run):
+        m.zero_grad(set_to_none=True)
+        out = run(m)
+        out.float().sin().sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    eager, compiled = model(), model()
+    assert compile_layers(compiled) == 2 and len(decoder_layers(compiled)) == 3
+    assert [n for n, _ in compiled.named_parameters()] == [n for n, _ in eager.named_parameters()]
+    gen = torch.Generator().manual_seed(6)
+    for lengths in ((9, 4, 7), (14, 3, 11), (6, 12, 2)):
+        rows = [ids(gen, n, tok) for n in lengths]
+        b = collate_lm({"input_ids": rows, "labels": [[IGNORE_INDEX] * (len(r) // 2) + r[len(r) // 2:] for r in rows]},
+                       tok.pad_token_id)
+        for keep in (None, scored_mask(b.labels)):
+            def run(m):
+                return forward_logits(m, b.input_ids, b.attention_mask, keep)
+            # gradients of order 1e2 (a sum over every position): inductor's kernels round differently
+            assert_same_outputs_and_grads(outputs_and_grads(compiled, run), outputs_and_grads(eager, run), atol=1e-4)
+    # under LoRA the first layer's input (from the frozen embedding) needs no gradient: a second graph
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == (2 if lora else 1)
+    packed = collate_lm_packed({"input_ids": [ids(gen, n, tok) for n in (5, 9, 3)]})
+
+    def run_packed(m):
+        return forward_packed_logits(m, packed.input_ids, packed.position_ids)
+    assert_same_outputs_and_grads(outputs_and_grads(compiled, run_packed), outputs_and_grads(eager, run_packed), atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's varlen kernel needs a CUDA GPU")
+def test_compiled_layers_through_torchs_varlen_kernel_match_eager_on_cuda(tok):
+    """`compile: true` on a GPU with rows end to end under bf16 autocast: the compiled layers reach
+    torch's varlen kernel too, and give the eager model's logits and gradients to bf16 rounding."""
+    from rlhf_core.training.modeling import compile_layers, varlen_kernel
+
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        if varlen_kernel(torch.zeros(1, 1, 1, 64, device="cuda"), {}) is None:
+            pytest.skip("no varlen kernel on this GPU or torch")
+    gen = torch.Generator().manual_seed(9)
+    b = collate_lm_packed({"input_ids": [ids(gen, n, tok) for n in (6, 3, 9, 1, 40)]})
+    b = type(b)(*(t.cuda() for t in b))
+    runs = []
+    for compiled in (False, True):
+        m = packed_model(tok, "lm").cuda()
+        if compiled:
+            assert compile_layers(m) == 1
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            runs.append(packed_outputs_and_grads(m, "lm", b))
+    assert_same_outputs_and_grads(runs[1], runs[0], atol=2e-2, rtol=2e-2)

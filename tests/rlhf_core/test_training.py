@@ -166,6 +166,34 @@ def test_reward_model_overfits_32_pairs(demo, pt_sft):
     assert not any(k.startswith("eval/") for k in res.metrics)  # eval_fraction 0: nothing held out
 
 
+def test_the_reward_model_trains_with_compiled_layers_as_it_does_eager(demo, pt_sft):
+    """`compile: true` through the whole RM loop (prepare, steps, a checkpoint, the held-out
+    evaluation without gradients, the saved model): the same losses step by step as the eager run,
+    to float rounding, and a saved model that loads with the eager one's scores."""
+    import torch._dynamo
+
+    from rlhf_core.training.modeling import last_token_scores, load_scalar_model
+
+    runs = []
+    torch._dynamo.utils.counters.clear()
+    for compiled in (False, True):
+        log, name = History(), f"rm-compile-{compiled}"
+        cfg = RMConfig(max_steps=3, batch_size=8, learning_rate=1e-3, warmup_steps=0, lr_scheduler="constant",
+                       compile=compiled, **{**QUIET, "save_every": 2})
+        run_rm(context("rm", cfg, demo.root / name, demo.root / "ckpt" / name, log, data=demo.small,
+                       init=pt_sft.sft_dir), cfg, TINY)
+        assert (demo.root / "ckpt" / name).is_dir()
+        assert bool(torch._dynamo.utils.counters["stats"]["unique_graphs"]) == compiled  # compiled only when asked
+        runs.append((log.values("train/loss"), load_scalar_model(demo.root / name, TINY, 0)))
+    (eager_losses, eager), (compiled_losses, compiled) = runs
+    assert len(eager_losses) == 4  # three steps and the final record
+    assert compiled_losses == pytest.approx(eager_losses, abs=1e-5)
+    ids, mask = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 0]]), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    with torch.no_grad():
+        torch.testing.assert_close(last_token_scores(compiled, ids, mask), last_token_scores(eager, ids, mask),
+                                   atol=1e-4, rtol=1e-4)
+
+
 # --- (d) DPO ---------------------------------------------------------------------------------
 
 def test_dpo_overfits_32_pairs(demo, pt_sft):
