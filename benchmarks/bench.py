@@ -676,9 +676,10 @@ def peak_rss_mb(status: str | None = None) -> float:
 def file_rss_mb(status: str | None = None) -> float | None:
     """The file-backed part of this process's RSS now (Linux's RssFile: shared libraries, mapped
     files), or None where /proc has no such line. Part of every peak, and not the training's own
-    memory: the same libraries can map more of it from files written minutes before (`import
-    torch` alone held 77 MB of file pages from a venv installed that morning and 112 MB from one a
-    fresh clone had just installed, at the same 148 MB of anonymous memory, 2026-12-07)."""
+    memory: the same library files can map more of it in one install than in another, as the page
+    cache holds them (`import torch` alone, 2026-12-07: 74-77 MB of file pages from this
+    workspace's venv, 112 and 98 MB from two fresh clones' venvs, 75 MB from an anchor venv built
+    from the same wheel ten minutes after the second; the same ~144 MB of anonymous memory)."""
     return proc_status_mb("RssFile", status)
 
 
