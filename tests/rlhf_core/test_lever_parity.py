@@ -467,17 +467,22 @@ def packed_model(tok, kind: str):
         num_key_value_heads=2, max_position_embeddings=64, pad_token_id=tok.pad_token_id, num_labels=1)))
 
 
+def outputs_and_grads(m, run) -> tuple[torch.Tensor, dict]:
+    """`run(m)`'s output, and every trainable gradient of a loss that reads all of it."""
+    m.zero_grad(set_to_none=True)
+    out = run(m)
+    out.float().sin().sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+
+
 def packed_outputs_and_grads(m, kind: str, b) -> tuple[torch.Tensor, dict]:
     """Logits (LM) or per-token scores of the rows end to end in `b`, and every trainable
     gradient of a loss that reads all of them."""
     from rlhf_core.training.modeling import token_scores
 
     if kind == "scores":
-        out = token_scores(m, b.input_ids, None, b.position_ids)
-    else:
-        out = forward_packed_logits(m, b.input_ids, b.position_ids)
-    out.float().sin().sum().backward()
-    return out.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+        return outputs_and_grads(m, lambda m: token_scores(m, b.input_ids, None, b.position_ids))
+    return outputs_and_grads(m, lambda m: forward_packed_logits(m, b.input_ids, b.position_ids))
 
 
 def assert_same_outputs_and_grads(got, want, atol: float, rtol: float = 1e-4) -> None:
@@ -1061,12 +1066,6 @@ def test_compiled_layers_give_the_eager_logits_and_gradients_with_one_graph_for_
         m = build_tiny_causal_lm(ModelConfig(hidden_size=32, num_layers=3, num_heads=2, intermediate_size=64,
                                              vocab_size=320), tok, seed=4)
         return apply_lora(m, LoraConfig(enabled=True, r=4, alpha=8, target_modules=("q_proj", "v_proj"))) if lora else m
-
-    def outputs_and_grads(m, run):
-        m.zero_grad(set_to_none=True)
-        out = run(m)
-        out.float().sin().sum().backward()
-        return out.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
