@@ -168,8 +168,16 @@ def _half_dtype(query: torch.Tensor) -> torch.dtype | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result
 def _capability(index: int | None) -> tuple[int, int]:
+    """The device's compute capability. Under `compile: true` the attention runs inside a compiled
+    layer: dynamo calls this once while tracing and keeps the result as a constant, rather than
+    tracing into `torch.cuda` (which it would put in the graph as an op, or break the graph at)."""
+    return _device_capability(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_capability(index: int | None) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 

@@ -1091,10 +1091,92 @@ def test_compiled_layers_give_the_eager_logits_and_gradients_with_one_graph_for_
     assert_same_outputs_and_grads(outputs_and_grads(compiled, run_packed), outputs_and_grads(eager, run_packed), atol=1e-4)
 
 
+OPAQUE_CALLS: list[tuple] = []
+
+
+@torch.library.custom_op("rlhf_tests::block_causal_attention", mutates_args=())
+def _block_causal_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                     max_q: int, max_k: int, scale: float | None, window_size: list[int],
+                     enable_gqa: bool) -> torch.Tensor:
+    OPAQUE_CALLS.append(tuple(q.shape))  # run, not traced: the compiler sees only the fake below
+    return block_causal_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=tuple(window_size),
+                                  enable_gqa=enable_gqa).contiguous()
+
+
+@_block_causal_op.register_fake
+def _(q, k, v, cu_q, cu_k, max_q, max_k, scale, window_size, enable_gqa):
+    return q.new_empty(q.shape)
+
+
+def opaque_kernel_2_12(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1),
+                       enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+    """`block_causal_attention` behind torch 2.12's signature as one opaque op, as torch's own
+    `varlen_attn` is to the compiler (a `torch.library.custom_op` with a fake kernel)."""
+    return _block_causal_op(q, k, v, cu_q, cu_k, max_q, max_k, scale, list(window_size), enable_gqa)
+
+
+def test_compiled_layers_reach_a_varlen_kernel_without_graph_breaks_or_recompiles(tok, monkeypatch):
+    """`compile: true` on a GPU, rows end to end: the compiled layers must hand the rows to the
+    varlen kernel inside their graph, or every layer would break in two at its attention and the
+    compiled row (`benchmarks/gpu/run.sh`, `sft-b256-free-compile`) would measure that. The kernel
+    needs a GPU, so here it is `block_causal_attention` as an opaque op: three packings of other
+    lengths (new offsets, new longest row, each an argument of the kernel) trace into one graph
+    with no break, call the kernel from every layer, and give the eager row-by-row model's logits.
+    (Where there is no kernel, on the CPU, the row-by-row path reads the rows' lengths and breaks
+    the graph at each layer; the README says so.)"""
+    import torch._dynamo
+
+    from rlhf_core.training import modeling
+
+    def model():
+        return build_tiny_causal_lm(ModelConfig(hidden_size=32, num_layers=3, num_heads=2, intermediate_size=64,
+                                                vocab_size=320), tok, seed=4)
+
+    def choose(query, kwargs):
+        return opaque_kernel_2_12
+    eager, compiled = model(), model()
+    assert modeling.compile_layers(compiled) == 2
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    gen = torch.Generator().manual_seed(10)
+    for lengths in ((6, 3, 9), (12, 5, 7, 2), (20, 4)):
+        b = collate_lm_packed({"input_ids": [ids(gen, n, tok) for n in lengths]})
+        with torch.no_grad(), monkeypatch.context() as patch:
+            want = forward_packed_logits(eager, b.input_ids, b.position_ids)
+            patch.setattr(modeling, "varlen_kernel", choose)
+            OPAQUE_CALLS.clear()
+            got = forward_packed_logits(compiled, b.input_ids, b.position_ids)
+        assert OPAQUE_CALLS == [(sum(lengths), 2, 16)] * 3  # every layer, the two compiled ones included
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert dict(torch._dynamo.utils.counters["graph_break"]) == {}
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_the_device_capability_is_a_constant_to_the_compiler(monkeypatch):
+    """`varlen_kernel` asks for the GPU's compute capability from inside a compiled layer. Dynamo
+    must take it as a constant (`torch.compiler.assume_constant_result`), not trace into
+    `torch.cuda`: here the lookup behind it is a function dynamo cannot trace (it reads a file),
+    and a function that asks for it compiles into one graph all the same."""
+    from rlhf_core.training import modeling
+
+    def untraceable(index):
+        with open(__file__) as f:
+            f.read(1)
+        return (9, 0)
+    monkeypatch.setattr(modeling, "_device_capability", untraceable)
+    torch._dynamo.reset()
+    double = torch.compile(lambda x: x * 2 if modeling._capability(x.device.index) >= (8, 0) else x,
+                           fullgraph=True, backend="eager")
+    assert double(torch.ones(3)).tolist() == [2.0, 2.0, 2.0]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's varlen kernel needs a CUDA GPU")
 def test_compiled_layers_through_torchs_varlen_kernel_match_eager_on_cuda(tok):
     """`compile: true` on a GPU with rows end to end under bf16 autocast: the compiled layers reach
-    torch's varlen kernel too, and give the eager model's logits and gradients to bf16 rounding."""
+    torch's varlen kernel too, with no graph break (the device's own `varlen_kernel` checks
+    included), and give the eager model's logits and gradients to bf16 rounding."""
+    import torch._dynamo
+
     from rlhf_core.training.modeling import compile_layers, varlen_kernel
 
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -1108,6 +1190,9 @@ def test_compiled_layers_through_torchs_varlen_kernel_match_eager_on_cuda(tok):
         m = packed_model(tok, "lm").cuda()
         if compiled:
             assert compile_layers(m) == 1
+            torch._dynamo.reset()
+            torch._dynamo.utils.counters.clear()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             runs.append(packed_outputs_and_grads(m, "lm", b))
+    assert dict(torch._dynamo.utils.counters["graph_break"]) == {}
     assert_same_outputs_and_grads(runs[1], runs[0], atol=2e-2, rtol=2e-2)
