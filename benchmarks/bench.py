@@ -622,6 +622,12 @@ def run_trl(spec: dict, clock: StepClock) -> tuple[int, float]:
             clock({}, state.global_step)
 
     stage, root, base = spec["stage"], Path(spec["root"]), spec["base"]
+    if spec.get("compile"):
+        # as ours (`compile: true` compiles with dynamic=True): shapes dynamic from the first compilation.
+        # TRL's Trainer compiles with dynamic=None, which compiles static shapes first and recompiles
+        # when they change: with rows end to end every step's length is new, so its second step compiled
+        # the whole model again (125 s on 2 CPU cores for SmolLM2, inside the timed steps)
+        torch._dynamo.config.assume_static_by_default = False
     tok = load_tokenizer(base)
     kw = trl_config_kwargs(spec)
     if stage == "sft":
@@ -884,7 +890,8 @@ def header_lines(args, info: dict, peak: float | None = None) -> list[str]:
     + (["# ours with --no-varlen: rows end to end attend one SDPA call per row, not torch's varlen kernel"]
        if args.no_varlen else [])
     + (["# torch.compile on both sides: ours each decoder layer but the last, dynamic shapes (compile: true); TRL "
-        "torch_compile=True (its Trainer compiles the whole model); the warm-up steps pay for the compilation"]
+        "torch_compile=True (its Trainer compiles the whole model), dynamic shapes too (dynamo's "
+        "assume_static_by_default=False); the warm-up steps pay for the compilation"]
        if args.compile else [])
     + ([f"# PROFILED (--profile {args.profile}): torch's profiler watched the timed steps, so these rates are "
         "slower than an unprofiled run's"] if args.profile else []))
@@ -1060,7 +1067,8 @@ def parse_args(argv):
                          "flash-attention kernel (modeling.varlen_kernel), to measure that lever")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile on both sides: ours each decoder layer but the last, for dynamic shapes "
-                         "(compile: true), TRL torch_compile=True (the whole model, its Trainer's switch); the "
+                         "(compile: true), TRL torch_compile=True (the whole model, its Trainer's switch), also for dynamic "
+                         "shapes; the "
                          "first steps compile, so keep --warmup at 3 or more; not for PPO")
     ap.add_argument("--random-init", action="store_true",
                     help="smollm2: the model's architecture from --model-path's config.json and tokenizer, with seeded "
