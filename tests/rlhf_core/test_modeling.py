@@ -276,3 +276,33 @@ def test_an_adapter_on_a_hub_id_or_outside_base_keeps_the_name_as_given(tmp_path
     assert portable_base("HuggingFaceTB/SmolLM2-135M-Instruct", "models/rm") == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert portable_base(str(outside), "models/pt") == str(outside)
     assert portable_base(str(inside), tmp_path / "p" / "models" / "rm") == os.path.join("..", "sft")
+
+
+def test_stage_processes_load_and_train_models_without_importing_scipy():
+    """`import_model_code_without_scipy`: in a fresh interpreter, the stages' model code (a tiny
+    model built, LoRA applied, peft and TRL imported, a forward and backward run) never imports
+    scipy, which transformers would load for its object-detection losses (40 MB resident), while
+    transformers still reports scipy as available afterwards. scipy is installed here, so without
+    the lever the first check fails."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    assert importlib.util.find_spec("scipy") is not None, "the check needs scipy installed"
+    code = """
+import sys
+import rlhf_core.stages.lm, rlhf_core.stages.ppo
+import peft, trl
+from rlhf_core.config import LoraConfig, ModelConfig
+from rlhf_core.data.tokenizer import train_tokenizer
+from rlhf_core.training.modeling import apply_lora, build_tiny_causal_lm
+tok = train_tokenizer(["What is the capital of Veldoria? Marrowick."] * 20, 320)
+m = apply_lora(build_tiny_causal_lm(ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                                                vocab_size=320), tok), LoraConfig(enabled=True, r=4, alpha=8))
+m(input_ids=__import__("torch").tensor([[5, 6, 7]])).logits.sum().backward()
+from transformers.utils import is_scipy_available
+print("scipy" in sys.modules, is_scipy_available())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["False", "True"]
