@@ -3,6 +3,7 @@ defaults), the data statistics are right, and one real run times our loop and TR
 same token ids. Speeds are printed, never asserted."""
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -498,3 +499,23 @@ def test_the_gpu_script_runs_its_parts_in_order_and_every_bench_command_parses(t
     some = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "run.sh")], capture_output=True, text=True,
                           env={**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path), "PARTS": "sft-b256-free"}, timeout=60)
     assert [line[3:].split(",")[0] for line in some.stdout.splitlines() if line.startswith("== ")] == ["sft-b256-free"]
+
+
+def test_evict_library_pages_asks_about_every_shared_library_in_site_packages_and_nothing_else(tmp_path, monkeypatch):
+    """Before each row the harness drops the page cache's copies of that side's libraries: every
+    shared object under the venv's site-packages (plain, versioned, in package folders), not the
+    other files there, not a folder named like one, and nothing outside site-packages."""
+    site = tmp_path / "venv" / "lib" / "python3.11" / "site-packages"
+    libs = [site / "torch" / "lib" / "libtorch_cpu.so", site / "pyarrow" / "libarrow.so.2500",
+            site / "tokenizers" / "tokenizers.abi3.so"]
+    others = [site / "torch" / "__init__.py", site / "torch" / "lib" / "notes.txt", tmp_path / "venv" / "bin" / "x.so"]
+    for f in libs + others:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"\0" * 4096)
+    (site / "odd.so.d").mkdir()
+    asked = []
+    real = os.posix_fadvise
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: asked.append(
+        (os.readlink(f"/proc/self/fd/{fd}"), offset, length, advice)) or real(fd, offset, length, advice))
+    assert bench.evict_library_pages(tmp_path / "venv") == 3
+    assert sorted(asked) == sorted((str(f), 0, 0, os.POSIX_FADV_DONTNEED) for f in libs)
