@@ -1012,13 +1012,15 @@ def jobs_for(args) -> list[tuple[str, str, str]]:
 
 
 def evict_library_pages(venv: Path) -> int:
-    """Drop the page cache's copies of the shared libraries in `venv`'s site-packages
-    (posix_fadvise DONTNEED; pages a running process maps stay), so the next row's process reads
-    its libraries back from disk, whichever side it is and however its venv was installed. How many of a library's pages a
-    process comes to hold depends on how they came into the cache: on the 2026-12-07 machine (ext4,
-    Linux 6.18) libtorch_cpu.so held 114 MB in a row of a fresh clone, whose pip had just written
-    the file, and 67-68 MB once its pages had been read back from disk, as in the anchor's venv
-    built in the same run. Returns how many files it asked about (0 where the OS has no fadvise)."""
+    """Drop the page cache's copies of the shared libraries in `venv`'s site-packages (written to disk
+    first, then posix_fadvise DONTNEED; pages a running process maps stay, so `main` calls it
+    for our venv before it imports torch), so the next process reads its libraries back from
+    disk, whichever side it is and however its venv was installed. How many of a library's pages
+    a process comes to hold depends on how they came into the cache: on the 2026-12-07 machine
+    (ext4, Linux 6.18) libtorch_cpu.so held 114 MB in a row of a fresh clone, whose pip had just
+    written the file, and 67-68 MB once its pages had been read back from disk, as in the
+    anchor's venv built in the same run. Returns how many files it asked about (0 where the OS
+    has no fadvise)."""
     if not hasattr(os, "posix_fadvise"):
         return 0
     n = 0
@@ -1030,6 +1032,7 @@ def evict_library_pages(venv: Path) -> int:
         except OSError:
             continue
         try:
+            os.fdatasync(fd)  # pages pip has just written and the disk not yet: the cache drops only clean ones
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             n += 1
         finally:
@@ -1139,6 +1142,9 @@ def main(argv=None) -> None:
         print("BENCH " + json.dumps(row), flush=True)
         return
     args = parse_args(argv)
+    # before this process maps any of them (the rows' processes share its copies of the libraries,
+    # which then stay in the cache as they came): our venv's libraries, read back from disk from here on
+    evict_library_pages(Path(sys.prefix))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model here is a local folder
     sys.path.insert(0, str(ROOT))
     from flows.settings import apply_defaults, apply_stage_env
