@@ -1098,9 +1098,8 @@ def parse_args(argv):
                          "flash-attention kernel (modeling.varlen_kernel), to measure that lever")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile on both sides: ours each decoder layer but the last, for dynamic shapes "
-                         "(compile: true), TRL torch_compile=True (the whole model, its Trainer's switch), also for dynamic "
-                         "shapes; the "
-                         "first steps compile, so keep --warmup at 3 or more; not for PPO")
+                         "(compile: true), TRL torch_compile=True (the whole model, its Trainer's switch), also for "
+                         "dynamic shapes; the first steps compile, so keep --warmup at 3 or more; not for PPO")
     ap.add_argument("--random-init", action="store_true",
                     help="smollm2: the model's architecture from --model-path's config.json and tokenizer, with seeded "
                          "random weights (a host without the weights; the steps cost the same)")
