@@ -856,8 +856,9 @@ def header_lines(args, info: dict, peak: float | None = None) -> list[str]:
     return ([
         f"# machine: {info['cpu']}, {info['cores']} cores, native bf16: {info['native_bf16']}; device: {device}; "
         f"torch {torch.__version__}, {args.threads} threads; GLIBC_TUNABLES (both sides) "
-        f"{os.environ.get('GLIBC_TUNABLES') or 'unset'}; each row's process starts with its venv's shared libraries "
-        f"out of the page cache (evict_library_pages); load average at start: {load_average()}",
+        f"{os.environ.get('GLIBC_TUNABLES') or 'unset'}; every row's process reads its venv's shared libraries back "
+        f"from disk, not as pip left them in the page cache (evict_library_pages); load average at start: "
+        f"{load_average()}",
         f"# model: {args.model} ({args.model_path or 'tiny Llama: 4 layers, width 128, 512-token BPE'}"
         f"{', architecture and tokenizer only, seeded random weights' if args.random_init else ''})",
         f"# identical on both sides: precision {'bf16 autocast' if args.bf16 else 'fp32'} (TRL bf16={args.bf16}), "
@@ -1014,8 +1015,9 @@ def jobs_for(args) -> list[tuple[str, str, str]]:
 def evict_library_pages(venv: Path) -> int:
     """Drop the page cache's copies of the shared libraries in `venv`'s site-packages (written to disk
     first, then posix_fadvise DONTNEED; pages a running process maps stay, so `main` calls it
-    for our venv before it imports torch), so the next process reads its libraries back from
-    disk, whichever side it is and however its venv was installed. How many of a library's pages
+    once for our venv, before it imports torch, and `run_job` for the anchor's before each of its
+    rows), so the processes of the rows read their libraries back from disk, whichever side they
+    are and however their venv was installed. How many of a library's pages
     a process comes to hold depends on how they came into the cache: on the 2026-12-07 machine
     (ext4, Linux 6.18) libtorch_cpu.so held 114 MB in a row of a fresh clone, whose pip had just
     written the file, and 67-68 MB once its pages had been read back from disk, as in the
@@ -1042,7 +1044,8 @@ def evict_library_pages(venv: Path) -> int:
 
 def run_job(spec: dict, python: Path) -> dict | None:
     flag = "--anchor-child" if spec["impl"] == "anchor" else "--child"
-    evict_library_pages(ANCHOR_VENV if spec["impl"] == "anchor" else Path(sys.prefix))
+    if spec["impl"] == "anchor":  # a venv this process never maps, perhaps built by pip moments ago (`main`: ours)
+        evict_library_pages(ANCHOR_VENV)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))}
     if spec["impl"] == "anchor":
         env.pop("PYTHONPATH")  # the anchor venv must not see this project's packages

@@ -502,7 +502,7 @@ def test_the_gpu_script_runs_its_parts_in_order_and_every_bench_command_parses(t
 
 
 def test_evict_library_pages_asks_about_every_shared_library_in_site_packages_and_nothing_else(tmp_path, monkeypatch):
-    """Before each row the harness drops the page cache's copies of that side's libraries: every
+    """Before the rows the harness drops the page cache's copies of each side's libraries: every
     shared object under the venv's site-packages (plain, versioned, in package folders), not the
     other files there, not a folder named like one, and nothing outside site-packages."""
     site = tmp_path / "venv" / "lib" / "python3.11" / "site-packages"
