@@ -1050,6 +1050,14 @@ def test_last_layer_at_runs_the_full_layer_where_a_row_keeps_most_positions(monk
             assert len(calls) == trims, kept
 
 
+def three_layer_model(tok, lora: bool = False):
+    """The tiny model with three layers at seed 4 (two compiled under `compile_layers`), with LoRA on
+    q/v when asked."""
+    m = build_tiny_causal_lm(ModelConfig(hidden_size=32, num_layers=3, num_heads=2, intermediate_size=64,
+                                         vocab_size=320), tok, seed=4)
+    return apply_lora(m, LoraConfig(enabled=True, r=4, alpha=8, target_modules=("q_proj", "v_proj"))) if lora else m
+
+
 @pytest.mark.parametrize("lora", [False, True])
 def test_compiled_layers_give_the_eager_logits_and_gradients_with_one_graph_for_every_length(tok, lora):
     """`compile: true` (`compile_layers`): every decoder layer but the last compiled for dynamic
@@ -1062,14 +1070,9 @@ def test_compiled_layers_give_the_eager_logits_and_gradients_with_one_graph_for_
 
     from rlhf_core.training.modeling import compile_layers, decoder_layers
 
-    def model():
-        m = build_tiny_causal_lm(ModelConfig(hidden_size=32, num_layers=3, num_heads=2, intermediate_size=64,
-                                             vocab_size=320), tok, seed=4)
-        return apply_lora(m, LoraConfig(enabled=True, r=4, alpha=8, target_modules=("q_proj", "v_proj"))) if lora else m
-
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    eager, compiled = model(), model()
+    eager, compiled = three_layer_model(tok, lora), three_layer_model(tok, lora)
     assert compile_layers(compiled) == 2 and len(decoder_layers(compiled)) == 3
     assert [n for n, _ in compiled.named_parameters()] == [n for n, _ in eager.named_parameters()]
     gen = torch.Generator().manual_seed(6)
@@ -1128,13 +1131,9 @@ def test_compiled_layers_reach_a_varlen_kernel_without_graph_breaks_or_recompile
 
     from rlhf_core.training import modeling
 
-    def model():
-        return build_tiny_causal_lm(ModelConfig(hidden_size=32, num_layers=3, num_heads=2, intermediate_size=64,
-                                                vocab_size=320), tok, seed=4)
-
     def choose(query, kwargs):
         return opaque_kernel_2_12
-    eager, compiled = model(), model()
+    eager, compiled = three_layer_model(tok), three_layer_model(tok)
     assert modeling.compile_layers(compiled) == 2
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()

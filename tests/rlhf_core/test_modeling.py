@@ -291,6 +291,7 @@ def test_stage_processes_load_and_train_models_without_importing_scipy():
     assert importlib.util.find_spec("scipy") is not None, "the check needs scipy installed"
     code = """
 import sys
+import torch
 import rlhf_core.stages.lm, rlhf_core.stages.ppo
 import peft, trl
 from rlhf_core.config import LoraConfig, ModelConfig
@@ -299,7 +300,7 @@ from rlhf_core.training.modeling import apply_lora, build_tiny_causal_lm
 tok = train_tokenizer(["What is the capital of Veldoria? Marrowick."] * 20, 320)
 m = apply_lora(build_tiny_causal_lm(ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
                                                 vocab_size=320), tok), LoraConfig(enabled=True, r=4, alpha=8))
-m(input_ids=__import__("torch").tensor([[5, 6, 7]])).logits.sum().backward()
+m(input_ids=torch.tensor([[5, 6, 7]])).logits.sum().backward()
 from transformers.utils import is_scipy_available
 print("scipy" in sys.modules, is_scipy_available())
 """
