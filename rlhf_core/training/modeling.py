@@ -556,15 +556,17 @@ def last_layer_at(model, keep: torch.Tensor | None, attention_mask: torch.Tensor
 
     `attention_mask` is the forward's: (B, T) padding, (B, 1, T, T) bool as `SharedPromptPairBatch`
     gives, or None for rows laid end to end, whose `positions` restart at each row. Left as it
-    is: nothing kept, a row keeping more than `TRIM_AT_MOST` of the positions, a layer not in
-    `TRIMMABLE_LAYERS`, gradient checkpointing (its recomputation would run after the block)."""
+    is: nothing kept, a row keeping more than `TRIM_AT_MOST` of the positions, a layout where the
+    kept queries' masked attention would cost more than the skipped positions save (`_trim_pays`:
+    many rows end to end), a layer not in `TRIMMABLE_LAYERS`, gradient checkpointing (its
+    recomputation would run after the block)."""
     layer = _last_layer(model)
     if keep is None or layer is None:
         yield
         return
     if keep.dtype != torch.bool:
         keep = torch.zeros(positions.shape, dtype=torch.bool, device=keep.device).index_fill_(1, keep, True)
-    plan = _kept_queries(keep.to(positions.device), attention_mask, positions)
+    plan = _kept_queries(keep.to(positions.device), attention_mask, positions, _pairs_per_position(layer))
     if plan is None:
         yield
         return
@@ -595,18 +597,51 @@ def _last_layer(model):
     return layer
 
 
-def _kept_queries(keep: torch.Tensor, attention_mask: torch.Tensor | None,
-                  positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+def _pairs_per_position(layer) -> float:
+    """What the trimmed layer saves at each position it skips (the q and o projections and the
+    gated MLP's three products) over what one query-key pair of its attention costs (QK^T and AV):
+    (4 d h + 6 d f) / (4 h), with d the width, h the query heads' total width and f the MLP's.
+    SmolLM2: 2880 pairs; the tiny model: 512."""
+    q, gate = layer.self_attn.q_proj, layer.mlp.gate_proj
+    d, h, f = q.in_features, q.out_features, gate.out_features
+    return (4 * d * h + 6 * d * f) / (4 * h)
+
+
+def _trim_pays(B: int, K: int, T: int, full_pairs: int, pairs_per_position: float) -> bool:
+    """Whether the last layer at K kept queries per row (of B rows of T) costs less than the full
+    layer. The kept queries attend over all T keys of their row of the layout under a mask, B K T
+    query-key pairs, where the full layer's attention visits `full_pairs`; each of the B (T - K)
+    skipped positions saves `pairs_per_position` pairs' worth of products. Padded rows pay up to
+    long rows: keeping a half or less of each row adds no pairs, keeping `TRIM_AT_MOST` adds T
+    per skipped position, against 2880 (SmolLM2) or 512 (the tiny model). Rows end to end stop paying once the
+    layout is long, since the full layer attends within each row (one varlen call on a GPU) and
+    the kept queries across the whole layout: SmolLM2's SFT at batch 256 padding-free (about 22k
+    tokens, half of them kept) would add 241M pairs to save products worth 32M, while at batch 2
+    (about 180 tokens) it adds 8k pairs to save 259k."""
+    return B * K * T - full_pairs < B * (T - K) * pairs_per_position
+
+
+def _kept_queries(keep: torch.Tensor, attention_mask: torch.Tensor | None, positions: torch.Tensor,
+                  pairs_per_position: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """Where `keep` (B, T) is True, as (B, K) indices (rows with fewer than K kept repeat their
     first kept index; `valid` marks the real ones), and the (B, K, T) keys each kept query may see:
     those at or before it that the forward's mask lets it see (the same row, for rows end to end).
     A query that could see no key (a repeated index in a row of padding) sees itself, so no softmax
-    row is empty. None where the full layer runs instead: nothing kept, or a row keeping more than
-    `TRIM_AT_MOST` of the positions."""
+    row is empty. None where the full layer runs instead: nothing kept, a row keeping more than
+    `TRIM_AT_MOST` of the positions, or where trimming would not pay (`_trim_pays`, with the
+    layer's `pairs_per_position`)."""
     B, T = keep.shape
     counts = keep.sum(1)
     K = int(counts.max())
     if K == 0 or K > TRIM_AT_MOST * T:
+        return None
+    if attention_mask is None:  # rows end to end: the full layer attends within each row
+        segment = row_starts(positions).cumsum(1) - 1 + T * torch.arange(B, device=positions.device)[:, None]
+        lengths = torch.bincount(segment.flatten())
+        full_pairs = int((lengths * (lengths + 1) // 2).sum())
+    else:
+        full_pairs = B * T * (T + 1) // 2
+    if not _trim_pays(B, K, T, full_pairs, pairs_per_position):
         return None
     idx = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :K]
     valid = torch.arange(K, device=keep.device) < counts[:, None]

@@ -1028,7 +1028,7 @@ def test_last_layer_at_the_kept_positions_would_differ_if_a_kept_query_saw_a_lat
         full = forward(_trim_model(kind))
         plan = modeling._kept_queries
         monkeypatch.setattr(modeling, "_kept_queries",
-                            lambda keep, mask, pos: (*plan(keep, mask, pos)[:2], torch.ones_like(plan(keep, mask, pos)[2])))
+                            lambda *a: (*plan(*a)[:2], torch.ones_like(plan(*a)[2])))
         leaky = forward(_trim_model(kind))
     assert (leaky - full).abs().max() > 1e-3
 
@@ -1048,6 +1048,48 @@ def test_last_layer_at_runs_the_full_layer_where_a_row_keeps_most_positions(monk
             calls.clear()
             forward_logits(m, ids, mask, keep)
             assert len(calls) == trims, kept
+
+
+def test_last_layer_at_runs_the_full_layer_where_rows_end_to_end_would_attend_over_more_than_it_saves(monkeypatch):
+    """Rows end to end: the kept queries attend over every key of the layout under a mask (K x T
+    pairs), the full layer within each row. With half of each 10-token row kept, 4 rows (T 40,
+    K 20: 800 - 220 = 580 pairs more than the full layer's, against 20 skipped positions x 128
+    pairs each for this model) are trimmed; 40 rows (T 400, K 200: 77,800 more, against 200 x 128)
+    run the full layer. Both give the full layer's logits at the kept positions."""
+    from rlhf_core.training import modeling
+
+    m = _trim_model("llama")
+    assert modeling._pairs_per_position(modeling._last_layer(m)) == 128  # (4*32*32 + 6*32*64) / (4*32)
+    trimmed, calls = modeling._last_layer_forward, []
+    g = torch.Generator().manual_seed(3)
+    for rows, trims in ((4, True), (40, False)):
+        ids, pos = torch.randint(3, 100, (1, 10 * rows), generator=g), torch.arange(10).repeat(rows)[None]
+        keep = (pos >= 4) & (pos < 9)
+        with torch.no_grad():
+            monkeypatch.setattr(modeling, "_last_layer", lambda model: None)
+            full = forward_packed_logits(m, ids, pos, keep)
+            monkeypatch.undo()
+            calls.clear()
+            monkeypatch.setattr(modeling, "_last_layer_forward", lambda *a, **k: calls.append(1) or trimmed(*a, **k))
+            got = forward_packed_logits(m, ids, pos, keep)
+            monkeypatch.undo()
+        assert len(calls) == trims, rows
+        torch.testing.assert_close(got, full, atol=1e-5, rtol=1e-5)
+
+
+def test_trim_pays_hand_values():
+    """SmolLM2's sizes (width 576, 9 x 64 query heads, MLP 1536) make a skipped position worth 2880
+    query-key pairs; a padded layout pays while its kept pairs stay within that, and SFT at batch
+    256 end to end (22,000 tokens in 256 rows of about 86, 11,000 kept) does not."""
+    from rlhf_core.training.modeling import _trim_pays
+
+    per = (4 * 576 * 576 + 6 * 576 * 1536) / (4 * 576)
+    assert per == 2880
+    assert _trim_pays(4, 150, 200, 4 * 200 * 201 // 2, per)  # padded: 120,000 kept pairs, 80,400 full
+    assert not _trim_pays(4, 150, 200, 4 * 200 * 201 // 2, 20.0)  # a model whose products were cheap
+    full = 256 * 86 * 87 // 2
+    assert not _trim_pays(1, 11_000, 22_016, full, per)  # 241M pairs more against 31.7M
+    assert _trim_pays(1, 90, 180, 2 * 90 * 91 // 2, per)  # batch 2 end to end: 8,010 more against 259,200
 
 
 def three_layer_model(tok, lora: bool = False):
