@@ -452,6 +452,40 @@ def test_packed_sdpa_attends_row_by_row_to_sdpas_block_mask_outputs_and_gradient
     assert_same_outputs_and_grads((out, grads), (want, want_grads), atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["lm", "scores"])
+def test_rows_end_to_end_on_packed_sdpa_build_no_block_mask(tok, kind, monkeypatch):
+    """`packed_inputs`: a forward of rows end to end on `PACKED_SDPA` hands its attention no mask
+    (transformers would otherwise build the (N, N) block-diagonal one at every forward, which
+    `PACKED_SDPA` never reads, attending by the rows' bounds), while on plain SDPA, which does
+    read it, the block mask is still built; the outputs agree (the test above)."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from rlhf_core.training import modeling
+
+    gen = torch.Generator().manual_seed(8)
+    b = collate_lm_packed({"input_ids": [ids(gen, n, tok) for n in (6, 3, 9)]})
+    masks = []
+    packed = modeling._packed_sdpa
+
+    def spy(real):
+        return lambda module, q, k, v, mask, **kw: masks.append(None if mask is None else tuple(mask.shape)) or real(
+            module, q, k, v, mask, **kw)
+
+    for attn, want in ((modeling.PACKED_SDPA, None), ("sdpa", (1, 1, 18, 18))):
+        m = packed_model(tok, kind)  # registers `PACKED_SDPA` again: spy on it after
+        m.set_attn_implementation(attn)
+        monkeypatch.setitem(AttentionInterface._global_mapping, modeling.PACKED_SDPA, spy(packed))
+        monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", spy(sdpa_attention_forward))
+        masks.clear()
+        with torch.no_grad():
+            if kind == "scores":
+                modeling.token_scores(m, b.input_ids, None, b.position_ids)
+            else:
+                modeling.forward_packed_logits(m, b.input_ids, b.position_ids)
+        assert masks == [want, want], attn  # two layers
+
+
 def packed_model(tok, kind: str):
     """A fresh tiny model on `PACKED_SDPA`: an LM (`lm`, `lm-lora`: two heads) or a one-label
     scalar model with grouped-query attention (`scores`: four query heads on two key-value heads)."""
