@@ -146,7 +146,8 @@ def use_packed_sdpa(model):
 def _packed_sdpa(module, query, key, value, attention_mask, cu_seq_lens_q=None, cu_seq_lens_k=None, **kwargs):
     """`PACKED_SDPA`'s attention: (1, H, N, D) rows end to end with their `cu_seq_lens_q` (as
     `packed_rows` gives them) attend row by row, causally: in one varlen flash-attention call where
-    `varlen_kernel` says the device has one (`varlen_rows`), else one SDPA call per row. Anything
+    `varlen_kernel` says the device has one (`varlen_rows`), else one SDPA call per row, under the
+    layer's sliding window where it has one and the row is longer (`_sliding_causal`). Anything
     else goes to plain SDPA."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -159,9 +160,20 @@ def _packed_sdpa(module, query, key, value, attention_mask, cu_seq_lens_q=None, 
         return varlen_rows(kernel, query, key, value, cu_seq_lens_q, longest, kwargs.get("scaling")), None
     lengths = _row_lengths(cu_seq_lens_q)
     kwargs["is_causal"] = True
-    outs = [sdpa_attention_forward(module, q, k, v, None, **kwargs)[0]
+    window = kwargs.get("sliding_window")
+    outs = [sdpa_attention_forward(module, q, k, v, _sliding_causal(q.shape[2], window, q.device), **kwargs)[0]
             for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))]
     return torch.cat(outs, 1), None
+
+
+def _sliding_causal(n: int, window: int | None, device) -> torch.Tensor | None:
+    """The (1, 1, n, n) mask of a row of n tokens under a sliding window (a query sees the keys at
+    most `window` - 1 before it, as transformers' sliding-window mask), or None where plain causal
+    attention is the same (no window, or a row no longer than it)."""
+    if window is None or n <= window:
+        return None
+    i = torch.arange(n, device=device)
+    return ((i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window))[None, None]
 
 
 def varlen_kernel(query: torch.Tensor, kwargs: dict):

@@ -486,6 +486,29 @@ def test_rows_end_to_end_on_packed_sdpa_build_no_block_mask(tok, kind, monkeypat
         assert masks == [want, want], attn  # two layers
 
 
+def test_packed_sdpa_keeps_a_sliding_window_within_each_row():
+    """A sliding-window model (Mistral's layers, window 4) on `PACKED_SDPA`: rows end to end of 6,
+    3 and 9 tokens give the logits of each row run alone on plain SDPA, whose mask carries the
+    window; attending each row only causally (as before 2026-12-07 evening) moved them by 0.1."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from rlhf_core.training.modeling import PACKED_SDPA, forward_packed_logits, use_packed_sdpa
+
+    torch.manual_seed(0)
+    m = MistralForCausalLM(MistralConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                         sliding_window=4, pad_token_id=0, attn_implementation="sdpa"))
+    m = use_packed_sdpa(m).eval()
+    assert m.config._attn_implementation == PACKED_SDPA
+    g = torch.Generator().manual_seed(1)
+    rows = [torch.randint(3, 100, (n,), generator=g) for n in (6, 3, 9)]
+    with torch.no_grad():
+        packed = forward_packed_logits(m, torch.cat(rows)[None], torch.cat([torch.arange(len(r)) for r in rows])[None])
+        m.set_attn_implementation("sdpa")
+        alone = torch.cat([m(input_ids=r[None]).logits[0] for r in rows])
+    torch.testing.assert_close(packed[0], alone, atol=1e-5, rtol=1e-5)
+
+
 def packed_model(tok, kind: str):
     """A fresh tiny model on `PACKED_SDPA`: an LM (`lm`, `lm-lora`: two heads) or a one-label
     scalar model with grouped-query attention (`scores`: four query heads on two key-value heads)."""
