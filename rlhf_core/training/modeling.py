@@ -639,11 +639,11 @@ def _trim_pays(B: int, K: int, T: int, full_pairs: int, pairs_per_position: floa
     query-key pairs, where the full layer's attention visits `full_pairs`; each of the B (T - K)
     skipped positions saves `pairs_per_position` pairs' worth of products. Padded rows pay up to
     long rows: keeping a half or less of each row adds no pairs, keeping `TRIM_AT_MOST` adds T
-    per skipped position, against 2880 (SmolLM2) or 512 (the tiny model). Rows end to end stop paying once the
-    layout is long, since the full layer attends within each row (one varlen call on a GPU) and
-    the kept queries across the whole layout: SmolLM2's SFT at batch 256 padding-free (about 22k
-    tokens, half of them kept) would add 241M pairs to save products worth 32M, while at batch 2
-    (about 180 tokens) it adds 8k pairs to save 259k."""
+    per skipped position, against 2880 (SmolLM2) or 512 (the tiny model). Rows end to end stop
+    paying once the layout is long, since the full layer attends within each row (one varlen call
+    on a GPU) and the kept queries across the whole layout: SmolLM2's SFT at batch 256
+    padding-free (about 22k tokens, half of them kept) would add 241M pairs to save products worth
+    32M, while at batch 2 (about 180 tokens) it adds 8k pairs to save 259k."""
     return B * K * T - full_pairs < B * (T - K) * pairs_per_position
 
 
@@ -739,7 +739,10 @@ def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     head's per-token output is read as it passes: calling the backbone and head directly would
     skip a DDP wrapper's forward, and DDP then silently leaves the gradients unsynchronised."""
     seen = []
-    layout = {"attention_mask": attention_mask} if attention_mask is not None else packed_inputs(model, input_ids, positions)
+    if attention_mask is not None:
+        layout = {"attention_mask": attention_mask}
+    else:  # rows end to end
+        layout = packed_inputs(model, input_ids, positions)
     if positions is None:
         positions = position_ids(attention_mask)
     hook = score_head(model).register_forward_hook(lambda module, args, out: seen.append(out))
