@@ -661,9 +661,9 @@ def _kept_queries(keep: torch.Tensor, attention_mask: torch.Tensor | None, posit
     K = int(counts.max())
     if K == 0 or K > TRIM_AT_MOST * T:
         return None
-    if attention_mask is None:  # rows end to end: the full layer attends within each row
-        segment = row_starts(positions).cumsum(1) - 1 + T * torch.arange(B, device=positions.device)[:, None]
-        lengths = torch.bincount(segment.flatten())
+    row = row_starts(positions).cumsum(1) if attention_mask is None else None  # rows end to end: 1, 2, ...
+    if row is not None:  # the full layer attends within each row
+        lengths = torch.bincount((row - 1 + T * torch.arange(B, device=row.device)[:, None]).flatten())
         full_pairs = int((lengths * (lengths + 1) // 2).sum())
     else:
         full_pairs = B * T * (T + 1) // 2
@@ -680,7 +680,6 @@ def _kept_queries(keep: torch.Tensor, attention_mask: torch.Tensor | None, posit
         if attention_mask is not None:
             seen = seen & attention_mask.to(torch.bool)[:, None, :]
         else:  # rows end to end: only the query's own row
-            row = row_starts(positions).cumsum(1)
             seen = seen & (row[:, None, :] == row.gather(1, idx)[..., None])
     seen = seen | (~seen.any(-1, keepdim=True) & (keys == idx[..., None]))
     return idx, valid, seen
