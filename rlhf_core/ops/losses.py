@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from rlhf_core import IGNORE_INDEX
-from rlhf_core.ops.logprobs import scored_targets
+from rlhf_core.ops.logprobs import position_chunks, scored_targets
 from rlhf_core.ops.masked import masked_mean
 
 Metrics = dict[str, torch.Tensor]
@@ -32,13 +33,19 @@ def lm_loss(
     None divides by this batch's own trainable-token count (clamped to 1, so a batch with no
     trainable token gives a zero loss rather than NaN).
     Metrics: `loss` (mean per token over this batch), `tokens` (trainable tokens in this batch).
+
+    The cross-entropy is `F.cross_entropy`'s, a chunk of positions at a time (`_CrossEntropyAt`):
+    the same per-token values and the same gradient bit for bit (tests), with only the logits kept
+    for the backward, where `F.cross_entropy` keeps a float32 log-softmax of every position and
+    builds whole (N, V) gradients in its backward (the vocabulary's share of a step's memory).
     """
     if logits.dim() == 2:
-        shift_logits, shift_labels = logits.float(), scored_targets(labels)
+        shift_labels = scored_targets(labels)
+        per_token = _CrossEntropyAt.apply(logits, shift_labels)
     else:
-        shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-        shift_labels = labels[:, 1:].reshape(-1)
-    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        shift_labels = labels[:, 1:]
+        per_token = _CrossEntropyAt.apply(logits[:, :-1], shift_labels)
+    total = per_token.sum()
     tokens = (shift_labels != IGNORE_INDEX).sum()
     denom = tokens.clamp(min=1) if num_items is None else num_items
     if isinstance(denom, torch.Tensor):
@@ -49,6 +56,37 @@ def lm_loss(
         "tokens": tokens.detach(),
     }
     return loss, metrics
+
+
+class _CrossEntropyAt(torch.autograd.Function):
+    """Per-position cross-entropy of logits (N, V) or (B, T, V) at `targets` (N,) or (B, T), 0 where
+    a target is -100: `F.cross_entropy(x.float(), t, reduction="none")` a chunk of positions at a
+    time (`position_chunks`), keeping only the logits (in their own dtype) for the backward. The
+    backward redoes each chunk's float32 log-softmax and runs the operations autograd would
+    (nll's gradient, then log-softmax's, rounded once to the logits' dtype), so its gradient is
+    `F.cross_entropy`'s bit for bit, holding one chunk's float32 temporaries instead of several
+    (N, V) tensors."""
+
+    @staticmethod
+    def forward(ctx, logits, targets):
+        ctx.save_for_backward(logits, targets)
+        out = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
+        for x, t, o in position_chunks(logits, targets, out):
+            o.copy_(F.cross_entropy(x.float(), t, ignore_index=IGNORE_INDEX, reduction="none"))
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        logits, targets = ctx.saved_tensors
+        out = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        for x, t, g, dst in position_chunks(logits, targets, grad, out):
+            lsm = torch.log_softmax(x.float(), -1)
+            trained = t != IGNORE_INDEX
+            nll = torch.zeros_like(lsm).scatter_(-1, torch.where(trained, t, 0)[:, None],
+                                                 torch.where(trained, -g, 0)[:, None])
+            dst.copy_(torch._log_softmax_backward_data(nll, lsm, -1, lsm.dtype))
+        return out, None
 
 
 # --------------------------------------------------------------------------- reward model

@@ -127,3 +127,63 @@ def test_bf16_logits_at_scored_positions_are_upcast_in_chunks_and_match_float32(
     got = selective_log_softmax(logits, index)
     assert got.dtype == torch.float32 and got.shape == (600,)
     assert torch.equal(got, selective_log_softmax(logits.float(), index))
+
+
+def _plain_autograd_log_prob_at(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The straightforward form under autograd: logit[index] - logsumexp, low precision upcast a
+    chunk of rows at a time; autograd keeps what it keeps."""
+    def picked_minus_lse(x, i):
+        return x.gather(-1, i.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(x, -1)
+
+    if logits.dtype == torch.float32:
+        return picked_minus_lse(logits, index)
+    n = 1 if logits.dim() > 2 else 256
+    return torch.cat([picked_minus_lse(p.float(), i) for p, i in zip(logits.split(n), index.split(n))])
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd keeps for the backward of `fn()`'s graph."""
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(kept.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(600, 50), (3, 7, 50)])
+def test_selective_log_softmax_under_autograd_is_plain_autograd_bit_for_bit(dtype, shape, monkeypatch):
+    """Lever (memory): the log-probs and their gradient under autograd are exactly what plain
+    autograd gives, for (N, V) across the forward's chunk boundary and (B, T, V), in float32 and
+    bf16, with an upstream gradient that differs at every position (as the DPO and PPO losses
+    give), the backward in chunks of 3 positions."""
+    from rlhf_core.ops import logprobs
+
+    monkeypatch.setattr(logprobs, "CHUNK_BYTES", {"cpu": 3 * 4 * 50, "cuda": 3 * 4 * 50})
+    g = torch.Generator().manual_seed(3)
+    base = (torch.randn(shape, generator=g) * 4).to(dtype)
+    index = torch.randint(0, shape[-1], shape[:-1], generator=g)
+    upstream = torch.randn(shape[:-1], generator=g)
+    ours, plain = (base.clone().requires_grad_(True) for _ in range(2))
+    got, want = selective_log_softmax(ours, index), _plain_autograd_log_prob_at(plain, index)
+    assert torch.equal(got, want)
+    (got * upstream).sum().backward()
+    (want * upstream).sum().backward()
+    assert ours.grad.dtype == dtype and torch.equal(ours.grad, plain.grad)
+
+
+def test_selective_log_softmax_keeps_no_float32_copy_of_low_precision_logits():
+    """bf16 logits: the graph keeps them as they are (and one float32 value per row), where plain
+    autograd keeps their float32 upcast, twice their size."""
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(1000, 512, generator=g).to(torch.bfloat16).requires_grad_(True)
+    index = torch.randint(0, 512, (1000,), generator=g)
+    size = logits.numel() * logits.element_size()
+    ours = _saved_bytes(lambda: selective_log_softmax(logits, index))
+    plain = _saved_bytes(lambda: _plain_autograd_log_prob_at(logits, index))
+    assert plain >= 2 * size
+    assert size <= ours <= size + 1000 * (4 + 8) + 4096  # the logits, the logsumexp, the index

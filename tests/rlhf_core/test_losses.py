@@ -49,6 +49,60 @@ def test_lm_loss_matches_cross_entropy_mean():
     assert int(metrics["tokens"]) == int((labels[:, 1:] != -100).sum())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scored", [False, True])
+def test_lm_loss_value_and_gradient_are_cross_entropys(dtype, scored, monkeypatch):
+    """Lever (memory): the loss a chunk of positions at a time against `F.cross_entropy` on the
+    same logits upcast to float32, for padded (B, T, V) logits and for the (N, V) form at
+    `scored_mask`, in float32 and bf16, in chunks of 3 positions (rows of 5 or fewer, 27 scored
+    positions): the same value (its sum taken in another order) and the same gradient bit for
+    bit."""
+    from rlhf_core.ops import logprobs
+    from rlhf_core.ops.logprobs import scored_mask
+
+    logits, labels = _lm_batch()
+    logits = (logits * 3).to(dtype)
+    if scored:
+        logits = logits[scored_mask(labels)]
+    ours, ref = (logits.clone().requires_grad_(True) for _ in range(2))
+    monkeypatch.setattr(logprobs, "CHUNK_BYTES", {"cpu": 3 * 4 * 13, "cuda": 3 * 4 * 13})
+    loss, _ = lm_loss(ours, labels, num_items=7)
+    loss.backward()
+    flat = ref.float() if scored else ref[:, :-1].reshape(-1, 13).float()
+    targets = labels[:, 1:][labels[:, 1:] != -100] if scored else labels[:, 1:].reshape(-1)
+    want = F.cross_entropy(flat, targets, ignore_index=-100, reduction="sum") / 7
+    want.backward()
+    torch.testing.assert_close(loss, want, rtol=1e-6, atol=0)
+    assert ours.grad.dtype == dtype and torch.equal(ours.grad, ref.grad)
+    assert ours.grad.abs().max() > 0.01  # a gradient that is there to compare
+
+
+def test_lm_loss_keeps_no_float32_copy_of_bf16_logits():
+    """What the loss's graph keeps for its backward: bf16 logits as they are (and one float32 value
+    per position), where `F.cross_entropy` on their upcast keeps a float32 log-softmax, twice
+    their size."""
+    g = _gen(5)
+    logits = torch.randn(1000, 512, generator=g).to(torch.bfloat16).requires_grad_(True)
+    labels = torch.cat([torch.full((1,), -100), torch.randint(0, 512, (1000,), generator=g)])[None]
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    def saved(fn):
+        kept.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        return sum(kept.values())
+
+    size = logits.numel() * 2
+    ours = saved(lambda: lm_loss(logits, labels))
+    plain = saved(lambda: F.cross_entropy(logits.float(), labels[0, 1:], reduction="sum"))
+    assert plain >= 2 * size
+    assert size <= ours <= size + 1000 * (4 + 8) + 8192
+
+
 def test_lm_loss_uniform_logits_is_log_vocab():
     labels = torch.tensor([[-100, 1, 2, -100]])
     loss, metrics = lm_loss(torch.zeros(1, 4, 5), labels)
