@@ -59,7 +59,10 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Te
 
 
 def _chunks(logits: torch.Tensor) -> int:
-    """Rows of low-precision `logits` upcast at a time in the forward."""
+    """Rows of low-precision `logits` upcast at a time in the forward: not `position_chunks`' few
+    rows, since a `logsumexp` over fewer rows than threads splits each row's sum across threads
+    (one row of 49,152: 1e-6 from the same row's in a larger tensor), and bf16 logits would no
+    longer give what the same logits in float32 give."""
     return 1 if logits.dim() > 2 else 256  # (N, V): a few hundred positions at a time
 
 
