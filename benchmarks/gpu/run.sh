@@ -5,7 +5,8 @@
 # named in $OUT/skipped.txt; a part that fails is named in $OUT/failed.txt and the next one runs.
 #   1. install the carried wheels beside the host's torch; print the versions
 #   2. gpu-tests: the tests that need a GPU (torch's varlen flash-attention kernel against the
-#      row-by-row path)
+#      row-by-row path; the chunked losses over the vocabulary against F.cross_entropy and plain
+#      autograd on CUDA's kernels)
 #   3. sft-b256-free: SFT full at batch 256 padding-free (about 22k tokens a step), ours beside
 #      TRL 1.16: the MFU target's row, steps large enough for the matrix products to matter (batch
 #      128 held 25 GB of CUDA memory on the H200, so 256 fits an 80 GB H100 and 512 might not)
@@ -57,7 +58,8 @@ if [ "${DRY_RUN:-0}" != 1 ]; then
   python -c "import torch, transformers, trl, peft, accelerate, datasets; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0)); print('transformers', transformers.__version__, 'trl', trl.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__, 'datasets', datasets.__version__)" \
     | tee "$OUT/versions.txt"
 fi
-part gpu-tests 60 python -m pytest -p no:cacheprovider -q tests/rlhf_core/test_lever_parity.py -k varlen
+part gpu-tests 60 python -m pytest -p no:cacheprovider -q tests/rlhf_core/test_lever_parity.py \
+  tests/rlhf_core/test_losses.py tests/rlhf_core/test_logprobs.py -k "varlen or cuda"
 part sft-b256-free 180 "${BENCH[@]}" --trl --stages sft --variants full --batch-size 256 --padding-free \
   --records 4096 --json "$OUT/sft-b256-free.json"
 part sft-b256-free-compile 240 "${BENCH[@]}" --trl --compile --stages sft --variants full --batch-size 256 \

@@ -154,20 +154,23 @@ def _saved_bytes(fn) -> int:
     return sum(kept.values())
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(600, 50), (3, 7, 50)])
-def test_selective_log_softmax_under_autograd_is_plain_autograd_bit_for_bit(dtype, shape, monkeypatch):
+def test_selective_log_softmax_under_autograd_is_plain_autograd_bit_for_bit(dtype, shape, device, monkeypatch):
     """Lever (memory): the log-probs and their gradient under autograd are exactly what plain
     autograd gives, for (N, V) across the forward's chunk boundary and (B, T, V), in float32 and
     bf16, with an upstream gradient that differs at every position (as the DPO and PPO losses
-    give), the backward in chunks of 3 positions."""
+    give), the backward in chunks of 3 positions; on CUDA (the GPU tests of
+    `benchmarks/gpu/run.sh`) as on the CPU."""
     from rlhf_core.ops import logprobs
 
     monkeypatch.setattr(logprobs, "CHUNK_BYTES", {"cpu": 3 * 4 * 50, "cuda": 3 * 4 * 50})
     g = torch.Generator().manual_seed(3)
-    base = (torch.randn(shape, generator=g) * 4).to(dtype)
-    index = torch.randint(0, shape[-1], shape[:-1], generator=g)
-    upstream = torch.randn(shape[:-1], generator=g)
+    base = (torch.randn(shape, generator=g) * 4).to(device, dtype)
+    index = torch.randint(0, shape[-1], shape[:-1], generator=g).to(device)
+    upstream = torch.randn(shape[:-1], generator=g).to(device)
     ours, plain = (base.clone().requires_grad_(True) for _ in range(2))
     got, want = selective_log_softmax(ours, index), _plain_autograd_log_prob_at(plain, index)
     assert torch.equal(got, want)

@@ -49,19 +49,21 @@ def test_lm_loss_matches_cross_entropy_mean():
     assert int(metrics["tokens"]) == int((labels[:, 1:] != -100).sum())
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("scored", [False, True])
-def test_lm_loss_value_and_gradient_are_cross_entropys(dtype, scored, monkeypatch):
+def test_lm_loss_value_and_gradient_are_cross_entropys(dtype, scored, device, monkeypatch):
     """Lever (memory): the loss a chunk of positions at a time against `F.cross_entropy` on the
     same logits upcast to float32, for padded (B, T, V) logits and for the (N, V) form at
     `scored_mask`, in float32 and bf16, in chunks of 3 positions (rows of 5 or fewer, 27 scored
     positions): the same value (its sum taken in another order) and the same gradient bit for
-    bit."""
+    bit; on CUDA (the GPU tests of `benchmarks/gpu/run.sh`) as on the CPU."""
     from rlhf_core.ops import logprobs
     from rlhf_core.ops.logprobs import scored_mask
 
     logits, labels = _lm_batch()
-    logits = (logits * 3).to(dtype)
+    logits, labels = (logits * 3).to(device, dtype), labels.to(device)
     if scored:
         logits = logits[scored_mask(labels)]
     ours, ref = (logits.clone().requires_grad_(True) for _ in range(2))
