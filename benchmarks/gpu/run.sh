@@ -44,7 +44,9 @@ part() {
     echo "SKIPPED $name: ${left}s of BUDGET=${BUDGET}s left, it needs about ${need}s" | tee -a "$OUT/skipped.txt"
     return 0
   fi
-  echo "== $name, $((SECONDS - START))s in: $*"
+  local cmd
+  printf -v cmd '%q ' "$@"  # quoted as a shell would need it, so the printed command can be rerun
+  echo "== $name, $((SECONDS - START))s in: ${cmd% }"
   if [ "${DRY_RUN:-0}" = 1 ]; then
     return 0
   fi
