@@ -264,3 +264,27 @@ def context(stage: str, cfg, out: Path, ckpt: Path, log=None, fingerprint: str =
     from rlhf_core.training.context import RunContext, no_log
 
     return RunContext.create(stage, cfg, inputs, out, ckpt, fingerprint, log_fn=log or no_log)
+
+
+
+def devices() -> list:
+    """For `pytest.mark.parametrize("device", devices())`: the CPU, and CUDA where there is one
+    (the GPU tests of `benchmarks/gpu/run.sh` select them with `-k cuda`)."""
+    import torch
+
+    return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                 reason="needs a CUDA GPU"))]
+
+def saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd keeps for the backward of `fn()`'s graph."""
+    import torch
+
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(kept.values())

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import devices, saved_bytes
 
 from rlhf_core.ops.logprobs import (
     entropy_from_logits,
@@ -141,21 +142,7 @@ def _plain_autograd_log_prob_at(logits: torch.Tensor, index: torch.Tensor) -> to
     return torch.cat([picked_minus_lse(p.float(), i) for p, i in zip(logits.split(n), index.split(n))])
 
 
-def _saved_bytes(fn) -> int:
-    """Bytes of the distinct storages autograd keeps for the backward of `fn()`'s graph."""
-    kept = {}
-
-    def pack(t):
-        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(kept.values())
-
-
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(600, 50), (3, 7, 50)])
 def test_selective_log_softmax_under_autograd_is_plain_autograd_bit_for_bit(dtype, shape, device, monkeypatch):
@@ -186,7 +173,7 @@ def test_selective_log_softmax_keeps_no_float32_copy_of_low_precision_logits():
     logits = torch.randn(1000, 512, generator=g).to(torch.bfloat16).requires_grad_(True)
     index = torch.randint(0, 512, (1000,), generator=g)
     size = logits.numel() * logits.element_size()
-    ours = _saved_bytes(lambda: selective_log_softmax(logits, index))
-    plain = _saved_bytes(lambda: _plain_autograd_log_prob_at(logits, index))
+    ours = saved_bytes(lambda: selective_log_softmax(logits, index))
+    plain = saved_bytes(lambda: _plain_autograd_log_prob_at(logits, index))
     assert plain >= 2 * size
     assert size <= ours <= size + 1000 * (4 + 8) + 4096  # the logits, the logsumexp, the index

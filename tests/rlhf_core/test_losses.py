@@ -7,6 +7,7 @@ from collections import defaultdict
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import devices, saved_bytes
 
 from rlhf_core.ops.logprobs import selective_log_softmax
 from rlhf_core.ops.losses import (
@@ -49,8 +50,7 @@ def test_lm_loss_matches_cross_entropy_mean():
     assert int(metrics["tokens"]) == int((labels[:, 1:] != -100).sum())
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("scored", [False, True])
 def test_lm_loss_value_and_gradient_are_cross_entropys(dtype, scored, device, monkeypatch):
@@ -86,21 +86,9 @@ def test_lm_loss_keeps_no_float32_copy_of_bf16_logits():
     g = _gen(5)
     logits = torch.randn(1000, 512, generator=g).to(torch.bfloat16).requires_grad_(True)
     labels = torch.cat([torch.full((1,), -100), torch.randint(0, 512, (1000,), generator=g)])[None]
-    kept = {}
-
-    def pack(t):
-        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    def saved(fn):
-        kept.clear()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fn()
-        return sum(kept.values())
-
     size = logits.numel() * 2
-    ours = saved(lambda: lm_loss(logits, labels))
-    plain = saved(lambda: F.cross_entropy(logits.float(), labels[0, 1:], reduction="sum"))
+    ours = saved_bytes(lambda: lm_loss(logits, labels))
+    plain = saved_bytes(lambda: F.cross_entropy(logits.float(), labels[0, 1:], reduction="sum"))
     assert plain >= 2 * size
     assert size <= ours <= size + 1000 * (4 + 8) + 8192
 
