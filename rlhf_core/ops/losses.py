@@ -45,17 +45,70 @@ def lm_loss(
     else:
         shift_labels = labels[:, 1:]
         per_token = _CrossEntropyAt.apply(logits[:, :-1], shift_labels)
-    total = per_token.sum()
-    tokens = (shift_labels != IGNORE_INDEX).sum()
-    denom = tokens.clamp(min=1) if num_items is None else num_items
-    if isinstance(denom, torch.Tensor):
-        denom = denom.to(device=total.device, dtype=total.dtype)
-    loss = total / denom
+    return _mean_over_items(per_token.sum(), shift_labels, num_items)
+
+
+def lm_head_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    num_items: int | float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """`lm_loss(F.linear(hidden, weight), labels, num_items)` with the LM head's product inside the
+    loss, so that no (N, V) logits or logit gradient exist (`_LinearCrossEntropy`).
+
+    hidden: (N, d), the model's final hidden states at `scored_mask(labels)` (what the model
+    would project onto the vocabulary); weight: (V, d), the head's; labels: (B, T) as in
+    `lm_loss`. Under autocast both are cast to its dtype, as `F.linear` would be. Same loss and
+    metrics as `lm_loss`; the gradients are its own bit for bit where the positions fit in one
+    chunk (`HEAD_CHUNK_BYTES`), else equal up to the order the chunks' head gradients are summed.
+    """
+    targets = scored_targets(labels)
+    # what `_mean_over_items`' division hands the sum back for a plain loss.backward(): 1 / divisor
+    expected = torch.ones((), dtype=torch.float32, device=hidden.device) / _items(targets, num_items).to(hidden.device)
+    dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        total = _LinearCrossEntropy.apply(hidden, weight, targets, expected, dtype)
+    else:
+        total = _linear_cross_entropy(hidden, weight, targets, expected, dtype, False, False)[0]
+    return _mean_over_items(total, targets, num_items)
+
+
+def _items(targets: torch.Tensor, num_items) -> torch.Tensor:
+    """The loss's divisor as a float32 tensor: `num_items`, or the trained targets' count clamped to 1."""
+    if num_items is None:
+        return (targets != IGNORE_INDEX).sum().clamp(min=1).to(torch.float32)
+    return torch.as_tensor(num_items, dtype=torch.float32, device=targets.device)
+
+
+def _mean_over_items(total: torch.Tensor, targets: torch.Tensor, num_items) -> tuple[torch.Tensor, Metrics]:
+    """`lm_loss`'s loss (the summed cross-entropy `total` over `_items`) and metrics."""
+    tokens = (targets != IGNORE_INDEX).sum()
+    loss = total / _items(targets, num_items).to(total.device)
     metrics = {
         "loss": (total / tokens.clamp(min=1)).detach(),
         "tokens": tokens.detach(),
     }
     return loss, metrics
+
+
+def _cross_entropy_into(out: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+    """out[...] = per-position `F.cross_entropy` of `logits` at `targets` (0 at -100), in float32,
+    a chunk of positions at a time (`position_chunks`)."""
+    for x, t, o in position_chunks(logits, targets, out):
+        o.copy_(F.cross_entropy(x.float(), t, ignore_index=IGNORE_INDEX, reduction="none"))
+
+
+def _cross_entropy_grad_into(out: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor) -> None:
+    """out[...] = the gradient of sum(grad * cross-entropy) with respect to `logits`, in their dtype:
+    per chunk, the float32 log-softmax again, nll's gradient, then log-softmax's, rounded once; the
+    operations autograd runs for `F.cross_entropy(x.float())`, so it is autograd's bit for bit."""
+    for x, t, g, dst in position_chunks(logits, targets, grad, out):
+        lsm = torch.log_softmax(x.float(), -1)
+        trained = t != IGNORE_INDEX
+        nll = torch.zeros_like(lsm).scatter_(-1, torch.where(trained, t, 0)[:, None],
+                                             torch.where(trained, -g, 0)[:, None])
+        dst.copy_(torch._log_softmax_backward_data(nll, lsm, -1, lsm.dtype))
 
 
 class _CrossEntropyAt(torch.autograd.Function):
@@ -71,8 +124,7 @@ class _CrossEntropyAt(torch.autograd.Function):
     def forward(ctx, logits, targets):
         ctx.save_for_backward(logits, targets)
         out = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
-        for x, t, o in position_chunks(logits, targets, out):
-            o.copy_(F.cross_entropy(x.float(), t, ignore_index=IGNORE_INDEX, reduction="none"))
+        _cross_entropy_into(out, logits, targets)
         return out
 
     @staticmethod
@@ -80,13 +132,75 @@ class _CrossEntropyAt(torch.autograd.Function):
     def backward(ctx, grad):
         logits, targets = ctx.saved_tensors
         out = torch.empty_like(logits, memory_format=torch.contiguous_format)
-        for x, t, g, dst in position_chunks(logits, targets, grad, out):
-            lsm = torch.log_softmax(x.float(), -1)
-            trained = t != IGNORE_INDEX
-            nll = torch.zeros_like(lsm).scatter_(-1, torch.where(trained, t, 0)[:, None],
-                                                 torch.where(trained, -g, 0)[:, None])
-            dst.copy_(torch._log_softmax_backward_data(nll, lsm, -1, lsm.dtype))
+        _cross_entropy_grad_into(out, logits, targets, grad)
         return out, None
+
+
+HEAD_CHUNK_BYTES = 1 << 28
+"""The most float32 logits `_LinearCrossEntropy` makes at a time (256 MiB: 1,365 positions of
+SmolLM2's 49,152 words, 441 of Qwen2.5's 151,936). Within a chunk the cross-entropy runs in
+`position_chunks`' cache-sized pieces. Smaller chunks would add a pass over the head's (V, d)
+gradient each, and on a CPU products of fewer rows."""
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden_i W^T, t_i) over hidden (N, d), weight W (V, d) and targets (N,) (-100
+    adds 0), in `dtype` (`_linear_cross_entropy`), with both gradients made in the forward: the
+    loss is a scalar, so they are made for the gradient the sum will be handed (`expected`: what
+    the caller's division passes back) and kept, and the backward hands them on, or scales them
+    when another gradient arrives (a scaled loss). Kept for the backward: the (N, d) and (V, d)
+    gradients, where autograd would keep the (N, V) logits."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, expected, dtype):
+        total, grad_h, grad_w = _linear_cross_entropy(hidden, weight, targets, expected, dtype, *ctx.needs_input_grad[:2])
+        ctx.save_for_backward(grad_h, grad_w, expected)
+        ctx.dtypes = hidden.dtype, weight.dtype
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        grad_h, grad_w, expected = ctx.saved_tensors
+        if not torch.equal(grad, expected):  # a scaled loss: the kept gradients were made for `expected`
+            ratio = grad / expected
+            grad_h = None if grad_h is None else grad_h * ratio.to(grad_h.dtype)
+            grad_w = None if grad_w is None else grad_w * ratio
+        return (None if grad_h is None else grad_h.to(ctx.dtypes[0]),
+                None if grad_w is None else grad_w.to(ctx.dtypes[1]), None, None, None)
+
+
+def _linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, expected: torch.Tensor,
+                          dtype: torch.dtype, want_h: bool, want_w: bool):
+    """(sum of the cross-entropy, its gradient for `hidden` or None, for `weight` or None), the
+    gradients of `expected` * the sum: the head's product, the cross-entropy and the gradients a
+    chunk of `HEAD_CHUNK_BYTES` positions at a time, so neither the (N, V) logits nor their
+    gradient exist, only one chunk's. Each chunk runs the operations autograd runs for `F.linear`
+    (in `dtype`, as autocast casts) and `_CrossEntropyAt` (the weight's gradient as G^T hidden, as
+    autograd makes it for a transposed weight): one chunk gives autograd's gradients bit for bit;
+    more sum the chunks' weight gradients in float32."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        x, w = hidden.to(dtype), weight.to(dtype)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(x) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w and not len(x) else None
+        rows = max(1, HEAD_CHUNK_BYTES // (4 * weight.shape[0]))
+        for lo in range(0, x.shape[0], rows):
+            xc, tc = x[lo:lo + rows], targets[lo:lo + rows]
+            logits = xc @ w.t()  # (c, V)
+            per_token = torch.empty(tc.shape, dtype=torch.float32, device=x.device)
+            _cross_entropy_into(per_token, logits, tc)
+            total += per_token.sum()
+            if not (want_h or want_w):
+                continue
+            g = torch.empty_like(logits)  # d(expected * sum) / d(logits)
+            _cross_entropy_grad_into(g, logits, tc, expected.expand(tc.shape))
+            del logits  # as autograd frees them before the head's backward
+            if want_h:
+                torch.mm(g, w, out=grad_h[lo:lo + rows])
+            if want_w:  # the first chunk's product is the gradient (no zero-fill, no sum, when one chunk)
+                grad_w = (g.t() @ xc).float() if grad_w is None else grad_w.add_(g.t() @ xc)
+    return total, grad_h, grad_w
 
 
 # --------------------------------------------------------------------------- reward model

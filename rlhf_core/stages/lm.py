@@ -15,7 +15,7 @@ from rlhf_core.data.batching import LMBatch, PackedLMBatch, collate_lm, collate_
 from rlhf_core.data.splits import load_split
 from rlhf_core.data.tokenizer import load_tokenizer
 from rlhf_core.ops.logprobs import scored_mask
-from rlhf_core.ops.losses import lm_loss
+from rlhf_core.ops.losses import lm_head_loss, lm_loss
 from rlhf_core.training.context import RunContext, StageResult
 from rlhf_core.training.modeling import (
     apply_lora,
@@ -23,19 +23,27 @@ from rlhf_core.training.modeling import (
     check_tokenizer_fits,
     forward_logits,
     forward_packed_logits,
+    head_deferred,
     load_causal_lm,
 )
 from rlhf_core.training.optim import optimizer_step
 from rlhf_core.training.progress import Throughput, progress, scalars
 
 
-def batch_logits(model, b: LMBatch | PackedLMBatch, device) -> torch.Tensor:
-    """(N, V) logits at the N positions that predict a trained token (`scored_mask`), of a padded
-    or a padding-free batch: the vocabulary projection skips prompt and padding positions."""
-    keep = scored_mask(b.labels)
-    if isinstance(b, PackedLMBatch):
-        return forward_packed_logits(model, b.input_ids.to(device), b.position_ids.to(device), keep)
-    return forward_logits(model, b.input_ids.to(device), b.attention_mask.to(device), keep)
+def batch_loss(model, b: LMBatch | PackedLMBatch, device, num_items=None) -> tuple[torch.Tensor, dict]:
+    """`lm_loss` of a padded or a padding-free batch, projecting onto the vocabulary only at the
+    positions that predict a trained token (`scored_mask`; no prompt or padding position), and,
+    where the model allows (`head_deferred`), inside the loss a chunk of positions at a time
+    (`lm_head_loss`), so that no (N, V) logits exist."""
+    keep, labels = scored_mask(b.labels), b.labels.to(device)
+    with head_deferred(model) as head:
+        if isinstance(b, PackedLMBatch):
+            out = forward_packed_logits(model, b.input_ids.to(device), b.position_ids.to(device), keep)
+        else:
+            out = forward_logits(model, b.input_ids.to(device), b.attention_mask.to(device), keep)
+    if head is None:
+        return lm_loss(out, labels, num_items)
+    return lm_head_loss(out.reshape(-1, out.shape[-1]), head, labels, num_items)
 
 
 @torch.no_grad()
@@ -50,7 +58,7 @@ def evaluate_lm(model, dataset, pad_id: int, batch_size: int, device, rows: list
     loss_sum, count = 0.0, 0
     for i in range(0, len(rows), batch_size):
         b = collate_lm(dataset[rows[i:i + batch_size]], pad_id)
-        loss, m = lm_loss(batch_logits(model, b, device), b.labels.to(device))
+        loss, m = batch_loss(model, b, device)
         loss_sum, count = loss_sum + float(loss) * int(m["tokens"]), count + int(m["tokens"])
     model.train()
     sums = (total or dict)({"loss": loss_sum, "tokens": count})
@@ -86,8 +94,7 @@ def train_lm(ctx: RunContext, cfg: TrainConfig, model, tokenizer, kind: str, pad
         step_loss = torch.zeros(())
         for b in micro:
             with ctx.autocast():
-                logits = batch_logits(model, b, ctx.device)
-                loss, _ = lm_loss(logits, b.labels.to(ctx.device), num_items=n_items)
+                loss, _ = batch_loss(model, b, ctx.device, n_items)
             ctx.accelerator.backward(loss)
             step_loss += loss.detach().float().cpu()
         grad_norm = optimizer_step(ctx.accelerator, params, opt, sched, cfg.max_grad_norm, stage, step + 1, step_loss)

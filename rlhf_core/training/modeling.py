@@ -550,6 +550,37 @@ def packed_inputs(model, input_ids: torch.Tensor, position_ids: torch.Tensor) ->
     return kw
 
 
+HEAD_DEFERRABLE = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+"""Causal LMs whose forward returns the LM head's output as its logits, nothing applied after it
+(no scaling or soft-capping), so that `head_deferred` may leave the head to the loss."""
+
+
+@contextmanager
+def head_deferred(model):
+    """Lever: inside this block a causal LM's forward returns its final hidden states where its
+    logits would be ((N, d) at `logits_to_keep`'s positions), and the block yields the head's
+    weight (V, d) for the loss to apply itself, a chunk of positions at a time
+    (`ops.losses.lm_head_loss`): no (N, V) logits or logit gradient are then ever whole. Yields
+    None, and leaves the forward as it is, for a model not in `HEAD_DEFERRABLE` or a head that
+    is not a plain bias-free `nn.Linear` (adapters on the head). The model's own forward still
+    runs (a DDP wrapper's hooks included); only the head's `forward` is swapped while the block
+    runs, and the head's weight gets its gradient through the loss."""
+    base = hf_model(model)
+    head = base.get_output_embeddings() if type(base).__name__ in HEAD_DEFERRABLE else None
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        yield None
+        return
+    head.forward = _identity
+    try:
+        yield head.weight
+    finally:
+        del head.forward
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 def _keep(keep: torch.Tensor | None, device) -> dict:
     """The model's `logits_to_keep` argument for `keep` (none: every position)."""
     return {} if keep is None else {"logits_to_keep": keep.to(device)}

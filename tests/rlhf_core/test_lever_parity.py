@@ -987,6 +987,88 @@ def test_tied_embedding_gradient_lever_gives_the_dense_gradient_and_optimizer_st
         assert not other.get_input_embeddings().sparse and "forward" not in vars(other.get_input_embeddings())
 
 
+@pytest.mark.parametrize("case", ["padded", "packed", "lora", "tied-in-place", "qwen2-untied", "bf16-autocast"])
+def test_lm_head_left_to_the_loss_gives_the_logits_loss_and_gradients(tok, case):
+    """Lever (memory): the SFT loss with the head's product inside the loss (`batch_loss`:
+    `head_deferred` + `lm_head_loss`) against the loss of the model's own (N, V) logits, three
+    chats with masked prompts, two micro-batches accumulated over their 18 + 18 trained tokens:
+    padded and end to end, under LoRA (a frozen head), with the tied embedding's in-place gradient
+    lever (the head's gradient arrives first, through the loss), on Qwen2 with an untied head, and
+    under bf16 autocast: the same losses and gradients, bit for bit (every case fits one chunk).
+    The head's forward is the model's own again after the block."""
+    from rlhf_core.stages.lm import batch_loss
+    from rlhf_core.training.modeling import head_deferred, sparse_tied_embedding_grad
+
+    chats = [three_chats(tok, seed=s) for s in (21, 22)]
+    collate = collate_lm_packed if case == "packed" else (lambda r: collate_lm(r, tok.pad_token_id))
+    out = []
+    for fused in (False, True):
+        if case == "qwen2-untied":
+            from transformers import Qwen2Config, Qwen2ForCausalLM
+
+            from rlhf_core.training.modeling import use_packed_sdpa
+
+            torch.manual_seed(1)
+            m = use_packed_sdpa(Qwen2ForCausalLM(Qwen2Config(
+                vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, tie_word_embeddings=False, pad_token_id=tok.pad_token_id)))
+            assert m.lm_head.weight is not m.get_input_embeddings().weight
+        else:
+            m = fresh_model(tok, lora=case == "lora")
+        if case == "tied-in-place":
+            assert sparse_tied_embedding_grad(m, in_place=True)
+        losses = []
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "bf16-autocast"):
+            for rows in chats:
+                b = collate(rows)
+                if fused:
+                    loss, metrics = batch_loss(m, b, "cpu", num_items=36)
+                else:
+                    keep = scored_mask(b.labels)
+                    logits = (forward_packed_logits(m, b.input_ids, b.position_ids, keep) if case == "packed"
+                              else forward_logits(m, b.input_ids, b.attention_mask, keep))
+                    loss, metrics = lm_loss(logits, b.labels, num_items=36)
+                loss.backward()
+                losses.append((loss.detach(), metrics["loss"], int(metrics["tokens"])))
+        out.append((losses, {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}))
+        head = m.get_output_embeddings() if hasattr(m, "get_output_embeddings") else None
+        assert "forward" not in vars(m.base_model.model.lm_head if case == "lora" else head)
+    (l_plain, g_plain), (l_fused, g_fused) = out
+    assert [n for *_, n in l_plain] == [n for *_, n in l_fused] == [18, 18]
+    assert all(torch.equal(a, b) for x, y in zip(l_fused, l_plain) for a, b in zip(x[:2], y[:2]))
+    assert g_fused.keys() == g_plain.keys() and len(g_plain) > 0
+    for name in g_plain:
+        assert torch.equal(g_fused[name], g_plain[name]), name
+    head = [n for n in g_plain if "embed_tokens" in n or "lm_head" in n]
+    assert case == "lora" or any(g_plain[n].abs().max() > 0 for n in head)
+
+
+def test_head_deferred_only_where_nothing_follows_the_head():
+    """The models whose logits are their head's output (Llama, Qwen2) hand their head to the loss
+    and return (N, d) hidden states inside the block; a head with a bias, or adapters on the head,
+    or another model class (a sequence classifier) leave the forward as it is."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from rlhf_core.training.modeling import head_deferred
+
+    ids = torch.tensor([[5, 6, 7, 8]])
+    keep = torch.tensor([[True, False, True, False]])
+    for m in (_trim_model("qwen2"), _trim_model("llama"), _trim_model("llama-lora")):
+        with head_deferred(m) as w:
+            assert w is not None and w.shape == (100, 32)
+            out = forward_logits(m, ids, torch.ones_like(ids), keep)
+        assert out.shape == (2, 32)
+        torch.testing.assert_close(torch.nn.functional.linear(out, w), forward_logits(m, ids, torch.ones_like(ids), keep))
+    biased = _trim_model("llama")
+    biased.lm_head.bias = torch.nn.Parameter(torch.zeros(100))
+    on_head = apply_lora(_trim_model("llama"), LoraConfig(enabled=True, r=4, alpha=8, target_modules=("lm_head",)))
+    scalar = LlamaForSequenceClassification(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                                        num_hidden_layers=1, num_attention_heads=4, pad_token_id=0))
+    for m in (biased, on_head, scalar):
+        with head_deferred(m) as w:
+            assert w is None
+
+
 def _trim_cases():
     """(name, model kind, forward) for `last_layer_at`: each forward returns the kept outputs."""
     from rlhf_core.stages.rm import pair_rewards

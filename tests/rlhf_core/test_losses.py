@@ -14,6 +14,7 @@ from rlhf_core.ops.losses import (
     dpo_loss,
     dpo_sigmoid_loss,
     ipo_loss,
+    lm_head_loss,
     lm_loss,
     ppo_policy_loss,
     ppo_value_loss,
@@ -91,6 +92,91 @@ def test_lm_loss_keeps_no_float32_copy_of_bf16_logits():
     plain = saved_bytes(lambda: F.cross_entropy(logits.float(), labels[0, 1:], reduction="sum"))
     assert plain >= 2 * size
     assert size <= ours <= size + 1000 * (4 + 8) + 8192
+
+
+def _head_case(device, v=13, d=6):
+    """Hidden states at the 27 scored positions of `_lm_batch`'s labels, a head (V, d) and the labels."""
+    from rlhf_core.ops.logprobs import scored_mask
+
+    g = _gen(11)
+    _, labels = _lm_batch()
+    n = int(scored_mask(labels).sum())
+    return (torch.randn(n, d, generator=g).to(device), (torch.randn(v, d, generator=g) * 2).to(device),
+            labels.to(device))
+
+
+def _head_run(loss_fn, hidden, weight, labels, scale=1.0, **kw):
+    """(loss, d loss / d hidden, d loss / d weight) of `loss_fn`'s loss times `scale`."""
+    h, w = hidden.detach().clone().requires_grad_(True), weight.detach().clone().requires_grad_(weight.requires_grad)
+    loss, metrics = loss_fn(h, w, labels, **kw)
+    (loss * scale).backward()
+    return loss.detach(), metrics, h.grad, w.grad
+
+
+def _unfused(h, w, labels, **kw):
+    return lm_loss(F.linear(h, w), labels, **kw)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("num_items", [7, None])
+def test_lm_head_loss_is_lm_loss_of_the_heads_logits_bit_for_bit_in_one_chunk(device, precision, num_items):
+    """Lever (memory): the LM head's product inside the loss (`lm_head_loss`) against the head's
+    logits through `lm_loss`, on the 27 scored positions of `_lm_batch` (prompt and -100 labels
+    among them), in float32 and under bf16 autocast (float32 weights and hidden states, cast as
+    `F.linear` is): the same loss, metrics and gradients for the hidden states and the head, bit
+    for bit, while all positions fit in one chunk; on CUDA (the GPU tests of
+    `benchmarks/gpu/run.sh`) as on the CPU."""
+    hidden, weight, labels = _head_case(device)
+    weight.requires_grad_(True)
+    dtype = torch.bfloat16 if precision == "bf16-autocast" else torch.float32
+    with torch.autocast(device, dtype=dtype, enabled=precision != "fp32"):
+        ours = _head_run(lm_head_loss, hidden, weight, labels, num_items=num_items)
+        plain = _head_run(_unfused, hidden, weight, labels, num_items=num_items)
+    assert torch.equal(ours[0], plain[0]) and ours[1].keys() == plain[1].keys()
+    assert all(torch.equal(ours[1][k], plain[1][k]) for k in plain[1])
+    for got, want in zip(ours[2:], plain[2:]):
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+        assert want.abs().max() > 0.01  # a gradient that is there to compare
+
+
+def test_lm_head_loss_in_chunks_scaled_or_frozen_gives_the_logits_gradients(monkeypatch):
+    """Chunks of 4 positions (27 scored: the last chunk ragged): the same loss to float rounding of
+    its sum and the same gradients up to the order the chunks' head gradients are summed; a
+    scaled loss (x 3, as a gradient scaler or a loss coefficient gives) scales them; a frozen head
+    (LoRA) gets none and the hidden states theirs; without a graph only the value."""
+    from rlhf_core.ops import losses
+
+    hidden, weight, labels = _head_case("cpu")
+    monkeypatch.setattr(losses, "HEAD_CHUNK_BYTES", 4 * 4 * 13)
+    weight.requires_grad_(True)
+    for scale in (1.0, 3.0):
+        ours = _head_run(lm_head_loss, hidden, weight, labels, scale, num_items=7)
+        plain = _head_run(_unfused, hidden, weight, labels, scale, num_items=7)
+        torch.testing.assert_close(ours[0], plain[0], rtol=1e-6, atol=0)
+        for got, want in zip(ours[2:], plain[2:]):
+            assert want is not None and want.abs().max() > 0.01
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    weight.requires_grad_(False)
+    ours, plain = (_head_run(fn, hidden, weight, labels, num_items=7) for fn in (lm_head_loss, _unfused))
+    assert ours[3] is None and plain[3] is None
+    torch.testing.assert_close(ours[2], plain[2], rtol=1e-5, atol=1e-7)
+    with torch.no_grad():
+        assert torch.equal(lm_head_loss(hidden, weight, labels, 7)[0], ours[0])
+
+
+def test_lm_head_loss_keeps_no_logits_for_the_backward():
+    """What the fused loss's graph keeps: the gradients for the hidden states (N, d) and the head
+    (V, d), not the (N, V) logits that `lm_loss` on the head's output keeps (N = 1000 positions,
+    V = 512, d = 16)."""
+    g = _gen(5)
+    hidden = torch.randn(1000, 16, generator=g).requires_grad_(True)
+    weight = torch.randn(512, 16, generator=g).requires_grad_(True)
+    labels = torch.cat([torch.full((1,), -100), torch.randint(0, 512, (1000,), generator=g)])[None]
+    ours = saved_bytes(lambda: lm_head_loss(hidden, weight, labels))
+    plain = saved_bytes(lambda: lm_loss(F.linear(hidden, weight), labels))
+    assert plain >= 1000 * 512 * 4
+    assert ours <= (1000 + 512) * 16 * 4 + 8192
 
 
 def test_lm_loss_uniform_logits_is_log_vocab():

@@ -55,14 +55,14 @@ def tiny(tmp_path_factory):
 
 def test_nan_loss_stops_the_stage_naming_step_and_keeps_the_last_checkpoint(tiny, monkeypatch):
     calls = {"n": 0}
-    real = lm.lm_loss
+    real = lm.batch_loss
 
-    def poisoned(logits, labels, num_items=None):
+    def poisoned(*args, **kwargs):
         calls["n"] += 1
-        loss, m = real(logits, labels, num_items)
+        loss, m = real(*args, **kwargs)
         return (loss * float("nan") if calls["n"] == 3 else loss), m
 
-    monkeypatch.setattr(lm, "lm_loss", poisoned)
+    monkeypatch.setattr(lm, "batch_loss", poisoned)
     cfg = SFTConfig(max_steps=6, batch_size=8, save_every=2, eval_every=0, log_every=1, warmup_steps=1)
     with pytest.raises(TrainingError, match=r"sft: non-finite loss at step 3"):
         lm.run_sft(context("sft", cfg, tiny / "out", tiny / "ckpt", data=tiny / "tok", init=tiny / "base"), cfg, TINY)
