@@ -62,11 +62,16 @@ def lm_head_loss(
     `lm_loss`. Under autocast both are cast to its dtype, as `F.linear` would be. Same loss and
     metrics as `lm_loss`; the gradients are its own bit for bit where the positions fit in one
     chunk (`HEAD_CHUNK_BYTES`), else equal up to the order the chunks' head gradients are summed.
+    In float16 it is `lm_loss` of the head's logits: the gradients made in the forward would be
+    for the unscaled loss, where fp16 needs its gradient scaler's factor to keep them from
+    underflowing.
     """
+    dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
+    if dtype == torch.float16:  # fp16's gradient scaler multiplies only in the backward: gradients
+        return lm_loss(F.linear(hidden, weight), labels, num_items)  # made unscaled would underflow
     targets = scored_targets(labels)
     # what `_mean_over_items`' division hands the sum back for a plain loss.backward(): 1 / divisor
     expected = torch.ones((), dtype=torch.float32, device=hidden.device) / _items(targets, num_items).to(hidden.device)
-    dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         total = _LinearCrossEntropy.apply(hidden, weight, targets, expected, dtype)
     else:

@@ -165,6 +165,24 @@ def test_lm_head_loss_in_chunks_scaled_or_frozen_gives_the_logits_gradients(monk
         assert torch.equal(lm_head_loss(hidden, weight, labels, 7)[0], ours[0])
 
 
+def test_lm_head_loss_under_fp16_autocast_is_the_plain_path_for_the_gradient_scaler():
+    """Under float16 autocast (mixed precision "fp16", whose gradient scaler multiplies the loss's
+    gradient by up to 2^16 only in the backward) the fused gradients would be made for the
+    unscaled loss and underflow in float16 (99% of this case's logit gradients flush to zero
+    unscaled, 85% scaled by 2^16); the loss then takes the head's logits: with the loss scaled by
+    2^16 the gradients equal the plain path's bit for bit."""
+    g = _gen(3)
+    hidden = torch.randn(40, 8, generator=g)
+    weight = (torch.randn(3000, 8, generator=g) * 4).requires_grad_(True)
+    labels = torch.randint(0, 3000, (1, 41), generator=g)
+    with torch.autocast("cpu", dtype=torch.float16):
+        ours = _head_run(lm_head_loss, hidden, weight, labels, 2.0 ** 16, num_items=400)
+        plain = _head_run(_unfused, hidden, weight, labels, 2.0 ** 16, num_items=400)
+    assert torch.equal(ours[0], plain[0])
+    for got, want in zip(ours[2:], plain[2:]):
+        assert torch.equal(got, want) and (want != 0).float().mean() > 0.5
+
+
 def test_lm_head_loss_keeps_no_logits_for_the_backward():
     """What the fused loss's graph keeps: the gradients for the hidden states (N, d) and the head
     (V, d), not the (N, V) logits that `lm_loss` on the head's output keeps (N = 1000 positions,
