@@ -987,17 +987,19 @@ def test_tied_embedding_gradient_lever_gives_the_dense_gradient_and_optimizer_st
         assert not other.get_input_embeddings().sparse and "forward" not in vars(other.get_input_embeddings())
 
 
-@pytest.mark.parametrize("case", ["padded", "packed", "lora", "tied-in-place", "qwen2-untied", "bf16-autocast"])
+@pytest.mark.parametrize("case", ["padded", "packed", "lora", "tied-in-place", "qwen2-untied", "bf16-autocast",
+                                  "checkpointed"])
 def test_lm_head_left_to_the_loss_gives_the_logits_loss_and_gradients(tok, case):
     """Lever (memory): the SFT loss with the head's product inside the loss (`batch_loss`:
     `head_deferred` + `lm_head_loss`) against the loss of the model's own (N, V) logits, three
     chats with masked prompts, two micro-batches accumulated over their 18 + 18 trained tokens:
     padded and end to end, under LoRA (a frozen head), with the tied embedding's in-place gradient
-    lever (the head's gradient arrives first, through the loss), on Qwen2 with an untied head, and
-    under bf16 autocast: the same losses and gradients, bit for bit (every case fits one chunk).
+    lever (the head's gradient arrives first, through the loss), on Qwen2 with an untied head,
+    under bf16 autocast and with gradient checkpointing: the same losses and gradients, bit for
+    bit (every case fits one chunk).
     The head's forward is the model's own again after the block."""
     from rlhf_core.stages.lm import batch_loss
-    from rlhf_core.training.modeling import head_deferred, sparse_tied_embedding_grad
+    from rlhf_core.training.modeling import enable_gradient_checkpointing, sparse_tied_embedding_grad
 
     chats = [three_chats(tok, seed=s) for s in (21, 22)]
     collate = collate_lm_packed if case == "packed" else (lambda r: collate_lm(r, tok.pad_token_id))
@@ -1017,6 +1019,9 @@ def test_lm_head_left_to_the_loss_gives_the_logits_loss_and_gradients(tok, case)
             m = fresh_model(tok, lora=case == "lora")
         if case == "tied-in-place":
             assert sparse_tied_embedding_grad(m, in_place=True)
+        if case == "checkpointed":
+            enable_gradient_checkpointing(m)
+            m.train()
         losses = []
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "bf16-autocast"):
             for rows in chats:
