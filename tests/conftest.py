@@ -266,7 +266,6 @@ def context(stage: str, cfg, out: Path, ckpt: Path, log=None, fingerprint: str =
     return RunContext.create(stage, cfg, inputs, out, ckpt, fingerprint, log_fn=log or no_log)
 
 
-
 def devices() -> list:
     """For `pytest.mark.parametrize("device", devices())`: the CPU, and CUDA where there is one
     (the GPU tests of `benchmarks/gpu/run.sh` select them with `-k cuda`)."""
@@ -274,6 +273,7 @@ def devices() -> list:
 
     return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                                  reason="needs a CUDA GPU"))]
+
 
 def saved_bytes(fn) -> int:
     """Bytes of the distinct storages autograd keeps for the backward of `fn()`'s graph."""

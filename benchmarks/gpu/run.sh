@@ -6,7 +6,7 @@
 #   1. install the carried wheels beside the host's torch; print the versions
 #   2. gpu-tests: the tests that need a GPU (torch's varlen flash-attention kernel against the
 #      row-by-row path; the chunked losses over the vocabulary against F.cross_entropy and plain
-#      autograd on CUDA's kernels)
+#      autograd, and the LM head inside the SFT loss against the head's logits, on CUDA's kernels)
 #   3. sft-b256-free: SFT full at batch 256 padding-free (about 22k tokens a step), ours beside
 #      TRL 1.16: the MFU target's row, steps large enough for the matrix products to matter (batch
 #      128 held 25 GB of CUDA memory on the H200, so 256 fits an 80 GB H100 and 512 might not)

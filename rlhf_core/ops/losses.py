@@ -45,7 +45,7 @@ def lm_loss(
     else:
         shift_labels = labels[:, 1:]
         per_token = _CrossEntropyAt.apply(logits[:, :-1], shift_labels)
-    return _mean_over_items(per_token.sum(), shift_labels, num_items)
+    return _mean_over_items(per_token.sum(), shift_labels, _items(shift_labels, num_items))
 
 
 def lm_head_loss(
@@ -70,13 +70,14 @@ def lm_head_loss(
     if dtype == torch.float16:  # fp16's gradient scaler multiplies only in the backward: gradients
         return lm_loss(F.linear(hidden, weight), labels, num_items)  # made unscaled would underflow
     targets = scored_targets(labels)
+    divisor = _items(targets, num_items).to(hidden.device)
     # what `_mean_over_items`' division hands the sum back for a plain loss.backward(): 1 / divisor
-    expected = torch.ones((), dtype=torch.float32, device=hidden.device) / _items(targets, num_items).to(hidden.device)
+    expected = torch.ones((), dtype=torch.float32, device=hidden.device) / divisor
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         total = _LinearCrossEntropy.apply(hidden, weight, targets, expected, dtype)
     else:
         total = _linear_cross_entropy(hidden, weight, targets, expected, dtype, False, False)[0]
-    return _mean_over_items(total, targets, num_items)
+    return _mean_over_items(total, targets, divisor)
 
 
 def _items(targets: torch.Tensor, num_items) -> torch.Tensor:
@@ -86,10 +87,10 @@ def _items(targets: torch.Tensor, num_items) -> torch.Tensor:
     return torch.as_tensor(num_items, dtype=torch.float32, device=targets.device)
 
 
-def _mean_over_items(total: torch.Tensor, targets: torch.Tensor, num_items) -> tuple[torch.Tensor, Metrics]:
-    """`lm_loss`'s loss (the summed cross-entropy `total` over `_items`) and metrics."""
+def _mean_over_items(total: torch.Tensor, targets: torch.Tensor, divisor: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+    """`lm_loss`'s loss (the summed cross-entropy `total` over `divisor`, from `_items`) and metrics."""
     tokens = (targets != IGNORE_INDEX).sum()
-    loss = total / _items(targets, num_items).to(total.device)
+    loss = total / divisor.to(total.device)
     metrics = {
         "loss": (total / tokens.clamp(min=1)).detach(),
         "tokens": tokens.detach(),
@@ -188,7 +189,7 @@ def _linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         x, w = hidden.to(dtype), weight.to(dtype)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(x) if want_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w and not len(x) else None
+        grad_w = None
         rows = max(1, HEAD_CHUNK_BYTES // (4 * weight.shape[0]))
         for lo in range(0, x.shape[0], rows):
             xc, tc = x[lo:lo + rows], targets[lo:lo + rows]
@@ -205,6 +206,8 @@ def _linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
                 torch.mm(g, w, out=grad_h[lo:lo + rows])
             if want_w:  # the first chunk's product is the gradient (no zero-fill, no sum, when one chunk)
                 grad_w = (g.t() @ xc).float() if grad_w is None else grad_w.add_(g.t() @ xc)
+        if want_w and grad_w is None:  # no position
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
     return total, grad_h, grad_w
 
 

@@ -43,7 +43,7 @@ def batch_loss(model, b: LMBatch | PackedLMBatch, device, num_items=None) -> tup
             out = forward_logits(model, b.input_ids.to(device), b.attention_mask.to(device), keep)
     if head is None:
         return lm_loss(out, labels, num_items)
-    return lm_head_loss(out.reshape(-1, out.shape[-1]), head, labels, num_items)
+    return lm_head_loss(out, head, labels, num_items)  # out: the (N, d) hidden states
 
 
 @torch.no_grad()

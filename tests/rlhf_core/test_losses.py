@@ -183,6 +183,17 @@ def test_lm_head_loss_under_fp16_autocast_is_the_plain_path_for_the_gradient_sca
         assert torch.equal(got, want) and (want != 0).float().mean() > 0.5
 
 
+def test_lm_head_loss_with_no_trained_position_is_zero_with_zero_gradients():
+    """A micro-batch whose labels are all -100: no position is projected, the loss is 0 and the
+    head still gets a (V, d) gradient of zeros, as the plain path gives it."""
+    hidden, weight = torch.zeros(0, 4), torch.randn(7, 4).requires_grad_(True)
+    labels = torch.full((1, 3), -100)
+    for fn in (lm_head_loss, _unfused):
+        loss, metrics, _, w_grad = _head_run(fn, hidden, weight, labels)
+        assert float(loss) == 0.0 and int(metrics["tokens"]) == 0
+        assert w_grad.shape == (7, 4) and not w_grad.any()
+
+
 def test_lm_head_loss_keeps_no_logits_for_the_backward():
     """What the fused loss's graph keeps: the gradients for the hidden states (N, d) and the head
     (V, d), not the (N, V) logits that `lm_loss` on the head's output keeps (N = 1000 positions,
