@@ -999,21 +999,14 @@ def test_lm_head_left_to_the_loss_gives_the_logits_loss_and_gradients(tok, case)
     bit (every case fits one chunk).
     The head's forward is the model's own again after the block."""
     from rlhf_core.stages.lm import batch_loss
-    from rlhf_core.training.modeling import enable_gradient_checkpointing, sparse_tied_embedding_grad
+    from rlhf_core.training.modeling import enable_gradient_checkpointing, hf_model, sparse_tied_embedding_grad
 
     chats = [three_chats(tok, seed=s) for s in (21, 22)]
     collate = collate_lm_packed if case == "packed" else (lambda r: collate_lm(r, tok.pad_token_id))
     out = []
     for fused in (False, True):
         if case == "qwen2-untied":
-            from transformers import Qwen2Config, Qwen2ForCausalLM
-
-            from rlhf_core.training.modeling import use_packed_sdpa
-
-            torch.manual_seed(1)
-            m = use_packed_sdpa(Qwen2ForCausalLM(Qwen2Config(
-                vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, tie_word_embeddings=False, pad_token_id=tok.pad_token_id)))
+            m = _trim_model("qwen2", vocab_size=len(tok))
             assert m.lm_head.weight is not m.get_input_embeddings().weight
         else:
             m = fresh_model(tok, lora=case == "lora")
@@ -1036,8 +1029,7 @@ def test_lm_head_left_to_the_loss_gives_the_logits_loss_and_gradients(tok, case)
                 loss.backward()
                 losses.append((loss.detach(), metrics["loss"], int(metrics["tokens"])))
         out.append((losses, {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}))
-        head = m.get_output_embeddings() if hasattr(m, "get_output_embeddings") else None
-        assert "forward" not in vars(m.base_model.model.lm_head if case == "lora" else head)
+        assert "forward" not in vars(hf_model(m).get_output_embeddings())
     (l_plain, g_plain), (l_fused, g_fused) = out
     assert [n for *_, n in l_plain] == [n for *_, n in l_fused] == [18, 18]
     assert all(torch.equal(a, b) for x, y in zip(l_fused, l_plain) for a, b in zip(x[:2], y[:2]))
@@ -1104,13 +1096,13 @@ def _trim_cases():
     ]
 
 
-def _trim_model(kind: str):
+def _trim_model(kind: str, vocab_size: int = 100):
     """Tiny models with grouped-query attention (4 query heads, 2 key-value heads), seed 1."""
     from transformers import (LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, Qwen2Config,
                               Qwen2ForCausalLM)
     from rlhf_core.training.modeling import use_packed_sdpa
 
-    sizes = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    sizes = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
     torch.manual_seed(1)
     base = kind.removesuffix("-lora")
